@@ -1,10 +1,411 @@
+"""Tests for fastrec.Array / array_from_numpy: Flower-compatible .npy bytes in C."""
+
+import copy
+import io
+import pickle
+import struct
+import warnings
+
 import numpy as np
+import pytest
 
 import fastrec
+from fastrec import Array, array_from_numpy
+
+NUMPY_STYPE = "numpy.ndarray"
 
 
-def test_roundtrip_smoke():
-    a = np.arange(6.0).reshape(2, 3)
-    arr = fastrec.array_from_numpy(a)
-    assert arr.dtype == "float64" and arr.shape == [2, 3]
-    np.testing.assert_array_equal(arr.numpy(), a)
+def npy_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def np_load(data):
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def assert_same_array(got, want):
+    """Same dtype (incl. byte order), shape, bytes and memory order."""
+    assert isinstance(got, np.ndarray) and type(got) is np.ndarray
+    assert got.dtype == want.dtype and got.dtype.str == want.dtype.str
+    assert got.shape == want.shape
+    assert got.flags.c_contiguous or got.flags.f_contiguous
+    # Raw memory, item by item; padding bytes of structured items are excluded
+    # because numpy.load leaves them uninitialized.
+    mask = covered_bytes(got.dtype)
+    g = got.reshape(-1, order="A").view(np.uint8).reshape(-1, got.dtype.itemsize)
+    w = want.reshape(-1, order="A").view(np.uint8).reshape(-1, want.dtype.itemsize)
+    assert (g[:, mask] == w[:, mask]).all()
+    assert got.flags.c_contiguous == want.flags.c_contiguous
+    assert got.flags.f_contiguous == want.flags.f_contiguous
+
+
+# ---------------------------------------------------------------------------
+# The dtype / layout matrix
+# ---------------------------------------------------------------------------
+
+NUMERIC = ["?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"]
+if np.dtype(np.longdouble).itemsize > 8:
+    NUMERIC += ["g", "G"]
+DTYPES = (
+    [np.dtype(c) for c in NUMERIC]
+    + [np.dtype(c).newbyteorder(">") for c in NUMERIC if np.dtype(c).itemsize > 1]
+    + [np.dtype(s) for s in ["M8[ns]", "M8[D]", "m8[s]", ">M8[us]", "U1", "U7", ">U3", "S1", "S5", "V4"]]
+    + [
+        np.dtype([("a", "<i4"), ("b", ">f8")]),
+        np.dtype([("x", "u1"), ("y", "f4", (2, 3))]),
+        np.dtype({"names": ["p", "q"], "formats": ["i2", "f8"], "offsets": [0, 8], "itemsize": 24}),
+        np.dtype([("nested", [("a", "i1"), ("b", "c8")]), ("s", "S3")]),
+        np.dtype([("\u00e9t\u00e9", "i4")]),  # latin-1 name, format 1.0
+    ]
+)
+
+
+def sample(dtype, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+    if dtype.kind in "fc" or dtype.names is not None:
+        # keep floats finite-ish but arbitrary bit patterns are fine too: compare bytes
+        pass
+    if dtype.kind == "b":
+        raw = bytes(b & 1 for b in raw)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def layouts(base):
+    """C, Fortran, transposed, strided, negative-stride and 0-d/empty variants."""
+    yield "c", base
+    yield "f", np.asfortranarray(base)
+    yield "t", base.T
+    if base.ndim >= 1 and base.shape[0] > 1:
+        yield "step", base[::2]
+        yield "neg", base[::-1]
+    if base.ndim >= 2:
+        yield "colstep", base[:, ::2]
+        yield "negT", base[::-1, ::-1].T
+        yield "fslice", np.asfortranarray(base)[:, 1:]
+
+
+SHAPES = [(), (0,), (5,), (3, 4), (2, 3, 4), (0, 3)]
+
+
+def matrix():
+    for dt in DTYPES:
+        for shape in SHAPES:
+            base = sample(dt, shape, seed=len(shape))
+            for name, a in layouts(base):
+                yield pytest.param(a, id=f"{dt.str if dt.names is None else 'struct'}-{shape}-{name}")
+
+
+MATRIX = list(matrix())
+
+
+def covered_bytes(dt):
+    """Mask of the bytes of one item that belong to some field (False = padding)."""
+    mask = np.zeros(dt.itemsize, dtype=bool)
+    if dt.names is None:
+        if dt.subdtype is not None:
+            sub, shape = dt.subdtype
+            inner = covered_bytes(sub)
+            for k in range(int(np.prod(shape))):
+                mask[k * sub.itemsize:(k + 1) * sub.itemsize] = inner
+        else:
+            mask[:] = True
+        return mask
+    for name in dt.names:
+        fdt, off = dt.fields[name][:2]
+        mask[off:off + fdt.itemsize] |= covered_bytes(fdt)
+    return mask
+
+
+def assert_npy_identical(got, want, a):
+    """Byte-identical, except padding bytes of structured items in non-C-contiguous
+    input: numpy.save copies those through a buffered iterator that leaves them
+    unspecified (zero or leftover heap bytes, depending on size and stride sign),
+    while fastrec copies them from the source. Every field byte must match."""
+    mask = covered_bytes(a.dtype)
+    if a.flags.c_contiguous or mask.all() or a.size == 0:
+        assert got == want
+        return
+    assert len(got) == len(want)
+    hlen = len(want) - a.size * a.dtype.itemsize
+    assert got[:hlen] == want[:hlen]
+    g = np.frombuffer(got[hlen:], np.uint8).reshape(-1, a.dtype.itemsize)
+    w = np.frombuffer(want[hlen:], np.uint8).reshape(-1, a.dtype.itemsize)
+    assert (g[:, mask] == w[:, mask]).all()
+
+
+@pytest.mark.parametrize("a", MATRIX)
+def test_bytes_identical_to_numpy_save(a):
+    arr = array_from_numpy(a)
+    assert_npy_identical(arr.data, npy_bytes(a), a)
+    assert arr.dtype == str(a.dtype)
+    assert arr.shape == list(a.shape)
+    assert arr.stype == NUMPY_STYPE
+
+
+@pytest.mark.parametrize("a", MATRIX)
+def test_numpy_matches_numpy_load(a):
+    data = npy_bytes(a)
+    got = Array(str(a.dtype), list(a.shape), NUMPY_STYPE, data).numpy()
+    assert_same_array(got, np_load(data))
+    assert got.flags.writeable and got.flags.owndata
+    view = Array(str(a.dtype), list(a.shape), NUMPY_STYPE, data).numpy(copy=False)
+    assert_same_array(view, np_load(data))
+    assert not view.flags.writeable
+
+
+def test_numpy_result_is_independent_of_data():
+    a = np.arange(12.0).reshape(3, 4)
+    arr = array_from_numpy(a)
+    out = arr.numpy()
+    out[0, 0] = 99.0
+    assert arr.numpy()[0, 0] == 0.0
+    a[1, 1] = -1.0  # the Array holds a copy, not a view
+    assert arr.numpy()[1, 1] == 5.0
+
+
+def test_numpy_copy_false_is_zero_copy_view():
+    arr = array_from_numpy(np.arange(1000, dtype=np.float32))
+    v = arr.numpy(copy=False)
+    assert v.base is arr.data or np.shares_memory(v, np.frombuffer(arr.data, np.uint8))
+    with pytest.raises(ValueError):
+        v[0] = 1.0
+
+
+def test_numpy_accepts_other_buffers():
+    a = np.arange(10, dtype=np.int16).reshape(2, 5)
+    data = npy_bytes(a)
+    for buf in (bytearray(data), memoryview(data)):
+        arr = Array("int16", [2, 5], NUMPY_STYPE, buf)
+        assert_same_array(arr.numpy(), a)
+        assert_same_array(arr.numpy(copy=False), a)
+
+
+def test_cached_header_follows_data_reassignment():
+    arr = array_from_numpy(np.arange(4.0))
+    arr.numpy()
+    arr.data = npy_bytes(np.arange(6, dtype=np.int8).reshape(2, 3))
+    assert_same_array(arr.numpy(), np.arange(6, dtype=np.int8).reshape(2, 3))
+
+
+def test_large_header_uses_format_2():
+    dt = np.dtype([(f"field_{i:05d}_" + "x" * 40, "u1") for i in range(1300)])
+    a = np.zeros(2, dtype=dt)
+    with warnings.catch_warnings(record=True) as w_np:
+        warnings.simplefilter("always")
+        want = npy_bytes(a)
+    with warnings.catch_warnings(record=True) as w_fr:
+        warnings.simplefilter("always")
+        got = array_from_numpy(a).data
+    assert got == want and got[6] == 2
+    assert [str(w.message) for w in w_fr] == [str(w.message) for w in w_np]
+
+
+def test_non_latin1_field_name_uses_format_3():
+    a = np.zeros(3, dtype=[("\u4e2d", "<i4"), ("b", "f8")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = npy_bytes(a)
+        got = array_from_numpy(a).data
+    assert got == want and got[6] == 3
+    assert_same_array(Array(str(a.dtype), [3], NUMPY_STYPE, got).numpy(), np_load(want))
+
+
+def test_object_dtype_raises_like_numpy_save():
+    for a in (np.array([1, "x"], dtype=object), np.zeros(2, dtype=[("a", "O"), ("b", "i4")])):
+        with pytest.raises(ValueError) as np_err:
+            npy_bytes(a)
+        with pytest.raises(ValueError) as fr_err:
+            array_from_numpy(a)
+        assert str(fr_err.value) == str(np_err.value)
+
+
+def test_array_from_numpy_rejects_non_arrays():
+    with pytest.raises(TypeError):
+        array_from_numpy([1, 2, 3])
+
+
+# ---------------------------------------------------------------------------
+# Dataclass behaviour (like flwr.common.Array)
+# ---------------------------------------------------------------------------
+
+
+def test_construction_positional_and_keyword():
+    a = Array("float64", [2], NUMPY_STYPE, b"xx")
+    b = Array(dtype="float64", shape=[2], stype=NUMPY_STYPE, data=b"xx")
+    c = Array("float64", [2], stype=NUMPY_STYPE, data=b"xx")
+    assert a == b == c
+    with pytest.raises(TypeError):
+        Array("float64", [2], NUMPY_STYPE)
+    with pytest.raises(TypeError):
+        Array("float64", [2], NUMPY_STYPE, b"", extra=1)
+
+
+def test_fields_are_mutable_and_compared():
+    a = Array("float64", [2], NUMPY_STYPE, b"xx")
+    b = Array("float64", [2], NUMPY_STYPE, b"xx")
+    b.shape = [1, 2]
+    assert a != b
+    b.shape = [2]
+    assert a == b
+    assert a != ("float64", [2], NUMPY_STYPE, b"xx")
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+def test_repr_matches_flower_dataclass():
+    from flwr.common import Array as FlwrArray
+
+    args = ("float32", [1, 2], NUMPY_STYPE, b"\x00\x01")
+    assert repr(Array(*args)) == repr(FlwrArray(*args))
+
+
+def test_pickle_and_deepcopy():
+    a = array_from_numpy(np.arange(6, dtype=np.int32).reshape(2, 3))
+    for b in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a), copy.copy(a)):
+        assert b == a and b is not a
+        assert_same_array(b.numpy(), a.numpy())
+    d = copy.deepcopy(a)
+    d.shape.append(1)
+    assert a.shape == [2, 3]
+
+
+def test_wrong_stype_raises_type_error_like_flower():
+    from flwr.common import Array as FlwrArray
+
+    data = npy_bytes(np.zeros(2))
+    with pytest.raises(TypeError) as flwr_err:
+        FlwrArray("float64", [2], "torch.Tensor", data).numpy()
+    with pytest.raises(TypeError) as fr_err:
+        Array("float64", [2], "torch.Tensor", data).numpy()
+    assert str(fr_err.value) == str(flwr_err.value)
+
+
+def test_reexported():
+    assert fastrec.Array is Array and fastrec.array_from_numpy is array_from_numpy
+
+
+# ---------------------------------------------------------------------------
+# Untrusted bytes: specific malformed inputs
+# ---------------------------------------------------------------------------
+
+GOOD = npy_bytes(np.arange(6, dtype="<i4").reshape(2, 3))
+
+
+def with_header(text, version=1, data=b"\x00" * 24):
+    raw = text.encode("latin1" if version < 3 else "utf8")
+    if version == 1:
+        prefix = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw))
+    else:
+        prefix = b"\x93NUMPY" + bytes([version, 0]) + struct.pack("<I", len(raw))
+    return prefix + raw + data
+
+
+def load_fr(data):
+    return Array("int32", [2, 3], NUMPY_STYPE, data).numpy()
+
+
+BAD = {
+    "empty": b"",
+    "short magic": GOOD[:5],
+    "no length": GOOD[:8],
+    "bad magic": b"\x93NUMPZ" + GOOD[6:],
+    "pickle magic": b"\x80\x04" + GOOD[2:],
+    "version 4": GOOD[:6] + b"\x04\x00" + GOOD[8:],
+    "version 1.1": GOOD[:6] + b"\x01\x01" + GOOD[8:],
+    "header past end": GOOD[:8] + b"\xff\xff" + GOOD[10:100],
+    "truncated header": GOOD[:60],
+    "truncated data": GOOD[:-1],
+    "data too long": GOOD + b"\x00",
+    "not a dict": with_header("['descr', 'fortran_order', 'shape']\n"),
+    "missing key": with_header("{'descr': '<i4', 'shape': (2, 3)}\n"),
+    "extra key": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}\n"),
+    "unknown descr": with_header("{'descr': '<q9', 'fortran_order': False, 'shape': (2, 3)}\n"),
+    "object descr": with_header("{'descr': '|O', 'fortran_order': False, 'shape': (2, 3)}\n"),
+    "object in struct": with_header("{'descr': [('a', '|O')], 'fortran_order': False, 'shape': (3,)}\n"),
+    "negative dim": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (-2, 3)}\n"),
+    "float dim": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2.0, 3)}\n"),
+    "string dim": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': ('2', 3)}\n"),
+    "shape not tuple": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': [2, 3]}\n"),
+    "paren int shape": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (6)}\n"),
+    "fortran not bool": with_header("{'descr': '<i4', 'fortran_order': 0, 'shape': (2, 3)}\n"),
+    "count overflow": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (4294967296, 4294967296)}\n"),
+    "bytes overflow": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (4611686018427387904,)}\n"),
+    "dim over 64 bits": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (99999999999999999999999,)}\n"),
+    "zero dim with huge dims": with_header(
+        "{'descr': '<i4', 'fortran_order': False, 'shape': (0, 4611686018427387904, 4)}\n", data=b""),
+    "huge declared shape": with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (100000, 100000, 100)}\n"),
+    "nul byte": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\x00\n"),
+    "bad utf8 in v3": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n", 3)[:-25]
+    + b"\xff" + b"\x00" * 24,
+    "too many dims": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (" + "1, " * 70 + ")}\n",
+                                 data=b"\x00" * 4),
+    "header over 10000 chars": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}"
+                                           + " " * 10000 + "\n"),
+    "unterminated string": with_header("{'descr': '<i4, 'fortran_order': False, 'shape': (2, 3)}\n"),
+    "deep nesting": with_header("{'descr': " + "[" * 500 + "]" * 500 + ", 'fortran_order': False, "
+                                "'shape': (2, 3)}\n"),
+    "subarray descr": with_header("{'descr': ('<i4', (2,)), 'fortran_order': False, 'shape': (3,)}\n"),
+    "indented trailing line v3": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n  ", 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_malformed_bytes_raise_value_error(name):
+    with pytest.raises(ValueError) as err:
+        load_fr(BAD[name])
+    assert str(err.value)  # a message, not an empty error
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_malformed_bytes_also_rejected_by_numpy_or_documented(name):
+    # numpy accepts trailing data; everything else in BAD numpy rejects too.
+    if name == "data too long":
+        np_load(BAD[name])
+        return
+    # (numpy fails on the oversized shapes with MemoryError / "array is too
+    # big" while allocating; it never touches the memory.)
+    with pytest.raises(Exception):
+        np_load(BAD[name])
+
+
+def test_numpy_accepted_header_variants_agree():
+    """Python-literal forms numpy.load's literal_eval accepts, which we accept too."""
+    data = b"\x01\x00\x00\x00" * 6
+    for text in [
+        '{"descr": "<i4", "fortran_order": False, "shape": (2, 3)}',
+        "{'shape': (2, 3), 'descr': '<i4', 'fortran_order': False}",
+        "{'descr': u'<i4', 'fortran_order': False, 'shape': (2,3,),}",
+        "\n#comment\n{'descr': '<i4',\n 'fortran_order': False, # x\n 'shape': (0x2, 0b11)}  # end\n\n",
+        "{'descr': '<i4', 'fortran_order': True, 'shape': (+2, 3)}",
+        "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), 'shape': (3, 2)}",
+        "{'descr': 'i4', 'fortran_order': False, 'shape': (6,)}",
+        "{'descr': ('<i' '4'), 'fortran_order': False, 'shape': (6,)}",
+        "{'descr': '<\\x694', 'fortran_order': False, 'shape': (6,)}",
+        "{'descr': [('a', '<i2'), ('', '|V2')], 'fortran_order': False, 'shape': (6,)}",
+        "{'descr': '<i4', 'fortran_order': False, 'shape': (1_0,)}",
+    ]:
+        if "1_0" in text:
+            blob = with_header(text + "\n", data=b"\x00" * 40)
+        else:
+            blob = with_header(text + "\n", data=data)
+        assert_same_array(load_fr(blob), np_load(blob))
+
+
+@pytest.mark.parametrize("text", [
+    "{'descr': '<i4', 'fortran_order': False, 'shape': (2L, 3L)}\n",
+    "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n  ",  # indented last line
+])
+def test_python2_header_filter_cases_accepted_with_warning_like_numpy(text):
+    # numpy retries a header literal_eval rejects (format <= 2.0) after a
+    # tokenize round trip meant for Python 2 files; it warns when that works.
+    blob = with_header(text)
+    with pytest.warns(UserWarning, match="Python 2") as w:
+        got = load_fr(blob)
+    assert len(w) >= 1
+    with pytest.warns(UserWarning):
+        want = np_load(blob)
+    assert_same_array(got, want)
