@@ -817,3 +817,26 @@ def test_recordset_subclass_repr_and_eq():
         for cmp in (lambda: base == s, lambda: s == base, lambda: s.__eq__(base)):
             with pytest.raises(NotImplementedError):
                 cmp()
+
+
+def test_docstring_examples():
+    import doctest
+
+    import fastrec._records as R
+    import fastrec.interop
+    import fastrec.records
+
+    globs = {n: getattr(R, n) for n in
+             ("TypedDict", "MetricsRecord", "ConfigsRecord", "ParametersRecord", "RecordSet")}
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    objs = [R.TypedDict, R.MetricsRecord, R.ConfigsRecord, R.ParametersRecord, R.RecordSet,
+            R.MetricsRecord.count_bytes, R.ConfigsRecord.count_bytes,
+            R.ParametersRecord.count_bytes, fastrec.records, fastrec.interop,
+            fastrec.interop.from_flwr, fastrec.interop.to_flwr]
+    attempted = 0
+    for obj in objs:
+        for test in finder.find(obj, name=getattr(obj, "__qualname__", obj.__name__),
+                                globs=dict(globs)):
+            attempted += runner.run(test).attempted
+    assert attempted >= 30
+    assert runner.summarize(verbose=False).failed == 0

@@ -628,8 +628,8 @@ cdef class MetricsRecord(TypedDict):
 
     >>> record = MetricsRecord({"accuracy": 0.94})
     >>> record["loss-historic"] = [0.9, 0.5, 0.01]
-    >>> record.count_bytes()
-    52
+    >>> record.count_bytes()  # (8 + 8) + (3 * 8 + 13)
+    53
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -655,8 +655,8 @@ cdef class ConfigsRecord(TypedDict):
     >>> record = ConfigsRecord({"lr": 0.1, "batch-size": 128})
     >>> record["compute-average"] = True
     >>> record["path"] = "s3://bucket/file.json"
-    >>> record.count_bytes()
-    58
+    >>> record.count_bytes()  # (8 + 2) + (8 + 10) + (1 + 15) + (21 + 4)
+    69
     """
 
     def __cinit__(self, *args, **kwargs):
