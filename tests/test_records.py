@@ -293,10 +293,27 @@ def _compare_records(ours, theirs):
     assert outcome(ours.count_bytes) == outcome(theirs.count_bytes)
 
 
+CONTAINERS = {
+    "dict": lambda side, pairs: dict(pairs),
+    "OrderedDict": lambda side, pairs: OrderedDict(pairs),
+    # Another record of the same side as the source (it is a Mapping with keys()).
+    "TypedDict": lambda side, pairs: _typed_source(side, pairs),
+}
+
+
+def _typed_source(side, pairs):
+    d = (TypedDict if side == "fastrec" else FTypedDict)(lambda k: None, lambda v: None)
+    for k, v in pairs:
+        d[k] = v
+    return d
+
+
 @HYP
-@given(kind=st.sampled_from(KINDS), items=entries, keep=st.booleans())
-def test_differential_construction(kind, items, keep):
-    srcs = {side: {k: side_value(v, side) for k, v in items} for side in SIDES}
+@given(kind=st.sampled_from(KINDS), items=entries, keep=st.booleans(),
+       container=st.sampled_from(sorted(CONTAINERS)))
+def test_differential_construction(kind, items, keep, container):
+    srcs = {side: CONTAINERS[container](side, [(k, side_value(v, side)) for k, v in items])
+            for side in SIDES}
     ours = outcome(lambda: SIDES["fastrec"][kind](srcs["fastrec"], keep_input=keep))
     theirs = outcome(lambda: SIDES["flwr"][kind](srcs["flwr"], keep_input=keep))
     assert_same_outcome(ours, theirs)
@@ -840,3 +857,56 @@ def test_docstring_examples():
             attempted += runner.run(test).attempted
     assert attempted >= 30
     assert runner.summarize(verbose=False).failed == 0
+
+
+# A RecordSet field value: a dict of name -> record (or junk), or a junk container.
+rs_entry_values = st.one_of(st.sampled_from(["metrics", "configs", "params"]),
+                            st.sampled_from([None, 1, "x", {}]))
+rs_fields = st.one_of(
+    st.none(),
+    st.dictionaries(st.one_of(st.text(max_size=2), st.integers(0, 3)), rs_entry_values,
+                    max_size=3),
+    st.lists(st.tuples(st.text(max_size=2), rs_entry_values), max_size=2),
+    st.sampled_from([0, "ab", [1]]),
+)
+
+
+def _rs_field(side, spec):
+    def conv(x):
+        return SIDES[side][x]({"a": 1} if x != "params" else {}) if isinstance(x, str) and \
+            x in ("metrics", "configs", "params") else x
+    if isinstance(spec, dict):
+        return {k: conv(v) for k, v in spec.items()}
+    if isinstance(spec, list) and all(isinstance(t, tuple) for t in spec):
+        return [(k, conv(v)) for k, v in spec]
+    return spec
+
+
+@HYP
+@given(p=rs_fields, m=rs_fields, c=rs_fields)
+def test_differential_recordset(p, m, c):
+    res = {}
+    for side in SIDES:
+        res[side] = outcome(lambda: SIDES[side]["RecordSet"](
+            parameters_records=_rs_field(side, p), metrics_records=_rs_field(side, m),
+            configs_records=_rs_field(side, c)))
+    assert_same_outcome(res["fastrec"], res["flwr"])
+    if res["fastrec"][0] == "ok":
+        ours, theirs = res["fastrec"][1], res["flwr"][1]
+        assert repr(ours) == repr(theirs)
+        for field in ("parameters_records", "metrics_records", "configs_records"):
+            assert list(getattr(ours, field)) == list(getattr(theirs, field))
+        assert pickle.loads(pickle.dumps(ours)) == ours
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickle_all_protocols_and_weakref(protocol):
+    import weakref
+
+    rs = RecordSet(**_recordset_args("fastrec", 1))
+    clone = pickle.loads(pickle.dumps(rs, protocol=protocol))
+    assert clone == rs and repr(clone) == repr(rs)
+    for rec in (MetricsRecord({"a": [1, 2]}), ConfigsRecord({"b": b"x"}), rs.metrics_records):
+        c = pickle.loads(pickle.dumps(rec, protocol=protocol))
+        assert type(c) is type(rec) and c == rec
+    assert weakref.ref(rs)() is rs and weakref.ref(rs.metrics_records)() is rs.metrics_records
