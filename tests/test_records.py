@@ -717,6 +717,13 @@ def test_custom_typeddict_like_flower():
         with pytest.raises(ValueError):
             d["b"] = 2
         assert d == {"a": 1} and repr(d) == "{'a': 1}"
+    for cls in (TypedDict, FTypedDict):
+        d = cls[str, int](check_key, check_value)
+        d["a"] = 1
+        assert type(d) is cls and d == {"a": 1}
+    for side in SIDES:  # subscripting a record is accepted too, and calling the alias works
+        r = SIDES[side]["metrics"][str, float]({"a": 1.0})
+        assert type(r) is SIDES[side]["metrics"] and r == {"a": 1.0}
     d = copy.deepcopy(TypedDict(check_key, check_value))
     with pytest.raises(ValueError):
         d["x"] = 3

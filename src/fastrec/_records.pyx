@@ -27,6 +27,7 @@ from libc.stdint cimport int64_t, INT64_MAX
 from fastrec._array cimport Array
 
 import copyreg
+from types import GenericAlias
 from collections.abc import Mapping, MutableMapping
 
 cdef extern from "Python.h":
@@ -412,6 +413,12 @@ cdef class TypedDict:
         self._data = {}
 
     __reversed__ = None  # like collections.abc.Mapping
+
+    @classmethod
+    def __class_getitem__(cls, params):
+        # Flower's TypedDict is Generic[K, V]: ``TypedDict[str, X](check_k, check_v)``
+        # works, and so does subscripting its records (typing is lenient there).
+        return GenericAlias(cls, params)
     __hash__ = None
 
     # --- core protocol --------------------------------------------------
