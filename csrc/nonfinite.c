@@ -28,27 +28,40 @@ size_t fr_ftype_size(fr_ftype t)
 
 /* Contiguous runs get their own loops over typed arrays so the compiler can
  * vectorize the branch-free count; this is the path that must keep up with
- * memory bandwidth. */
+ * memory bandwidth.  Counts accumulate in 32-bit lanes over blocks short
+ * enough never to overflow them, because widening every compare result to
+ * 64 bits halves the vector throughput. */
+#define FR_BLOCK 65536
+
+#define FR_COUNT_BLOCKED(test)                                                 \
+    do {                                                                       \
+        for (int64_t start = 0; start < n; start += FR_BLOCK) {                \
+            int64_t stop = n - start < FR_BLOCK ? n : start + FR_BLOCK;        \
+            uint32_t b = 0;                                                    \
+            for (int64_t i = start; i < stop; i++)                             \
+                b += (uint32_t)(test);                                         \
+            c += b;                                                            \
+        }                                                                      \
+    } while (0)
+
 static int64_t count_contig(const char *p, fr_ftype t, int64_t n)
 {
     int64_t c = 0;
     switch (t) {
     case FR_FT_FLOAT16:
-        for (int64_t i = 0; i < n; i++) c += bad16(load16(p + 2 * i));
+        FR_COUNT_BLOCKED(bad16(load16(p + 2 * i)));
         break;
     case FR_FT_FLOAT32:
-        for (int64_t i = 0; i < n; i++) c += bad32(load32(p + 4 * i));
+        FR_COUNT_BLOCKED(bad32(load32(p + 4 * i)));
         break;
     case FR_FT_FLOAT64:
-        for (int64_t i = 0; i < n; i++) c += bad64(load64(p + 8 * i));
+        FR_COUNT_BLOCKED(bad64(load64(p + 8 * i)));
         break;
     case FR_FT_COMPLEX64:
-        for (int64_t i = 0; i < n; i++)
-            c += bad32(load32(p + 8 * i)) | bad32(load32(p + 8 * i + 4));
+        FR_COUNT_BLOCKED(bad32(load32(p + 8 * i)) | bad32(load32(p + 8 * i + 4)));
         break;
     case FR_FT_COMPLEX128:
-        for (int64_t i = 0; i < n; i++)
-            c += bad64(load64(p + 16 * i)) | bad64(load64(p + 16 * i + 8));
+        FR_COUNT_BLOCKED(bad64(load64(p + 16 * i)) | bad64(load64(p + 16 * i + 8)));
         break;
     }
     return c;

@@ -226,6 +226,9 @@ cdef class _Acc:
             if self.nested:
                 self.template = f
         if not self.nested:
+            if _is_struct(f):
+                raise ValueError(f"finalized value is a {type(f).__name__}, but the first "
+                                 f"client's was a single value")
             self.count += _leaf_bad(f)
         else:
             if not _same_structure(self.template, f):
