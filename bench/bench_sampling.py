@@ -1,9 +1,11 @@
 """Benchmark: FinalizeThenSample metrics sampling and count_non_finite against plain NumPy.
 
 The baseline is what one would write in an afternoon with NumPy: finalize each client with a
-dict comprehension, ``np.isfinite`` per finalized leaf, ``rng.integers`` keys and
-``np.argpartition`` for the round's top k and again for the running reservoir. It does no
-input validation (fastrec checks every value against the spec, and still wins).
+dict comprehension, ``np.isfinite(v).all()`` per finalized leaf, full-range ``uint64``
+``rng.integers`` keys and ``np.argpartition`` for the round's top k and again for the running
+reservoir. Each step uses the fastest of the obvious idioms (``np.isfinite(v).all()`` is 2x
+``np.all(np.isfinite(v))`` on scalars; ``uint64`` keys are 3x ``rng.integers(0, 2**63 - 1)``).
+It does no input validation (fastrec checks every value against the spec).
 
     python bench/bench_sampling.py
 """
@@ -74,8 +76,11 @@ class NumpyFinalizeThenSample:
         self.k = sample_size
         self.rng = np.random.default_rng(seed)
 
+    def _keys(self, n):
+        return self.rng.integers(0, 2**64, size=n, dtype=np.uint64)
+
     def initialize(self):
-        return {"keys": np.empty(0, np.int64), "samples": {n: [] for n in self.finalizers}}
+        return {"keys": np.empty(0, np.uint64), "samples": {n: [] for n in self.finalizers}}
 
     def _top(self, keys):
         if len(keys) <= self.k:
@@ -93,9 +98,9 @@ class NumpyFinalizeThenSample:
     def next(self, state, clients):
         finalized = [{name: fin(c[name]) for name, fin in self.finalizers.items()}
                      for c in clients]
-        measurements = {name: sum(int(not np.all(np.isfinite(f[name]))) for f in finalized)
+        measurements = {name: sum(int(not np.isfinite(f[name]).all()) for f in finalized)
                         for name in self.finalizers}
-        keys = self.rng.integers(0, 2**63 - 1, size=len(clients))
+        keys = self._keys(len(clients))
         top = self._top(keys)
         current = {name: [finalized[i][name] for i in top] for name in self.finalizers}
         new_state = self._merge(state, keys[top], current)
@@ -104,9 +109,13 @@ class NumpyFinalizeThenSample:
     def next_columnar(self, state, batch):
         finalized = {name: np.asarray(fin(batch[name])) for name, fin in self.finalizers.items()}
         n = len(next(iter(finalized.values())))
-        measurements = {name: int(np.count_nonzero(~np.isfinite(col.reshape(n, -1)).all(axis=1)))
-                        for name, col in finalized.items()}
-        keys = self.rng.integers(0, 2**63 - 1, size=n)
+        measurements = {}
+        for name, col in finalized.items():
+            bad = ~np.isfinite(col)
+            if bad.ndim > 1:  # any non-finite element in a client's row
+                bad = bad.reshape(n, -1).any(axis=1)
+            measurements[name] = int(np.count_nonzero(bad))
+        keys = self._keys(n)
         top = self._top(keys)
         current = {name: list(col[top]) for name, col in finalized.items()}
         new_state = self._merge(state, keys[top], current)

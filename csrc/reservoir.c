@@ -63,16 +63,20 @@ fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t
     if (offset > INT64_MAX - n)
         return FR_ERR_OVERFLOW;
     uint64_t stream = fr_round_stream(seed0, seed1, (uint64_t)round);
-    int64_t m = 0;
-    for (int64_t i = 0; i < n; i++) {
-        fr_entry e = {fr_client_key(stream, (uint64_t)(offset + i)), round, offset + i, i};
-        if (m < k) {
-            out[m++] = e;
-            if (m == k)
-                heapify(out, m);
-        } else if (k > 0 && fr_entry_better(&e, &out[0])) {
-            out[0] = e;
+    int64_t m = k < n ? k : n;
+    for (int64_t i = 0; i < m; i++)
+        out[i] = (fr_entry){fr_client_key(stream, (uint64_t)(offset + i)), round, offset + i, i};
+    heapify(out, m);
+    /* Within a round, a later client wins a tie only by a larger key, so the
+     * hot loop is one compare of the fresh key against the heap's minimum;
+     * the heap is touched only on the ~k ln(n/k) replacements. */
+    uint64_t floor_key = m > 0 ? out[0].key : UINT64_MAX;
+    for (int64_t i = m; i < n; i++) {
+        uint64_t key = fr_client_key(stream, (uint64_t)(offset + i));
+        if (key > floor_key) {
+            out[0] = (fr_entry){key, round, offset + i, i};
             sift_down(out, m, 0);
+            floor_key = out[0].key;
         }
     }
     sort_best_first(out, m);

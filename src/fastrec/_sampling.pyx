@@ -164,7 +164,10 @@ cdef int _leaf_bad(object f) except -1:
 
 
 cdef inline bint _is_struct(object f):
-    return isinstance(f, (list, tuple)) or isinstance(f, Mapping)
+    # Numbers and arrays first: the Mapping ABC check is slow for them.
+    if PyFloat_Check(f) or PyLong_Check(f) or isinstance(f, (np.ndarray, np.generic)):
+        return False
+    return isinstance(f, (list, tuple, dict)) or isinstance(f, Mapping)
 
 
 cdef int _flatten_bad(object f, list out) except -1:
@@ -226,6 +229,11 @@ cdef class _Acc:
             if self.nested:
                 self.template = f
         if not self.nested:
+            if PyFloat_Check(f):  # the common case, kept free of any type dispatch
+                self.count += _double_bad(PyFloat_AS_DOUBLE(f))
+                if slot >= 0:
+                    self.samples[slot] = f
+                return 0
             if _is_struct(f):
                 raise ValueError(f"finalized value is a {type(f).__name__}, but the first "
                                  f"client's was a single value")
@@ -385,16 +393,17 @@ cdef object _convert(CompiledSpec s, object v):
     if len(v) != n:
         raise ValueError(f"expected a list or tuple of {n} values, got {len(v)}")
     out = None
-    for j in range(n):
-        x = v[j]
-        try:
+    j = 0
+    try:
+        for j in range(n):
+            x = v[j]
             y = _convert(<CompiledSpec>s.children[j], x)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"element {j}: {e}") from None
-        if y is not x and out is None:
-            out = list(v[:j])
-        if out is not None:
-            out.append(y)
+            if y is not x and out is None:
+                out = list(v[:j])
+            if out is not None:
+                out.append(y)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"element {j}: {e}") from None
     if out is None:
         return v
     return s.container(out)
@@ -421,6 +430,13 @@ cdef object _key_error(Py_ssize_t i, object cv, tuple names):
     return ValueError(f"client {i}: " + "; ".join(parts) + f" (expected exactly {list(names)})")
 
 
+cdef enum:
+    _STAGE_KEYS = 0
+    _STAGE_CONVERT = 1
+    _STAGE_FINALIZE = 2
+    _STAGE_MEASURE = 3
+
+
 cdef inline object _context(BaseException e, Py_ssize_t i, object name):
     return type(e)(f"client {i}, metric {name!r}: {e}")
 
@@ -444,6 +460,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef _Acc acc
     cdef PyObject *p
     cdef bint isdict
+    cdef int stage
     cdef dict unfin
     cdef list out_names
     try:
@@ -469,56 +486,58 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 raise _key_error(i, cv, names)
             if functional is not None:
                 unfin = {}
-            for j in range(m):
-                name = names[j]
-                if isdict:
-                    p = PyDict_GetItemWithError(cv, name)
-                    if p == NULL:
-                        raise _key_error(i, cv, names)
-                    raw = <object>p
-                else:
-                    try:
-                        raw = cv[name]
-                    except KeyError:
-                        raise _key_error(i, cv, names) from None
-                try:
-                    val = _convert(<CompiledSpec>specs[j], raw)
-                except (TypeError, ValueError) as e:
-                    raise _context(e, i, name) from None
-                if functional is not None:
-                    unfin[name] = val
-                    continue
-                acc = <_Acc>accs[j]
-                try:
-                    f = finalizers[j](val)
-                except Exception as e:
-                    e.add_note(f"(while finalizing metric {name!r} of client {i})")
-                    raise
-                try:
-                    acc.add(f, slot[i])
-                except (TypeError, ValueError) as e:
-                    raise _context(e, i, name) from None
-            if functional is None:
-                continue
+            # One try per client, not per value: `stage` and `ctx_name` say what failed.
+            stage = _STAGE_KEYS
             try:
-                out = functional(unfin)
+                for j in range(m):
+                    ctx_name = names[j]
+                    stage = _STAGE_KEYS
+                    if isdict:
+                        p = PyDict_GetItemWithError(cv, ctx_name)
+                        if p == NULL:
+                            raise _key_error(i, cv, names)
+                        raw = <object>p
+                    else:
+                        try:
+                            raw = cv[ctx_name]
+                        except KeyError:
+                            raise _key_error(i, cv, names) from None
+                    stage = _STAGE_CONVERT
+                    val = _convert(<CompiledSpec>specs[j], raw)
+                    if functional is not None:
+                        unfin[ctx_name] = val
+                        continue
+                    stage = _STAGE_FINALIZE
+                    f = finalizers[j](val)
+                    stage = _STAGE_MEASURE
+                    (<_Acc>accs[j]).add(f, slot[i])
+                if functional is not None:
+                    ctx_name = None
+                    stage = _STAGE_FINALIZE
+                    out = functional(unfin)
+                    stage = _STAGE_KEYS
+                    if not isinstance(out, Mapping):
+                        raise TypeError(f"client {i}: the metric finalizer must return a mapping "
+                                        f"of metric name to finalized value, got "
+                                        f"{type(out).__name__}")
+                    if accs is None:
+                        out_names = list(out)
+                        accs = [_Acc(x, nsample) for x in out_names]
+                    elif len(out) != len(out_names) or any(x not in out for x in out_names):
+                        raise ValueError(f"client {i}: the finalizer returned metrics "
+                                         f"{list(out)}, but for client 0 it returned {out_names}")
+                    stage = _STAGE_MEASURE
+                    for j in range(len(out_names)):
+                        ctx_name = out_names[j]
+                        (<_Acc>accs[j]).add(out[ctx_name], slot[i])
             except Exception as e:
-                e.add_note(f"(while finalizing the metrics of client {i})")
+                if stage == _STAGE_FINALIZE:
+                    where = "the metrics" if ctx_name is None else f"metric {ctx_name!r}"
+                    e.add_note(f"(while finalizing {where} of client {i})")
+                    raise
+                if stage != _STAGE_KEYS and isinstance(e, (TypeError, ValueError)):
+                    raise _context(e, i, ctx_name) from None
                 raise
-            if not isinstance(out, Mapping):
-                raise TypeError(f"client {i}: the metric finalizer must return a mapping of "
-                                f"metric name to finalized value, got {type(out).__name__}")
-            if accs is None:
-                out_names = list(out)
-                accs = [_Acc(x, nsample) for x in out_names]
-            elif len(out) != len(out_names) or any(x not in out for x in out_names):
-                raise ValueError(f"client {i}: the finalizer returned metrics {list(out)}, "
-                                 f"but for client 0 it returned {out_names}")
-            for j in range(len(out_names)):
-                try:
-                    (<_Acc>accs[j]).add(out[out_names[j]], slot[i])
-                except (TypeError, ValueError) as e:
-                    raise _context(e, i, out_names[j]) from None
     finally:
         free(slot)
     if accs is None:
