@@ -704,3 +704,24 @@ def test_total_inclusion_is_uniform_across_rounds():
     shares = [counts[a:a + n].sum() / (k * trials)
               for a, n in zip(np.cumsum([0] + sizes[:-1]), sizes)]
     assert np.allclose(shares, np.array(sizes) / total, atol=0.03)
+
+
+def test_client_offset_validation_and_ordered_dict_clients():
+    p = make_process()
+    s = p.initialize()
+    with pytest.raises(ValueError):
+        p.next(s, clients_ab(3), client_offset=-1)
+    with pytest.raises(TypeError):
+        p.next(s, clients_ab(3), client_offset=1.0)
+    with pytest.raises(ValueError):
+        p.next(s, clients_ab(3), client_offset=2**63)
+    with pytest.raises(ValueError):
+        p.next(s, clients_ab(3), client_offset=2**63 - 2)  # offset + n overflows int64
+    with pytest.raises(ValueError):
+        p.next(dict(s, round=2**63), clients_ab(3))
+    with pytest.raises(TypeError, match="next_columnar"):
+        p.next(s, {"a": [1.0], "b": [[1.0, 2.0]]})
+    ordered = [collections.OrderedDict(c) for c in clients_ab(9)]
+    got, ref = p.next(s, ordered), p.next(s, clients_ab(9))
+    assert got.result[1]["a"] == ref.result[1]["a"]
+    assert np.array_equal(got.state["keys"], ref.state["keys"])

@@ -8,6 +8,7 @@ non-finite finalized leaves and keeps only the sampled clients' values.
 Scalars never become numpy objects on the way.
 """
 
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
@@ -478,7 +479,8 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
             out_names = list(names)
         for i in range(n):
             cv = clients[i]
-            isdict = type(cv) is dict
+            # Exact dict and OrderedDict (no __getitem__ override) are read with the C API.
+            isdict = type(cv) is dict or type(cv) is OrderedDict
             if not isdict and not isinstance(cv, Mapping):
                 raise TypeError(f"client {i}: expected a mapping of metric name to value, got "
                                 f"{type(cv).__name__}")

@@ -191,12 +191,17 @@ class MeasuredProcessOutput(NamedTuple):
     measurements: dict
 
 
-def _check_int(value, what, minimum):
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_int(value, what, minimum, maximum=None):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{what} must be {'positive' if minimum == 1 else 'non-negative'}, "
                          f"got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{what} must be at most {maximum}, got {value}")
     return int(value)
 
 
@@ -333,7 +338,7 @@ class AggregationProcess:
         (current_round_samples, total_rounds_samples), measurements)``.
         """
         _check_state(state)
-        offset = _check_int(client_offset, "client_offset", 0)
+        offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
         if isinstance(client_values, Mapping):
             raise TypeError("client_values must be a sequence of client mappings; for a mapping "
                             "of columns use next_columnar")
@@ -362,7 +367,7 @@ class AggregationProcess:
         :meth:`next` on the equivalent rows.
         """
         _check_state(state)
-        offset = _check_int(client_offset, "client_offset", 0)
+        offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a mapping of metric name to column, got "
                             f"{type(batch).__name__}")
@@ -467,7 +472,7 @@ def _check_state(state):
     if (not isinstance(seed, tuple) or len(seed) != 2
             or not all(isinstance(w, int) and 0 <= w < 1 << 64 for w in seed)):
         raise ValueError(f"state['seed'] must be a pair of 64-bit unsigned ints, got {seed!r}")
-    _check_int(state["round"], "state['round']", 0)
+    _check_int(state["round"], "state['round']", 0, _INT64_MAX - 1)
     m = None
     for key, dtype in (("keys", np.uint64), ("rounds", np.int64), ("indices", np.int64)):
         arr = state[key]
