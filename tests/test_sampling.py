@@ -185,6 +185,10 @@ def test_gather_rows():
         _sampling.gather_rows(a, np.array([10]))
     with pytest.raises(ValueError):
         _sampling.gather_rows(a, np.array([-1]))
+    with pytest.raises(ValueError):
+        _sampling.gather_rows(a, np.array([[1, 2]]))
+    with pytest.raises(ValueError):
+        _sampling.select_top(np.array(1, np.uint64), np.array(1), np.array(1), 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 import numpy as np
 
 cimport numpy as cnp
-from cpython.dict cimport PyDict_Size
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.complex cimport PyComplex_Check
@@ -199,8 +198,8 @@ cdef bint _same_structure(object a, object b):
 def map_leaves(fn, template):
     """``template``'s list/tuple/mapping structure with every leaf ``x`` replaced by fn(x)."""
     if isinstance(template, (list, tuple)):
-        return type(template)(map_leaves(fn, x) for x in template) if type(template) in (list, tuple) \
-            else [map_leaves(fn, x) for x in template]
+        items = [map_leaves(fn, x) for x in template]
+        return tuple(items) if type(template) is tuple else items
     if isinstance(template, Mapping):
         return {k: map_leaves(fn, template[k]) for k in template}
     return fn(template)
@@ -208,7 +207,6 @@ def map_leaves(fn, template):
 
 cdef class _Acc:
     """Measurement and samples of one finalized metric over a round's clients."""
-    cdef object name
     cdef bint nested
     cdef bint started
     cdef object template
@@ -217,8 +215,7 @@ cdef class _Acc:
     cdef list flags
     cdef public list samples
 
-    def __cinit__(self, name, Py_ssize_t nsample):
-        self.name = name
+    def __cinit__(self, Py_ssize_t nsample):
         self.samples = [None] * nsample
         self.flags = []
 
@@ -458,7 +455,6 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         raise MemoryError()
     cdef const int64_t *pos = <const int64_t *>cnp.PyArray_DATA(positions)
     cdef list accs = None
-    cdef _Acc acc
     cdef PyObject *p
     cdef bint isdict
     cdef int stage
@@ -475,7 +471,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 raise ValueError("sample position out of range")
             slot[pos[r]] = r
         if functional is None:
-            accs = [_Acc(x, nsample) for x in names]
+            accs = [_Acc(nsample) for _ in names]
             out_names = list(names)
         for i in range(n):
             cv = clients[i]
@@ -524,7 +520,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                                         f"{type(out).__name__}")
                     if accs is None:
                         out_names = list(out)
-                        accs = [_Acc(x, nsample) for x in out_names]
+                        accs = [_Acc(nsample) for _ in out_names]
                     elif len(out) != len(out_names) or any(x not in out for x in out_names):
                         raise ValueError(f"client {i}: the finalizer returned metrics "
                                          f"{list(out)}, but for client 0 it returned {out_names}")
@@ -576,6 +572,9 @@ def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, 
         raise MemoryError()
     cdef int64_t count = 0, r
     cdef fr_status st
+    cdef uint64_t *kp
+    cdef int64_t *ip
+    cdef int64_t *pp
     try:
         with nogil:
             st = fr_round_sample(seed0, seed1, round, offset, n, cap, buf, &count)
@@ -600,13 +599,14 @@ def select_top(cnp.ndarray keys, cnp.ndarray rounds, cnp.ndarray indices, int64_
 
     Best first; a client listed twice (same round and index) is kept once.
     """
+    if keys.ndim != 1 or rounds.ndim != 1 or indices.ndim != 1 \
+            or not keys.shape[0] == rounds.shape[0] == indices.shape[0]:
+        raise ValueError("keys, rounds and indices must be 1-d arrays of one length")
     keys = np.ascontiguousarray(keys, dtype=np.uint64)
     rounds = np.ascontiguousarray(rounds, dtype=np.int64)
     indices = np.ascontiguousarray(indices, dtype=np.int64)
     cdef int64_t n = keys.shape[0], i, count = 0
-    if keys.ndim != 1 or rounds.ndim != 1 or indices.ndim != 1 or rounds.shape[0] != n \
-            or indices.shape[0] != n:
-        raise ValueError("keys, rounds and indices must be 1-d arrays of one length")
+    cdef int64_t *op
     if k < 0:
         raise ValueError("k must be non-negative")
     cdef fr_entry *buf = <fr_entry *>malloc((n if n > 0 else 1) * sizeof(fr_entry))
@@ -637,6 +637,8 @@ def gather_rows(cnp.ndarray a, cnp.ndarray positions):
     """``a[positions]`` for a 1-d int64 ``positions``, rows copied by the C gather."""
     if a.ndim == 0:
         raise ValueError("expected an array with a leading client axis, got a 0-d array")
+    if positions.ndim != 1:
+        raise ValueError("positions must be a 1-d array")
     positions = np.ascontiguousarray(positions, dtype=np.int64)
     cdef int64_t npos = positions.shape[0]
     cdef int64_t nrows = a.shape[0]
