@@ -729,3 +729,23 @@ def test_client_offset_validation_and_ordered_dict_clients():
     got, ref = p.next(s, ordered), p.next(s, clients_ab(9))
     assert got.result[1]["a"] == ref.result[1]["a"]
     assert np.array_equal(got.state["keys"], ref.state["keys"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.5, -2.0, np.nan, np.inf, -np.inf, 1e308]),
+                          st.lists(st.sampled_from([1.0, np.nan, -np.inf]), min_size=2,
+                                   max_size=2)),
+                max_size=60),
+       st.integers(1, 8), st.integers(0, 2**64 - 1))
+def test_process_matches_reference_for_any_round(values, k, seed):
+    p = make_process(k=k, seed=seed)
+    state = p.initialize()
+    clients = [{"a": a, "b": b} for a, b in values]
+    out = p.next(state, clients)
+    assert out.measurements == {
+        "a": sum(not math.isfinite(a) for a, _ in values),
+        "b": sum(not all(math.isfinite(x) for x in b) for _, b in values)}
+    expected, _ = brute_force_top(state["seed"], 0, len(values), k)
+    assert out.state["indices"].tolist() == expected
+    assert [np.asarray(x).tobytes() for x in out.result[0]["b"]] == \
+        [np.asarray(values[i][1], np.float32).tobytes() for i in expected]

@@ -622,7 +622,8 @@ def select_top(cnp.ndarray keys, cnp.ndarray rounds, cnp.ndarray indices, int64_
             buf[i].round = rp[i]
             buf[i].index = ip[i]
             buf[i].src = i
-        st = fr_select_top(buf, n, k, &count)
+        with nogil:
+            st = fr_select_top(buf, n, k, &count)
         _check(st, "select_top")
         out = np.empty(count, dtype=np.int64)
         op = <int64_t *>cnp.PyArray_DATA(out)
