@@ -8,6 +8,10 @@ reservoir. Each step uses the fastest of the obvious idioms (``np.isfinite(v).al
 It does no input validation (fastrec checks every value against the spec).
 
     python bench/bench_sampling.py
+
+For scale (not measured here: TensorFlow is not a dependency): TFF 0.87's
+FinalizeThenSampleFactory took about 5.7 s per round on the N=10,000 per-client workload; the
+aim is at most 5.7 ms.
 """
 
 from __future__ import annotations

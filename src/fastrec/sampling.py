@@ -403,8 +403,11 @@ class AggregationProcess:
             structure = map_leaves(lambda x: _finalized_column(x, n, name, leaves), value)
             measurements[name] = map_leaves(lambda i: count_non_finite_rows(leaves[i]), structure)
             picked = [_sampling.gather_rows(leaf, positions) for leaf in leaves]
-            samples[name] = [map_leaves(lambda i: picked[i][r], structure)
-                             for r in range(len(positions))]
+            if isinstance(structure, int):  # a single column: its rows are the samples
+                samples[name] = list(picked[0])
+            else:
+                samples[name] = [map_leaves(lambda i: picked[i][r], structure)
+                                 for r in range(len(positions))]
         return self._finish(state, keys, indices, samples, measurements)
 
     # -- merging -----------------------------------------------------------------------------
