@@ -166,7 +166,7 @@ def case_columnar(n=1_000_000):
     assert base.next_columnar(b_state, batch)[2] == proc.next_columnar(f_state, batch).measurements
     return compare(f"columnar round, N={n:,} × 3 metrics, vectorized finalizers",
                    "NumPy columnar", lambda: base.next_columnar(b_state, batch),
-                   lambda: proc.next_columnar(f_state, batch), "≥ 5×", repeats=5)
+                   lambda: proc.next_columnar(f_state, batch), "≥ 5×", repeats=9)
 
 
 def case_count_non_finite(nbytes=40_000_000):
