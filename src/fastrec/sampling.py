@@ -335,7 +335,8 @@ class AggregationProcess:
         ``client_values``: a sequence of mappings (dict, ``MetricsRecord``, ...) of metric name
         to value. ``client_offset``: the index of the first of them in the round, for workers
         that each process a slice of the round. Returns ``MeasuredProcessOutput(state,
-        (current_round_samples, total_rounds_samples), measurements)``.
+        (current_round_samples, total_rounds_samples), measurements)``. An empty round returns
+        ``state`` itself, an empty current sample and zero measurements.
         """
         _check_state(state)
         offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
@@ -502,21 +503,13 @@ def _column(spec: CompiledSpec, value, path, sizes):
                             f"{type(value).__name__}")
         return [_column(c, v, f"{path}[{i}]", sizes)
                 for i, (c, v) in enumerate(zip(spec.children, value))]
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"metric {path!r}: column is not numeric: {value!r:.40}")
-    col = np.asarray(value)
-    if col.dtype.kind not in "biufc":
-        raise TypeError(f"metric {path!r}: column is not numeric (dtype {col.dtype})")
-    if col.ndim != 1 + len(spec.shape) or any(
-            w is not None and w != d for w, d in zip(spec.shape, col.shape[1:])):
-        raise ValueError(f"metric {path!r}: expected a column of shape (clients,) + "
-                         f"{spec.shape}, got {col.shape}")
-    sizes[path] = col.shape[0]
-    # Per-element checks (kind, int range) are those of one client's value, run on the column.
+    # A column is checked like one client's value with a leading axis of any length.
     try:
-        return _sampling.convert_value(CompiledSpec.leaf(spec.dtype, (None,) + spec.shape), col)
+        col = _sampling.convert_value(CompiledSpec.leaf(spec.dtype, (None,) + spec.shape), value)
     except (TypeError, ValueError) as e:
         raise type(e)(f"metric {path!r}: {e}") from None
+    sizes[path] = col.shape[0]
+    return col
 
 
 def _row(col, i):
