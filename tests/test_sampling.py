@@ -451,7 +451,18 @@ def test_int_and_struct_specs():
     out = p.next(p.initialize(), [ok, dict(ok, u=[])])
     assert sorted(out.result[0]["pair"]) == [10.0, 10.0]
     assert sorted(out.result[0]["u"]) == [0, 258]
+    class Count(int):
+        pass
+
+    class Real(float):
+        pass
+
+    subclassed = dict(ok, n=Count(5), pair=[Real(0.5), np.uint8(4)])
+    out = p.next(p.initialize(), [subclassed])
+    assert out.result[0]["n"] == [5] and out.result[0]["pair"] == [2.0]
     for bad, exc in [({"n": 2**31}, ValueError), ({"n": 1.0}, TypeError),
+                     ({"n": Real(1.0)}, TypeError), ({"n": np.float64(1.0)}, TypeError),
+                     ({"pair": (complex(1, 0), 1)}, TypeError),
                      ({"pair": (1.0,)}, ValueError), ({"pair": 3.0}, TypeError),
                      ({"pair": (1.0, 2.5)}, TypeError), ({"u": [256]}, ValueError),
                      ({"u": [-1]}, ValueError), ({"flag": 1}, TypeError)]:

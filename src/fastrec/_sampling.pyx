@@ -342,6 +342,13 @@ cdef object _convert_scalar(CompiledSpec s, object v):
     elif t is complex:
         if s.kind == K_COMPLEX:
             return v
+    elif isinstance(v, (int, float, complex)):  # subclasses, np.float64 and np.complex128
+        k = ("b" if isinstance(v, bool) else "i" if isinstance(v, int)
+             else "f" if isinstance(v, float) else "c")
+        if k in s.accepts:
+            if s.kind == K_INT:
+                return _check_int_range(s, v)
+            return v
     elif isinstance(v, np.generic) and not isinstance(v, (np.str_, np.bytes_, np.void)):
         k = v.dtype.kind
         if k in s.accepts:
