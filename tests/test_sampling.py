@@ -760,3 +760,17 @@ def test_process_matches_reference_for_any_round(values, k, seed):
     assert out.state["indices"].tolist() == expected
     assert [np.asarray(x).tobytes() for x in out.result[0]["b"]] == \
         [np.asarray(values[i][1], np.float32).tobytes() for i in expected]
+
+
+def test_context_survives_exception_types_without_message_constructor():
+    err = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")
+    wrapped = _sampling.with_context(err, "client 3, metric 'a'")
+    assert isinstance(wrapped, ValueError) and "client 3, metric 'a'" in str(wrapped)
+
+    def finalize(v):
+        raise err
+
+    # An exception raised by a finalizer itself propagates unchanged (with a note).
+    q = make_process(finalizers={"a": finalize, "b": lambda v: v})
+    with pytest.raises(UnicodeDecodeError):
+        q.next(q.initialize(), clients_ab(2))

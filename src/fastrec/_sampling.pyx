@@ -311,6 +311,16 @@ cdef class CompiledSpec:
         return s
 
 
+def with_context(e, str prefix):
+    """A new exception of ``e``'s type (or its TypeError/ValueError base, if that type can't
+    be built from a message) reading "prefix: message"."""
+    msg = f"{prefix}: {e}"
+    try:
+        return type(e)(msg)
+    except Exception:
+        return (TypeError if isinstance(e, TypeError) else ValueError)(msg)
+
+
 cdef str _describe(object v):
     r = repr(v)
     if len(r) > 40:
@@ -408,7 +418,7 @@ cdef object _convert(CompiledSpec s, object v):
             if out is not None:
                 out.append(y)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"element {j}: {e}") from None
+        raise with_context(e, f"element {j}") from None
     if out is None:
         return v
     return s.container(out)
@@ -443,7 +453,7 @@ cdef enum:
 
 
 cdef inline object _context(BaseException e, Py_ssize_t i, object name):
-    return type(e)(f"client {i}, metric {name!r}: {e}")
+    return with_context(e, f"client {i}, metric {name!r}")
 
 
 def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,

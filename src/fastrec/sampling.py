@@ -507,7 +507,7 @@ def _column(spec: CompiledSpec, value, path, sizes):
     try:
         col = _sampling.convert_value(CompiledSpec.leaf(spec.dtype, (None,) + spec.shape), value)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"metric {path!r}: {e}") from None
+        raise _sampling.with_context(e, f"metric {path!r}") from None
     sizes[path] = col.shape[0]
     return col
 
