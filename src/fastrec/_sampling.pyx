@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 cimport numpy as cnp
+from cpython.dict cimport PyDict_Size
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.complex cimport PyComplex_Check
@@ -477,6 +478,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef int stage
     cdef dict unfin
     cdef list out_names
+    cdef tuple fins = finalizers if functional is None else None
     try:
         if positions.dtype != np.int64 or not positions.flags.c_contiguous \
                 or positions.shape[0] != nsample:
@@ -497,7 +499,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
             if not isdict and not isinstance(cv, Mapping):
                 raise TypeError(f"client {i}: expected a mapping of metric name to value, got "
                                 f"{type(cv).__name__}")
-            if len(cv) != m:
+            if (PyDict_Size(cv) if isdict else len(cv)) != m:
                 raise _key_error(i, cv, names)
             if functional is not None:
                 unfin = {}
@@ -523,7 +525,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                         unfin[ctx_name] = val
                         continue
                     stage = _STAGE_FINALIZE
-                    f = finalizers[j](val)
+                    f = fins[j](val)
                     stage = _STAGE_MEASURE
                     (<_Acc>accs[j]).add(f, slot[i])
                 if functional is not None:
