@@ -1,5 +1,6 @@
 """Tests of the ``python -m fastrec demo`` simulation."""
 
+import doctest
 import io
 import math
 import subprocess
@@ -11,6 +12,10 @@ import pytest
 from fastrec import FinalizeThenSampleFactory
 from fastrec import __main__ as cli
 from fastrec import demo
+
+
+def test_docstrings():
+    assert doctest.testmod(demo).failed == 0
 
 
 def quiet_run(**kw):

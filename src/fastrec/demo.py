@@ -44,7 +44,11 @@ FINALIZERS = {"loss": _ratio, "accuracy": _ratio, "num_examples": int}
 
 
 def simulate_clients(rng: np.random.Generator, n: int, diverge: float = 0.005) -> list:
-    """``n`` clients' unfinalized metrics; a ``diverge`` fraction report a NaN or inf loss."""
+    """``n`` clients' unfinalized metrics; a ``diverge`` fraction report a NaN or inf loss.
+
+    >>> sorted(simulate_clients(np.random.default_rng(0), 2)[0])
+    ['accuracy', 'loss', 'num_examples']
+    """
     examples = rng.integers(5, 400, n)
     skill = rng.beta(8, 3, n)
     correct = rng.binomial(examples, skill)
@@ -57,7 +61,14 @@ def simulate_clients(rng: np.random.Generator, n: int, diverge: float = 0.005) -
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn at most every 0.1 s."""
+    """A one-line progress bar on stderr, redrawn at most every 0.1 s.
+
+    >>> import io
+    >>> bar = Progress(4, stream=io.StringIO())
+    >>> bar.update(4, "round 1/1"); bar.close()
+    >>> "100.0%" in bar.stream.getvalue()
+    True
+    """
 
     def __init__(self, total: int, stream=None, enabled: bool = True, width: int = 30):
         self.stream = sys.stderr if stream is None else stream

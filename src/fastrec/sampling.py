@@ -147,7 +147,11 @@ def spec_of(example: Mapping) -> dict:
 
 
 class Vectorized:
-    """A finalizer that works on whole columns (see :func:`vectorized`)."""
+    """A finalizer that works on whole columns; build it with :func:`vectorized`.
+
+    >>> vectorized(np.sqrt).fn is np.sqrt
+    True
+    """
 
     __slots__ = ("fn",)
 
@@ -184,7 +188,13 @@ def vectorized(fn: Callable) -> Vectorized:
 
 
 class MeasuredProcessOutput(NamedTuple):
-    """``state``, ``result`` and ``measurements`` of one ``next`` call (as in TFF)."""
+    """``state``, ``result`` and ``measurements`` of one ``next`` call (as in TFF).
+
+    >>> p = FinalizeThenSampleFactory(1, seed=0).create({"x": float}, {"x": TensorSpec("int64")})
+    >>> state, (current, total), measurements = p.next(p.initialize(), [{"x": 3}])
+    >>> current, measurements
+    ({'x': [3.0]}, {'x': 0})
+    """
 
     state: dict
     result: tuple
@@ -366,6 +376,12 @@ class AggregationProcess:
         the non-finite counts, keys, top-k and gather run in C over the columns; otherwise the
         rows are finalized one client at a time. Same keys, samples and measurements as
         :meth:`next` on the equivalent rows.
+
+        >>> p = FinalizeThenSampleFactory(2, seed=0).create(
+        ...     {"x": vectorized(lambda col: col * 2)}, {"x": TensorSpec("float64")})
+        >>> out = p.next_columnar(p.initialize(), {"x": np.array([1.0, np.nan, 3.0, 4.0])})
+        >>> len(out.result[0]["x"]), out.measurements
+        (2, {'x': 1})
         """
         _check_state(state)
         offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
@@ -418,6 +434,13 @@ class AggregationProcess:
 
         For states built from one start state by workers that each processed a slice of a round
         (``client_offset``), the result equals the one-machine state. Both must share the seed.
+
+        >>> p = FinalizeThenSampleFactory(2, seed=0).create({"x": float}, {"x": TensorSpec("int64")})
+        >>> start, clients = p.initialize(), [{"x": i} for i in range(6)]
+        >>> a = p.next(start, clients[:4]).state                   # worker 1: clients 0-3
+        >>> b = p.next(start, clients[4:], client_offset=4).state  # worker 2: clients 4-5
+        >>> p.merge(a, b)["samples"] == p.next(start, clients).state["samples"]
+        True
         """
         _check_state(state_a)
         _check_state(state_b)
