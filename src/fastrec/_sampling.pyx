@@ -474,11 +474,11 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef const int64_t *pos = <const int64_t *>cnp.PyArray_DATA(positions)
     cdef list accs = None
     cdef PyObject *p
-    cdef bint isdict
     cdef int stage
     cdef dict unfin
     cdef list out_names
     cdef tuple fins = finalizers if functional is None else None
+    mapping_type = None
     try:
         if positions.dtype != np.int64 or not positions.flags.c_contiguous \
                 or positions.shape[0] != nsample:
@@ -494,12 +494,17 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
             out_names = list(names)
         for i in range(n):
             cv = clients[i]
-            # Exact dict and OrderedDict (no __getitem__ override) are read with the C API.
-            isdict = type(cv) is dict or type(cv) is OrderedDict
-            if not isdict and not isinstance(cv, Mapping):
-                raise TypeError(f"client {i}: expected a mapping of metric name to value, got "
-                                f"{type(cv).__name__}")
-            if (PyDict_Size(cv) if isdict else len(cv)) != m:
+            # Exact dict and OrderedDict (no __getitem__ override) are read with the C API;
+            # other mappings are copied through items() once, which for records that wrap a
+            # dict (Flower's MetricsRecord) is one call instead of one per metric.
+            if type(cv) is not dict and type(cv) is not OrderedDict:
+                if type(cv) is not mapping_type:  # the ABC check is slow: once per type
+                    if not isinstance(cv, Mapping):
+                        raise TypeError(f"client {i}: expected a mapping of metric name to "
+                                        f"value, got {type(cv).__name__}")
+                    mapping_type = type(cv)
+                cv = dict(cv.items())
+            if PyDict_Size(cv) != m:
                 raise _key_error(i, cv, names)
             if functional is not None:
                 unfin = {}
@@ -509,16 +514,10 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 for j in range(m):
                     ctx_name = names[j]
                     stage = _STAGE_KEYS
-                    if isdict:
-                        p = PyDict_GetItemWithError(cv, ctx_name)
-                        if p == NULL:
-                            raise _key_error(i, cv, names)
-                        raw = <object>p
-                    else:
-                        try:
-                            raw = cv[ctx_name]
-                        except KeyError:
-                            raise _key_error(i, cv, names) from None
+                    p = PyDict_GetItemWithError(cv, ctx_name)
+                    if p == NULL:
+                        raise _key_error(i, cv, names)
+                    raw = <object>p
                     stage = _STAGE_CONVERT
                     val = _convert(<CompiledSpec>specs[j], raw)
                     if functional is not None:
