@@ -4,6 +4,7 @@ import collections
 import doctest
 import math
 import pickle
+import types
 
 import numpy as np
 import pytest
@@ -478,6 +479,9 @@ def test_flwr_metrics_record_clients_match_dicts():
     got = p.next(p.initialize(), records)
     assert got.result[0]["a"] == expected.result[0]["a"]
     assert got.measurements == expected.measurements
+    proxies = [types.MappingProxyType(c) for c in clients_ab(40)]
+    mixed = [proxies[i] if i % 3 else records[i] for i in range(40)]
+    assert p.next(p.initialize(), mixed).result[0]["a"] == expected.result[0]["a"]
     bad = records[:3] + [FlwrMetricsRecord({"a": 1.0})]
     with pytest.raises(ValueError, match="client 3.*missing"):
         p.next(p.initialize(), bad)
