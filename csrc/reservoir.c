@@ -1,0 +1,115 @@
+#include "reservoir.h"
+
+#include <string.h>
+
+#include "keys.h"
+
+int fr_entry_better(const fr_entry *a, const fr_entry *b)
+{
+    if (a->key != b->key)
+        return a->key > b->key;
+    if (a->round != b->round)
+        return a->round < b->round;
+    return a->index < b->index;
+}
+
+static int same_client(const fr_entry *a, const fr_entry *b)
+{
+    return a->round == b->round && a->index == b->index;
+}
+
+/* A binary heap whose root is the *worst* entry: the one to evict first. */
+static void sift_down(fr_entry *h, int64_t n, int64_t i)
+{
+    fr_entry x = h[i];
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= n)
+            break;
+        if (c + 1 < n && fr_entry_better(&h[c], &h[c + 1]))
+            c++;
+        if (!fr_entry_better(&x, &h[c]))
+            break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+static void heapify(fr_entry *h, int64_t n)
+{
+    for (int64_t i = n / 2 - 1; i >= 0; i--)
+        sift_down(h, n, i);
+}
+
+/* Heapsort with a worst-at-root heap leaves the array best-first. */
+static void sort_best_first(fr_entry *h, int64_t n)
+{
+    heapify(h, n);
+    for (int64_t end = n - 1; end > 0; end--) {
+        fr_entry t = h[0];
+        h[0] = h[end];
+        h[end] = t;
+        sift_down(h, end, 0);
+    }
+}
+
+fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
+                          int64_t n, int64_t k, fr_entry *out, int64_t *out_count)
+{
+    *out_count = 0;
+    if (n < 0 || k < 0 || offset < 0 || round < 0)
+        return FR_ERR_VALUE;
+    if (offset > INT64_MAX - n)
+        return FR_ERR_OVERFLOW;
+    uint64_t stream = fr_round_stream(seed0, seed1, (uint64_t)round);
+    int64_t m = k < n ? k : n;
+    for (int64_t i = 0; i < m; i++)
+        out[i] = (fr_entry){fr_client_key(stream, (uint64_t)(offset + i)), round, offset + i, i};
+    heapify(out, m);
+    /* Within a round, a later client wins a tie only by a larger key, so the
+     * hot loop is one compare of the fresh key against the heap's minimum;
+     * the heap is touched only on the ~k ln(n/k) replacements. */
+    uint64_t floor_key = m > 0 ? out[0].key : UINT64_MAX;
+    for (int64_t i = m; i < n; i++) {
+        uint64_t key = fr_client_key(stream, (uint64_t)(offset + i));
+        if (key > floor_key) {
+            out[0] = (fr_entry){key, round, offset + i, i};
+            sift_down(out, m, 0);
+            floor_key = out[0].key;
+        }
+    }
+    sort_best_first(out, m);
+    *out_count = m;
+    return FR_OK;
+}
+
+fr_status fr_select_top(fr_entry *items, int64_t n, int64_t k, int64_t *out_count)
+{
+    *out_count = 0;
+    if (n < 0 || k < 0)
+        return FR_ERR_VALUE;
+    sort_best_first(items, n);
+    /* The same client always has the same key, so its copies are adjacent. */
+    int64_t m = 0;
+    for (int64_t i = 0; i < n && m < k; i++) {
+        if (m > 0 && same_client(&items[m - 1], &items[i]))
+            continue;
+        items[m++] = items[i];
+    }
+    *out_count = m;
+    return FR_OK;
+}
+
+fr_status fr_gather_rows(const char *src, int64_t nrows, int64_t row_stride, int64_t row_bytes,
+                         const int64_t *pos, int64_t npos, char *dst)
+{
+    if (nrows < 0 || row_bytes < 0 || npos < 0)
+        return FR_ERR_VALUE;
+    for (int64_t j = 0; j < npos; j++)
+        if (pos[j] < 0 || pos[j] >= nrows)
+            return FR_ERR_VALUE;
+    for (int64_t j = 0; j < npos; j++)
+        memcpy(dst + j * row_bytes, src + pos[j] * row_stride, (size_t)row_bytes);
+    return FR_OK;
+}

@@ -1,0 +1,47 @@
+/* Reservoir sampling by random keys (the "top-k keys" form of reservoir
+ * sampling: every item gets an independent uniform key and the sample is
+ * the k items with the largest keys).  Because selection depends only on
+ * the keys, a sample of a union is the top k of the samples of the parts:
+ * rounds, workers and reservoirs merge exactly. */
+#ifndef FASTREC_RESERVOIR_H
+#define FASTREC_RESERVOIR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fastrec_status.h"
+
+/* One sampled client.  (round, index) identifies the client; `src` is a
+ * caller-defined tag carried along (e.g. where the client's values live). */
+typedef struct {
+    uint64_t key;
+    int64_t round;
+    int64_t index;
+    int64_t src;
+} fr_entry;
+
+/* Priority order: larger key first; equal keys fall back to the earlier
+ * (round, index), so the order is total and the result deterministic. */
+int fr_entry_better(const fr_entry *a, const fr_entry *b);
+
+/* Sample one round: clients offset .. offset+n-1 of `round` get keys from
+ * keys.h and the best min(n, k) are written to out[] best-first, with
+ * src = position in the batch (index - offset).  One pass over n keys,
+ * no key array: a size-k heap keeps the best seen so far.
+ * `out` must hold k entries.  FR_ERR_VALUE for negative n, k, offset or
+ * round; FR_ERR_OVERFLOW if offset + n overflows int64. */
+fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
+                          int64_t n, int64_t k, fr_entry *out, int64_t *out_count);
+
+/* Merge reservoirs: sorts items[0..n) best-first in place, drops repeats of
+ * the same (round, index) (a client kept in both inputs), and sets
+ * *out_count to the number of leading items that form the top k. */
+fr_status fr_select_top(fr_entry *items, int64_t n, int64_t k, int64_t *out_count);
+
+/* dst[j] = row pos[j] of src, for j < npos: rows are row_bytes contiguous
+ * bytes, row_stride bytes apart (any sign).  FR_ERR_VALUE if a position is
+ * outside [0, nrows) or a size is negative. */
+fr_status fr_gather_rows(const char *src, int64_t nrows, int64_t row_stride, int64_t row_bytes,
+                         const int64_t *pos, int64_t npos, char *dst);
+
+#endif

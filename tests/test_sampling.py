@@ -1,0 +1,780 @@
+"""Tests of fastrec.sampling: count_non_finite, keys, reservoir, FinalizeThenSample process."""
+
+import collections
+import doctest
+import math
+import pickle
+import types
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import fastrec
+import fastrec.sampling
+from fastrec import (FinalizeThenSampleFactory, MeasuredProcessOutput, TensorSpec,
+                     count_non_finite, spec_of, vectorized)
+from fastrec import _sampling
+
+FLOAT_DTYPES = [np.float16, np.float32, np.float64, np.complex64, np.complex128]
+SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, 5e-324, 1e300, -2.5]
+
+
+def reference_count(a):
+    a = np.asarray(a)
+    if a.dtype.kind in "biu":
+        return 0
+    return int(np.count_nonzero(~np.isfinite(a)))
+
+
+def test_docstrings():
+    assert doctest.testmod(fastrec.sampling, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# count_non_finite
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_count_non_finite_specials(dtype):
+    with np.errstate(over="ignore"):
+        a = np.array(SPECIALS * 3, dtype=dtype)
+    assert count_non_finite(a) == reference_count(a)
+    assert count_non_finite(a[::-2]) == reference_count(a[::-2])
+    assert count_non_finite(a.astype(np.dtype(dtype).newbyteorder())) == reference_count(a)
+
+
+def test_count_non_finite_complex_counts_element_once():
+    a = np.array([complex(np.nan, np.inf), complex(1, np.nan), complex(np.inf, 1), 1 + 1j])
+    assert count_non_finite(a) == 3
+    assert count_non_finite(a.astype(np.complex64)) == 3
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint64, np.int32, np.bool_])
+def test_count_non_finite_ints_bools_are_finite(dtype):
+    assert count_non_finite(np.ones((3, 4), dtype=dtype)) == 0
+
+
+def test_count_non_finite_longdouble_falls_back():
+    a = np.array([1, np.nan, np.inf], dtype=np.longdouble)
+    assert count_non_finite(a) == 2
+
+
+@pytest.mark.parametrize("bad", [np.array(["a"]), np.array([object()]), [1.0, np.nan], 3.0,
+                                 np.array(["2020-01-01"], dtype="datetime64[D]")])
+def test_count_non_finite_rejects_non_numeric(bad):
+    with pytest.raises(TypeError):
+        count_non_finite(bad)
+
+
+def test_count_non_finite_layouts():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 6, 7))
+    a[rng.random(a.shape) < 0.1] = np.nan
+    a[rng.random(a.shape) < 0.05] = -np.inf
+    expected = reference_count(a)
+    assert count_non_finite(a) == expected
+    assert count_non_finite(a.T) == expected
+    assert count_non_finite(np.asfortranarray(a)) == expected
+    assert count_non_finite(a.transpose(1, 0, 2)[::-1, :, ::3]) == reference_count(
+        a.transpose(1, 0, 2)[::-1, :, ::3])
+    assert count_non_finite(a[:, 0:0]) == 0
+    assert count_non_finite(np.full((), np.nan, np.float32)) == 1
+    # broadcast (zero strides) and unaligned data
+    assert count_non_finite(np.broadcast_to(np.array([np.nan, 1.0]), (4, 2))) == 4
+    raw = np.zeros(8 * 10 + 1, np.uint8)[1:].view(np.float64)
+    raw[3] = np.inf
+    assert not raw.flags.aligned and count_non_finite(raw) == 1
+
+
+def test_count_non_finite_rows():
+    m = np.ones((4, 3))
+    m[1, 2] = np.nan
+    m[3, 0] = np.inf
+    m[3, 1] = np.nan
+    assert _sampling.count_non_finite_rows(m) == 2
+    assert _sampling.count_non_finite_rows(m.T) == 3
+    assert _sampling.count_non_finite_rows(m[:, 2]) == 1
+    assert _sampling.count_non_finite_rows(m[:, :0]) == 0
+    with pytest.raises(ValueError):
+        _sampling.count_non_finite_rows(np.array(1.0))
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@settings(max_examples=150, deadline=None)
+@given(hnp.arrays(st.sampled_from(FLOAT_DTYPES), hnp.array_shapes(min_dims=0, max_dims=4,
+                                                                  max_side=5),
+                  elements=st.sampled_from(SPECIALS)),
+       st.booleans(), st.data())
+def test_count_non_finite_matches_numpy(a, transpose, data):
+    if transpose:
+        a = a.T
+    if a.ndim:
+        step = data.draw(st.sampled_from([1, 2, -1, -3]))
+        a = a[::step]
+    assert count_non_finite(a) == reference_count(a)
+    if a.ndim:
+        per_row = np.count_nonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)) \
+            if a.size else 0
+        assert _sampling.count_non_finite_rows(a) == per_row
+
+
+# ----------------------------------------------------------------------------------------------
+# keys and reservoir kernels
+# ----------------------------------------------------------------------------------------------
+
+def test_client_keys_are_counter_based():
+    full = _sampling.client_keys(11, 22, 3, 0, 1000)
+    assert np.array_equal(_sampling.client_keys(11, 22, 3, 250, 500), full[250:750])
+    assert not np.array_equal(_sampling.client_keys(11, 22, 4, 0, 1000), full)
+    assert not np.array_equal(_sampling.client_keys(11, 23, 3, 0, 1000), full)
+    assert len(np.unique(full)) == 1000
+    with pytest.raises(ValueError):
+        _sampling.client_keys(1, 2, 0, -1, 5)
+    with pytest.raises(ValueError):
+        _sampling.client_keys(1, 2, 0, 2**63 - 3, 5)  # offset + n overflows int64
+
+
+def test_client_keys_bits_are_uniform():
+    keys = _sampling.client_keys(5, 6, 0, 0, 1 << 16)
+    # Each of the 64 bits is set about half the time (binomial sd = 128 at n = 65536).
+    bits = np.unpackbits(keys.view(np.uint8)).reshape(-1, 64).sum(axis=0).astype(np.int64)
+    assert np.all(np.abs(bits - (1 << 15)) < 6 * 128)
+    # Top 4 bits: 16 equiprobable cells; chi-square, 15 dof, 1e-6 critical value 53.
+    cells = np.bincount((keys >> np.uint64(60)).astype(np.int64), minlength=16)
+    exp = len(keys) / 16
+    assert ((cells - exp) ** 2 / exp).sum() < 53.0
+
+
+def brute_force_top(seed, round_, n, k, offset=0):
+    keys = _sampling.client_keys(seed[0], seed[1], round_, offset, n)
+    order = sorted(range(n), key=lambda i: (-int(keys[i]), i))[:k]
+    return [offset + i for i in order], keys
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 40), st.integers(0, 1000), st.integers(0, 10))
+def test_round_sample_is_top_k_of_keys(n, k, offset, round_):
+    expected, keys = brute_force_top((7, 9), round_, n, k, offset)
+    got_keys, got_idx, got_pos = _sampling.round_sample(7, 9, round_, offset, n, k)
+    assert got_idx.tolist() == expected
+    assert np.array_equal(got_pos, got_idx - offset)
+    assert np.array_equal(got_keys, keys[got_pos])
+
+
+def test_select_top_ties_and_duplicates():
+    keys = np.array([5, 9, 5, 5, 9], np.uint64)
+    rounds = np.array([1, 2, 0, 1, 2], np.int64)
+    indices = np.array([3, 4, 8, 2, 4], np.int64)  # positions 1 and 4 are one client
+    order = _sampling.select_top(keys, rounds, indices, 10).tolist()
+    assert len(order) == 4 and order[0] in (1, 4)
+    # Equal keys: earlier round first, then lower index.
+    assert order[1:] == [2, 3, 0]
+    assert len(_sampling.select_top(keys, rounds, indices, 2)) == 2
+    with pytest.raises(ValueError):
+        _sampling.select_top(keys, rounds[:2], indices, 2)
+
+
+def test_gather_rows():
+    a = np.arange(60.0).reshape(10, 3, 2)
+    pos = np.array([7, 0, 7], np.int64)
+    for arr in (a, a[::-1], a[:, :, 0], a[:, 0, 0], a.transpose(0, 2, 1), a.astype(object)):
+        assert np.array_equal(_sampling.gather_rows(arr, pos), arr[pos])
+    with pytest.raises(ValueError):
+        _sampling.gather_rows(a, np.array([10]))
+    with pytest.raises(ValueError):
+        _sampling.gather_rows(a, np.array([-1]))
+    with pytest.raises(ValueError):
+        _sampling.gather_rows(a, np.array([[1, 2]]))
+    with pytest.raises(ValueError):
+        _sampling.select_top(np.array(1, np.uint64), np.array(1), np.array(1), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorSpec, spec_of, factory and create validation
+# ----------------------------------------------------------------------------------------------
+
+def test_tensor_spec():
+    s = TensorSpec("float32", (None, 2))
+    assert s == TensorSpec(np.float32, [None, 2]) and hash(s) == hash(TensorSpec("f4", (None, 2)))
+    assert s != TensorSpec("float64", (None, 2))
+    assert pickle.loads(pickle.dumps(s)) == s
+    assert TensorSpec("int8", 3).shape == (3,)
+    for bad_dtype in ("U5", object, "not a dtype", "datetime64[s]"):
+        with pytest.raises(TypeError):
+            TensorSpec(bad_dtype)
+    for bad_shape in ((-1,), (1.5,), "ab", (True,)):
+        with pytest.raises(TypeError):
+            TensorSpec("float32", bad_shape)
+    with pytest.raises(AttributeError):
+        s.dtype = np.dtype("int8")
+
+
+def test_spec_of():
+    spec = spec_of({"a": 1.0, "b": 2, "c": [1.0, 2.0], "d": np.float32(1), "e": np.zeros((2, 3)),
+                    "f": True})
+    assert spec == {"a": TensorSpec("float64"), "b": TensorSpec("int64"),
+                    "c": TensorSpec("float64", (2,)), "d": TensorSpec("float32"),
+                    "e": TensorSpec("float64", (2, 3)), "f": TensorSpec("bool")}
+    with pytest.raises(TypeError):
+        spec_of([1.0])
+    with pytest.raises(TypeError):
+        spec_of({"a": "text"})
+    with pytest.raises(ValueError):
+        spec_of({"a": [[1.0], [1.0, 2.0]]})
+
+
+@pytest.mark.parametrize("bad", [1.0, True, "3", None, 2.0 + 0j])
+def test_factory_sample_size_type(bad):
+    with pytest.raises(TypeError):
+        FinalizeThenSampleFactory(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_factory_sample_size_value(bad):
+    with pytest.raises(ValueError):
+        FinalizeThenSampleFactory(bad)
+
+
+def test_factory_seed_validation():
+    FinalizeThenSampleFactory(3, seed=2**100)
+    with pytest.raises(TypeError):
+        FinalizeThenSampleFactory(3, seed=1.5)
+    with pytest.raises(ValueError):
+        FinalizeThenSampleFactory(3, seed=-1)
+
+
+SPEC = {"a": TensorSpec("float32"), "b": TensorSpec("float32", (2,))}
+IDENT = {"a": lambda v: v, "b": lambda v: v}
+
+
+@pytest.mark.parametrize("bad", [[lambda v: v], 3, "a", None, ("a",)])
+def test_create_rejects_bad_finalizers(bad):
+    with pytest.raises(TypeError, match="metric_finalizers"):
+        FinalizeThenSampleFactory(3).create(bad, SPEC)
+
+
+def test_create_rejects_non_callable_finalizer_and_name_mismatch():
+    with pytest.raises(TypeError, match="metric_finalizers"):
+        FinalizeThenSampleFactory(3).create({"a": 1, "b": len}, SPEC)
+    with pytest.raises(ValueError, match="The metric names in `metric_finalizers` do not match"):
+        FinalizeThenSampleFactory(3).create({"a": len, "c": len}, SPEC)
+    with pytest.raises(ValueError, match="do not match"):
+        FinalizeThenSampleFactory(3).create({"a": len}, SPEC)
+
+
+@pytest.mark.parametrize("bad", [np.float32, TensorSpec("float32"), [TensorSpec("float32")],
+                                 "float32", {"a": np.float32, "b": TensorSpec("float32")},
+                                 {"a": [TensorSpec("float32"), "x"], "b": TensorSpec("int8")},
+                                 {1: TensorSpec("float32")}])
+def test_create_rejects_bad_metrics_type(bad):
+    with pytest.raises(TypeError):
+        FinalizeThenSampleFactory(3).create(lambda m: m, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The process
+# ----------------------------------------------------------------------------------------------
+
+def make_process(k=3, seed=0, finalizers=None, spec=None):
+    return FinalizeThenSampleFactory(k, seed=seed).create(finalizers or IDENT, spec or SPEC)
+
+
+def clients_ab(n, start=0):
+    return [{"a": float(start + i), "b": [float(start + i), 2.0 * (start + i)]} for i in range(n)]
+
+
+def test_tff_docstring_example():
+    spec = {"a": TensorSpec("float32", (2,)), "b": TensorSpec("float32", (2,))}
+    clients = [collections.OrderedDict(a=[1.0, 2.0], b=[1.0, np.nan]),
+               collections.OrderedDict(a=[np.nan, np.inf], b=[1.0, 2.0]),
+               collections.OrderedDict(a=[1.0, 2.0], b=[np.inf, np.nan])]
+    p = make_process(k=2, spec=spec)
+    out = p.next(p.initialize(), clients)
+    assert isinstance(out, MeasuredProcessOutput)
+    assert out.measurements == {"a": 1, "b": 2}
+    current, total = out.result
+    assert len(current["a"]) == 2 and current == total
+
+
+def test_next_samples_top_keys_and_pairs_metrics():
+    p = make_process(k=4, seed=3)
+    state = p.initialize()
+    all_keys = []
+    for r, n in enumerate([10, 3, 25]):
+        out = p.next(state, clients_ab(n))
+        expected, keys = brute_force_top(state["seed"], r, n, 4)
+        current, total = out.result
+        assert [int(x) for x in current["a"]] == expected
+        # Same client at the same position in every metric.
+        for a, b in zip(current["a"], current["b"]):
+            assert np.array_equal(b, np.array([a, 2 * a], np.float32))
+        all_keys += [(int(keys[i]), r, i) for i in range(n)]
+        best = sorted(all_keys, key=lambda t: (-t[0], t[1], t[2]))[:4]
+        assert out.state["indices"].tolist() == [t[2] for t in best]
+        assert out.state["rounds"].tolist() == [t[1] for t in best]
+        assert [int(x) for x in total["a"]] == [t[2] for t in best]
+        assert out.state["round"] == r + 1
+        state = out.state
+
+
+def test_sample_size_larger_than_round_keeps_everyone():
+    p = make_process(k=50)
+    out = p.next(p.initialize(), clients_ab(7))
+    assert sorted(out.result[0]["a"]) == list(range(7))
+
+
+def test_seed_reproducible_and_entropy_when_unseeded():
+    clients = clients_ab(200)
+
+    def run(process):
+        return process.next(process.initialize(), clients).result[0]["a"]
+
+    assert run(make_process(seed=42)) == run(make_process(seed=42))
+    assert run(make_process(seed=42)) != run(make_process(seed=43))
+    assert run(make_process(seed=None)) != run(make_process(seed=None))
+
+
+def test_empty_round_leaves_state_unchanged():
+    p = make_process()
+    state = p.next(p.initialize(), clients_ab(5)).state
+    out = p.next(state, [])
+    assert out.state is state
+    assert out.result[0] == {"a": [], "b": []}
+    assert out.result[1]["a"] == state["samples"]["a"]
+    assert out.measurements == {"a": 0, "b": 0}
+    assert p.next(state, iter([])).state is state
+
+
+def test_state_is_picklable_and_resumable():
+    p = make_process(seed=5)
+    s1 = p.next(p.initialize(), clients_ab(20)).state
+    s1b = pickle.loads(pickle.dumps(s1))
+    o1 = p.next(s1, clients_ab(20, 100))
+    o2 = p.next(s1b, clients_ab(20, 100))
+    assert o1.result[1]["a"] == o2.result[1]["a"]
+    assert np.array_equal(o1.state["keys"], o2.state["keys"])
+
+
+@pytest.mark.parametrize("mutate, exc", [
+    (lambda s: s.pop("keys"), TypeError),
+    (lambda s: s.__setitem__("seed", (1, -2)), ValueError),
+    (lambda s: s.__setitem__("round", -1), ValueError),
+    (lambda s: s.__setitem__("keys", s["keys"].astype(np.int64)), ValueError),
+    (lambda s: s.__setitem__("indices", s["indices"][:1]), ValueError),
+    (lambda s: s["samples"]["a"].pop(), ValueError),
+])
+def test_bad_state(mutate, exc):
+    p = make_process()
+    state = p.next(p.initialize(), clients_ab(5)).state
+    mutate(state)
+    with pytest.raises(exc):
+        p.next(state, clients_ab(3))
+    with pytest.raises(TypeError):
+        p.next([], clients_ab(3))
+
+
+def test_partitioned_workers_merge_to_one_machine_state():
+    p = make_process(k=5, seed=9)
+    state = p.next(p.initialize(), clients_ab(30)).state  # a non-empty reservoir to start from
+    clients = clients_ab(60, 1000)
+    whole = p.next(state, clients)
+    parts = [p.next(state, clients[a:b], client_offset=a) for a, b in [(0, 17), (17, 17), (17, 60)]]
+    merged = p.merge(p.merge(parts[0].state, parts[1].state), parts[2].state)
+    for key in ("keys", "rounds", "indices"):
+        assert np.array_equal(merged[key], whole.state[key])
+    assert merged["samples"]["a"] == whole.state["samples"]["a"]
+    assert merged["round"] == whole.state["round"]
+    # Measurements of the parts add up.
+    assert sum(o.measurements["a"] for o in parts) == whole.measurements["a"]
+    # merge is commutative and idempotent
+    m2 = p.merge(parts[2].state, parts[0].state)
+    assert np.array_equal(m2["keys"], p.merge(parts[0].state, parts[2].state)["keys"])
+    assert np.array_equal(p.merge(merged, merged)["indices"], merged["indices"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=4), st.integers(1, 12), st.data())
+def test_merge_property(round_sizes, k, data):
+    p = make_process(k=k, seed=1)
+    state = p.initialize()
+    for n in round_sizes:
+        clients = clients_ab(n)
+        cut = data.draw(st.integers(0, n))
+        whole = p.next(state, clients)
+        a = p.next(state, clients[:cut], client_offset=0)
+        b = p.next(state, clients[cut:], client_offset=cut)
+        merged = p.merge(b.state, a.state)
+        assert np.array_equal(merged["indices"], whole.state["indices"])
+        assert merged["samples"]["a"] == whole.state["samples"]["a"]
+        state = whole.state
+
+
+def test_merge_rejects_different_seeds():
+    a = make_process(seed=1)
+    b = make_process(seed=2)
+    with pytest.raises(ValueError, match="seed"):
+        a.merge(a.next(a.initialize(), clients_ab(3)).state,
+                b.next(b.initialize(), clients_ab(3)).state)
+
+
+@pytest.mark.parametrize("client, exc, words", [
+    ({"a": 1.0}, ValueError, ["client 2", "missing", "'b'"]),
+    ({"a": 1.0, "b": [1.0, 2.0], "c": 3}, ValueError, ["client 2", "unexpected", "'c'"]),
+    ({"a": 1.0, "b": [1.0, 2.0, 3.0]}, ValueError, ["client 2", "'b'", "shape"]),
+    ({"a": "x", "b": [1.0, 2.0]}, TypeError, ["client 2", "'a'", "non-numeric"]),
+    ({"a": 1.0, "b": ["x", "y"]}, TypeError, ["client 2", "'b'", "non-numeric"]),
+    ({"a": None, "b": [1.0, 2.0]}, TypeError, ["client 2", "'a'"]),
+    ({"a": True, "b": [1.0, 2.0]}, TypeError, ["client 2", "'a'"]),
+    ({"a": 1 + 2j, "b": [1.0, 2.0]}, TypeError, ["client 2", "'a'"]),
+    ({"a": [1.0], "b": [1.0, 2.0]}, ValueError, ["client 2", "'a'", "shape"]),
+    ({"a": 1.0, "b": [[1.0], [2.0, 3.0]]}, ValueError, ["client 2", "'b'"]),
+    ([("a", 1.0)], TypeError, ["client 2", "mapping"]),
+])
+def test_client_value_errors_name_client_and_metric(client, exc, words):
+    p = make_process()
+    clients = clients_ab(2) + [client] + clients_ab(2)
+    with pytest.raises(exc) as info:
+        p.next(p.initialize(), clients)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_int_and_struct_specs():
+    spec = {"n": TensorSpec("int32"), "pair": [TensorSpec("float64"), TensorSpec("int64")],
+            "flag": TensorSpec("bool"), "u": TensorSpec("uint8", (None,))}
+    fins = {"n": lambda v: v, "pair": lambda v: v[0] * v[1], "flag": lambda v: v,
+            "u": lambda v: v.sum()}
+    p = make_process(k=10, finalizers=fins, spec=spec)
+    ok = {"n": np.int16(3), "pair": (2.5, 4), "flag": np.bool_(True), "u": [1, 2, 255]}
+    out = p.next(p.initialize(), [ok, dict(ok, u=[])])
+    assert sorted(out.result[0]["pair"]) == [10.0, 10.0]
+    assert sorted(out.result[0]["u"]) == [0, 258]
+    class Count(int):
+        pass
+
+    class Real(float):
+        pass
+
+    subclassed = dict(ok, n=Count(5), pair=[Real(0.5), np.uint8(4)])
+    out = p.next(p.initialize(), [subclassed])
+    assert out.result[0]["n"] == [5] and out.result[0]["pair"] == [2.0]
+    for bad, exc in [({"n": 2**31}, ValueError), ({"n": 1.0}, TypeError),
+                     ({"n": Real(1.0)}, TypeError), ({"n": np.float64(1.0)}, TypeError),
+                     ({"pair": (complex(1, 0), 1)}, TypeError),
+                     ({"pair": (1.0,)}, ValueError), ({"pair": 3.0}, TypeError),
+                     ({"pair": (1.0, 2.5)}, TypeError), ({"u": [256]}, ValueError),
+                     ({"u": [-1]}, ValueError), ({"flag": 1}, TypeError)]:
+        with pytest.raises(exc, match="client 1"):
+            p.next(p.initialize(), [ok, dict(ok, **bad)])
+
+
+def test_flwr_metrics_record_clients_match_dicts():
+    from flwr.common import MetricsRecord as FlwrMetricsRecord
+    records = [FlwrMetricsRecord({"a": float(i), "b": [float(i), 2.0 * i]}) for i in range(40)]
+    p = make_process(k=5, seed=2)
+    expected = p.next(p.initialize(), clients_ab(40))
+    got = p.next(p.initialize(), records)
+    assert got.result[0]["a"] == expected.result[0]["a"]
+    assert got.measurements == expected.measurements
+    proxies = [types.MappingProxyType(c) for c in clients_ab(40)]
+    mixed = [proxies[i] if i % 3 else records[i] for i in range(40)]
+    assert p.next(p.initialize(), mixed).result[0]["a"] == expected.result[0]["a"]
+    bad = records[:3] + [FlwrMetricsRecord({"a": 1.0})]
+    with pytest.raises(ValueError, match="client 3.*missing"):
+        p.next(p.initialize(), bad)
+
+
+def test_fastrec_metrics_record_if_available():
+    record_cls = getattr(fastrec, "MetricsRecord", None)
+    if record_cls is None:
+        pytest.skip("fastrec.MetricsRecord is not in this build")
+    p = make_process(k=5, seed=2)
+    records = [record_cls({"a": float(i), "b": [float(i), 2.0 * i]}) for i in range(40)]
+    assert p.next(p.initialize(), records).result[0]["a"] == \
+        p.next(p.initialize(), clients_ab(40)).result[0]["a"]
+
+
+def test_non_finite_measurements_over_all_clients():
+    spec = {"x": TensorSpec("float64"), "v": TensorSpec("float32", (3,))}
+    fins = {"x": lambda v: v, "v": lambda v: v}
+    p = make_process(k=1, finalizers=fins, spec=spec)
+    rng = np.random.default_rng(4)
+    clients, bad_x, bad_v = [], 0, 0
+    for _ in range(300):
+        x = float(rng.choice([1.0, np.nan, np.inf, -np.inf, 0.5]))
+        v = rng.choice([1.0, 2.0, np.nan, -np.inf], size=3, p=[0.5, 0.4, 0.05, 0.05])
+        bad_x += not math.isfinite(x)
+        bad_v += not np.isfinite(v).all()
+        clients.append({"x": x, "v": v})
+    assert p.next(p.initialize(), clients).measurements == {"x": bad_x, "v": bad_v}
+
+
+@pytest.mark.parametrize("value, bad", [
+    (np.float32("nan"), 1), (np.float16("inf"), 1), (np.float64(2), 0), (complex(1, np.nan), 1),
+    (np.complex64(1), 0), (3, 0), (True, 0), (np.int8(4), 0), (np.array([1.0, np.inf]), 1),
+    (np.longdouble("inf"), 1), (np.array([1, 2]), 0), (float("-inf"), 1)])
+def test_finalized_leaf_kinds(value, bad):
+    p = make_process(k=1, finalizers={"a": lambda v: value, "b": lambda v: 0})
+    assert p.next(p.initialize(), clients_ab(3)).measurements == {"a": 3 * bad, "b": 0}
+
+
+def test_nested_finalized_values():
+    fins = {"a": lambda v: [v, {"inv": 1.0 / v if v else float("inf")}], "b": lambda v: tuple(v)}
+    p = make_process(k=10, finalizers=fins)
+    out = p.next(p.initialize(), clients_ab(4))
+    assert out.measurements == {"a": [0, {"inv": 1}], "b": (0, 0)}
+    assert p.next(out.state, []).measurements == {"a": [0, {"inv": 0}], "b": (0, 0)}
+    bad = {"a": lambda v: [v] if v else v, "b": lambda v: 0}
+    with pytest.raises(ValueError, match="client 1, metric 'a'.*first client"):
+        make_process(finalizers=bad).next(make_process().initialize(), clients_ab(3))
+
+
+def test_non_numeric_finalized_value_names_client_and_metric():
+    p = make_process(finalizers={"a": lambda v: "oops" if v == 2 else v, "b": lambda v: 0})
+    with pytest.raises(TypeError, match="client 2, metric 'a'"):
+        p.next(p.initialize(), clients_ab(4))
+
+
+def test_finalizer_exception_propagates_with_note():
+    p = make_process(finalizers={"a": lambda v: 1 / 0, "b": lambda v: 0})
+    with pytest.raises(ZeroDivisionError) as info:
+        p.next(p.initialize(), clients_ab(2))
+    assert "metric 'a' of client 0" in "".join(info.value.__notes__)
+
+
+def test_functional_finalizer():
+    def finalize(m):
+        return collections.OrderedDict(mean_b=float(np.mean(m["b"])), a=m["a"])
+
+    p = make_process(k=3, seed=6, finalizers=finalize)
+    q = make_process(k=3, seed=6)
+    assert p.initialize()["samples"] == {}
+    out = p.next(p.initialize(), clients_ab(10))
+    ref = q.next(q.initialize(), clients_ab(10))
+    assert list(out.result[0]) == ["mean_b", "a"]
+    assert out.result[0]["a"] == ref.result[0]["a"]
+    assert out.result[0]["mean_b"] == [1.5 * a for a in ref.result[0]["a"]]
+    assert out.measurements == {"mean_b": 0, "a": 0}
+    with pytest.raises(TypeError, match="mapping"):
+        make_process(finalizers=lambda m: 3).next(p.initialize(), clients_ab(2))
+    flaky = make_process(finalizers=lambda m: {"x": 1} if m["a"] else {"y": 1})
+    with pytest.raises(ValueError, match="client 1"):
+        flaky.next(flaky.initialize(), clients_ab(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Columnar rounds and vectorized finalizers
+# ----------------------------------------------------------------------------------------------
+
+COL_SPEC = {"loss": [TensorSpec("float32"), TensorSpec("float32")],
+            "hist": TensorSpec("float64", (3,)), "n": TensorSpec("int64")}
+
+
+def col_batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 9, n).astype(np.float32)
+    loss = (rng.random(n) * counts).astype(np.float32)
+    loss[rng.random(n) < 0.1] = np.nan
+    hist = rng.random((n, 3))
+    hist[rng.random((n, 3)) < 0.05] = np.inf
+    return {"loss": [loss, counts], "hist": hist, "n": counts.astype(np.int64)}
+
+
+def batch_rows(batch):
+    n = len(batch["n"])
+    return [{"loss": [batch["loss"][0][i], batch["loss"][1][i]], "hist": batch["hist"][i],
+             "n": batch["n"][i]} for i in range(n)]
+
+
+COL_FINS = {"loss": lambda v: v[0] / v[1], "hist": lambda v: v * 2, "n": lambda v: v}
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_columnar_matches_per_client(vectorize):
+    fins = {k: vectorized(f) for k, f in COL_FINS.items()} if vectorize else COL_FINS
+    p = FinalizeThenSampleFactory(6, seed=8).create(fins, COL_SPEC)
+    q = FinalizeThenSampleFactory(6, seed=8).create(COL_FINS, COL_SPEC)
+    s_p, s_q = p.initialize(), q.initialize()
+    for r in range(3):
+        batch = col_batch(50 + 10 * r, seed=r)
+        with np.errstate(invalid="ignore"):
+            out = p.next_columnar(s_p, batch)
+            ref = q.next(s_q, batch_rows(batch))
+        assert out.measurements == ref.measurements
+        assert out.measurements["loss"] > 0 and out.measurements["hist"] > 0
+        for res, exp in zip(out.result, ref.result):
+            for name in COL_SPEC:
+                np.testing.assert_array_equal(np.array(res[name]), np.array(exp[name]))
+        assert np.array_equal(out.state["keys"], ref.state["keys"])
+        s_p, s_q = out.state, ref.state
+
+
+def test_columnar_functional_vectorized_and_offset():
+    fin = vectorized(lambda m: {"ratio": m["loss"][0] / m["loss"][1], "both": [m["n"], m["hist"]]})
+    p = FinalizeThenSampleFactory(4, seed=1).create(fin, COL_SPEC)
+    batch = col_batch(40)
+    whole = p.next_columnar(p.initialize(), batch)
+    half = {"loss": [batch["loss"][0][20:], batch["loss"][1][20:]], "hist": batch["hist"][20:],
+            "n": batch["n"][20:]}
+    first = {"loss": [batch["loss"][0][:20], batch["loss"][1][:20]], "hist": batch["hist"][:20],
+             "n": batch["n"][:20]}
+    a = p.next_columnar(p.initialize(), first)
+    b = p.next_columnar(p.initialize(), half, client_offset=20)
+    merged = p.merge(a.state, b.state)
+    assert np.array_equal(merged["indices"], whole.state["indices"])
+    assert whole.measurements["both"] == [0, int((~np.isfinite(batch["hist"])).any(axis=1).sum())]
+    sample = whole.result[0]["both"][0]
+    assert isinstance(sample, list) and sample[1].shape == (3,)
+    # The same vectorized finalizer also runs per client.
+    per_client = p.next(p.initialize(), batch_rows(batch))
+    np.testing.assert_allclose(per_client.result[0]["ratio"], whole.result[0]["ratio"])
+
+
+def test_columnar_errors():
+    p = FinalizeThenSampleFactory(4, seed=1).create(
+        {k: vectorized(f) for k, f in COL_FINS.items()}, COL_SPEC)
+    s = p.initialize()
+    batch = col_batch(10)
+    with pytest.raises(TypeError):
+        p.next_columnar(s, batch_rows(batch))
+    with pytest.raises(ValueError, match="metrics"):
+        p.next_columnar(s, {"loss": batch["loss"], "n": batch["n"]})
+    with pytest.raises(ValueError, match="different numbers of clients"):
+        p.next_columnar(s, dict(batch, n=batch["n"][:5]))
+    with pytest.raises(ValueError, match="'hist'"):
+        p.next_columnar(s, dict(batch, hist=batch["hist"][:, :2]))
+    with pytest.raises(TypeError, match="'hist'"):
+        p.next_columnar(s, dict(batch, hist=batch["hist"].astype(str)))
+    with pytest.raises(TypeError, match="'n'"):
+        p.next_columnar(s, dict(batch, n=batch["n"] + 0.5))
+    with pytest.raises(TypeError, match="loss"):
+        p.next_columnar(s, dict(batch, loss=batch["loss"][0]))
+    short = FinalizeThenSampleFactory(4).create(
+        {"loss": vectorized(lambda v: v[0][:3]), "hist": vectorized(lambda v: v),
+         "n": vectorized(lambda v: v)}, COL_SPEC)
+    with pytest.raises(ValueError, match="leading axis of 10"):
+        short.next_columnar(short.initialize(), batch)
+    empty = {"loss": [np.zeros(0, np.float32)] * 2, "hist": np.zeros((0, 3)), "n": np.zeros(0, int)}
+    assert p.next_columnar(s, empty).state is s
+
+
+# ----------------------------------------------------------------------------------------------
+# Uniform inclusion probabilities
+# ----------------------------------------------------------------------------------------------
+
+def chi_square_inclusion(counts, trials, p):
+    """Sum of squared binomial z-scores of per-client inclusion counts."""
+    counts = np.asarray(counts, float)
+    return float((((counts - trials * p) ** 2) / (trials * p * (1 - p))).sum())
+
+
+def round_inclusions(n, k, trials, biased=False):
+    counts = np.zeros(n)
+    for t in range(trials):
+        if not biased:
+            _, idx, _ = _sampling.round_sample(12345, 678, t, 0, n, k)
+        else:
+            # A subtly wrong sampler for the power check: client 0 gets the better of two keys.
+            keys = _sampling.client_keys(12345, 678, t, 0, n)
+            keys[0] = max(keys[0], _sampling.client_keys(999, 1, t, 0, 1)[0])
+            idx = np.argsort(-keys.astype(float), kind="stable")[:k]
+        counts[idx] += 1
+    return counts
+
+
+def test_round_inclusion_is_uniform():
+    n, k, trials = 20, 5, 4000
+    counts = round_inclusions(n, k, trials)
+    assert counts.sum() == k * trials
+    # 19 dof; critical value at p = 1e-6 is 63.7. Fixed seeds: deterministic, and a fair
+    # sampler sits far below (expected ~19).
+    assert chi_square_inclusion(counts, trials, k / n) < 63.7
+
+
+def test_inclusion_check_catches_a_biased_sampler():
+    n, k, trials = 20, 5, 4000
+    assert chi_square_inclusion(round_inclusions(n, k, trials, biased=True), trials, k / n) > 63.7
+
+
+def test_total_inclusion_is_uniform_across_rounds():
+    sizes, k, trials = [7, 13, 10], 5, 2500
+    total = sum(sizes)
+    counts = np.zeros(total)
+    current_counts = np.zeros(total)
+    spec = {"id": TensorSpec("int64")}
+    for seed in range(trials):
+        p = FinalizeThenSampleFactory(k, seed=seed).create({"id": lambda v: v}, spec)
+        state, start = p.initialize(), 0
+        for n in sizes:
+            out = p.next(state, [{"id": start + i} for i in range(n)])
+            if n == 13:
+                current_counts[out.result[0]["id"]] += 1
+            state, start = out.state, start + n
+        counts[state["samples"]["id"]] += 1
+    # 29 dof, 1e-6 critical value 80.4; every client, whatever its round's size, has p = k/N.
+    assert chi_square_inclusion(counts, trials, k / total) < 80.4
+    # Round 2 alone (13 clients): p = 5/13 each; 12 dof, 1e-6 critical value 48.
+    assert chi_square_inclusion(current_counts[7:20], trials, k / 13) < 48.0
+    # Rounds are weighted by size: a sampler that picked k per round uniformly from the union
+    # of per-round samples would over-include the small round. Check round shares directly.
+    shares = [counts[a:a + n].sum() / (k * trials)
+              for a, n in zip(np.cumsum([0] + sizes[:-1]), sizes)]
+    assert np.allclose(shares, np.array(sizes) / total, atol=0.03)
+
+
+def test_client_offset_validation_and_ordered_dict_clients():
+    p = make_process()
+    s = p.initialize()
+    with pytest.raises(ValueError):
+        p.next(s, clients_ab(3), client_offset=-1)
+    with pytest.raises(TypeError):
+        p.next(s, clients_ab(3), client_offset=1.0)
+    with pytest.raises(ValueError):
+        p.next(s, clients_ab(3), client_offset=2**63)
+    with pytest.raises(ValueError):
+        p.next(s, clients_ab(3), client_offset=2**63 - 2)  # offset + n overflows int64
+    with pytest.raises(ValueError):
+        p.next(dict(s, round=2**63), clients_ab(3))
+    with pytest.raises(TypeError, match="next_columnar"):
+        p.next(s, {"a": [1.0], "b": [[1.0, 2.0]]})
+    ordered = [collections.OrderedDict(c) for c in clients_ab(9)]
+    got, ref = p.next(s, ordered), p.next(s, clients_ab(9))
+    assert got.result[1]["a"] == ref.result[1]["a"]
+    assert np.array_equal(got.state["keys"], ref.state["keys"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.5, -2.0, np.nan, np.inf, -np.inf, 1e308]),
+                          st.lists(st.sampled_from([1.0, np.nan, -np.inf]), min_size=2,
+                                   max_size=2)),
+                max_size=60),
+       st.integers(1, 8), st.integers(0, 2**64 - 1))
+def test_process_matches_reference_for_any_round(values, k, seed):
+    p = make_process(k=k, seed=seed)
+    state = p.initialize()
+    clients = [{"a": a, "b": b} for a, b in values]
+    out = p.next(state, clients)
+    assert out.measurements == {
+        "a": sum(not math.isfinite(a) for a, _ in values),
+        "b": sum(not all(math.isfinite(x) for x in b) for _, b in values)}
+    expected, _ = brute_force_top(state["seed"], 0, len(values), k)
+    assert out.state["indices"].tolist() == expected
+    assert [np.asarray(x).tobytes() for x in out.result[0]["b"]] == \
+        [np.asarray(values[i][1], np.float32).tobytes() for i in expected]
+
+
+def test_context_survives_exception_types_without_message_constructor():
+    err = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")
+    wrapped = _sampling.with_context(err, "client 3, metric 'a'")
+    assert isinstance(wrapped, ValueError) and "client 3, metric 'a'" in str(wrapped)
+
+    def finalize(v):
+        raise err
+
+    # An exception raised by a finalizer itself propagates unchanged (with a note).
+    q = make_process(finalizers={"a": finalize, "b": lambda v: v})
+    with pytest.raises(UnicodeDecodeError):
+        q.next(q.initialize(), clients_ab(2))
