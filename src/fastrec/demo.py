@@ -160,9 +160,10 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
         for name, values in samples.items():
             print(f"  {name:>12}: {_describe(values)}", file=out)
     if len(state["indices"]):
-        picks = ", ".join(f"r{r}/c{i}" for r, i in
+        # state["rounds"] is 0-based; the table above numbers rounds from 1.
+        picks = ", ".join(f"r{r + 1}/c{i}" for r, i in
                           zip(state["rounds"][:5].tolist(), state["indices"][:5].tolist()))
-        print(f"  first sampled clients (round/client): {picks}", file=out)
+        print(f"  highest-key sampled clients (round/client): {picks}", file=out)
     rate = total_clients / sampling_s if sampling_s > 0 else float("inf")
     print(f"\nthroughput: {total_clients:,} clients finalized and sampled in {sampling_s:.3f} s "
           f"({rate:,.0f} clients/s, excluding the simulation of their records)", file=out)
