@@ -596,6 +596,7 @@ fr_status fr_npy_parse_header(const uint8_t *buf, size_t len, fr_npy_header *h)
 {
     parser p = {NULL, 0, 0, 0, h};
     memset(h, 0, offsetof(fr_npy_header, shape));
+    h->filtered_l = 0;
     h->msg[0] = '\0';
     if (len < 8 || memcmp(buf, NPY_MAGIC, 6) != 0) {
         if (len < 6 || memcmp(buf, NPY_MAGIC, 6) == 0) {

@@ -33,6 +33,8 @@ def assert_same_array(got, want):
     assert got.flags.c_contiguous or got.flags.f_contiguous
     # Raw memory, item by item; padding bytes of structured items are excluded
     # because numpy.load leaves them uninitialized.
+    if got.dtype.itemsize == 0:
+        return
     mask = covered_bytes(got.dtype)
     g = got.reshape(-1, order="A").view(np.uint8).reshape(-1, got.dtype.itemsize)
     w = want.reshape(-1, order="A").view(np.uint8).reshape(-1, want.dtype.itemsize)
@@ -91,15 +93,22 @@ def layouts(base):
 SHAPES = [(), (0,), (5,), (3, 4), (2, 3, 4), (0, 3)]
 
 
-def matrix():
-    for dt in DTYPES:
-        for shape in SHAPES:
-            base = sample(dt, shape, seed=len(shape))
-            for name, a in layouts(base):
-                yield pytest.param(a, id=f"{dt.str if dt.names is None else 'struct'}-{shape}-{name}")
+def dtype_id(dt):
+    return dt.str if dt.names is None else "struct:" + ",".join(dt.names)
 
 
-MATRIX = list(matrix())
+def cases(dt):
+    """Every shape x layout of one dtype, as (label, array)."""
+    out = []
+    for shape in SHAPES:
+        base = sample(dt, shape, seed=len(shape))
+        for name, a in layouts(base):
+            out.append((f"{shape}-{name}", a))
+    return out
+
+
+# One test per dtype, looping over shapes and layouts (keeps the test count small).
+MATRIX = [pytest.param(dt, id=dtype_id(dt)) for dt in DTYPES]
 
 
 def covered_bytes(dt):
@@ -137,24 +146,26 @@ def assert_npy_identical(got, want, a):
     assert (g[:, mask] == w[:, mask]).all()
 
 
-@pytest.mark.parametrize("a", MATRIX)
-def test_bytes_identical_to_numpy_save(a):
-    arr = array_from_numpy(a)
-    assert_npy_identical(arr.data, npy_bytes(a), a)
-    assert arr.dtype == str(a.dtype)
-    assert arr.shape == list(a.shape)
-    assert arr.stype == NUMPY_STYPE
+@pytest.mark.parametrize("dt", MATRIX)
+def test_bytes_identical_to_numpy_save(dt):
+    for label, a in cases(dt):
+        arr = array_from_numpy(a)
+        assert_npy_identical(arr.data, npy_bytes(a), a)
+        assert arr.dtype == str(a.dtype), label
+        assert arr.shape == list(a.shape), label
+        assert arr.stype == NUMPY_STYPE
 
 
-@pytest.mark.parametrize("a", MATRIX)
-def test_numpy_matches_numpy_load(a):
-    data = npy_bytes(a)
-    got = Array(str(a.dtype), list(a.shape), NUMPY_STYPE, data).numpy()
-    assert_same_array(got, np_load(data))
-    assert got.flags.writeable and got.flags.owndata
-    view = Array(str(a.dtype), list(a.shape), NUMPY_STYPE, data).numpy(copy=False)
-    assert_same_array(view, np_load(data))
-    assert not view.flags.writeable
+@pytest.mark.parametrize("dt", MATRIX)
+def test_numpy_matches_numpy_load(dt):
+    for label, a in cases(dt):
+        data = npy_bytes(a)
+        got = Array(str(a.dtype), list(a.shape), NUMPY_STYPE, data).numpy()
+        assert_same_array(got, np_load(data))
+        assert got.flags.writeable and got.flags.owndata, label
+        view = Array(str(a.dtype), list(a.shape), NUMPY_STYPE, data).numpy(copy=False)
+        assert_same_array(view, np_load(data))
+        assert not view.flags.writeable, label
 
 
 def test_numpy_result_is_independent_of_data():
@@ -409,3 +420,203 @@ def test_python2_header_filter_cases_accepted_with_warning_like_numpy(text):
     with pytest.warns(UserWarning):
         want = np_load(blob)
     assert_same_array(got, want)
+
+
+# ---------------------------------------------------------------------------
+# Interop with the real Flower 1.15.2
+# ---------------------------------------------------------------------------
+
+flwr_common = pytest.importorskip("flwr.common")
+
+@pytest.mark.parametrize("dt", MATRIX)
+def test_flower_reads_fastrec_bytes(dt):
+    for label, a in cases(dt):
+        ours = array_from_numpy(a)
+        theirs = flwr_common.array_from_numpy(a)
+        assert (ours.dtype, ours.shape, ours.stype) == (theirs.dtype, theirs.shape, theirs.stype)
+        got = flwr_common.Array(ours.dtype, ours.shape, ours.stype, ours.data).numpy()
+        assert_same_array(got, theirs.numpy())
+
+
+@pytest.mark.parametrize("dt", MATRIX)
+def test_fastrec_reads_flower_bytes(dt):
+    for label, a in cases(dt):
+        theirs = flwr_common.array_from_numpy(a)
+        got = Array(theirs.dtype, theirs.shape, theirs.stype, theirs.data).numpy()
+        assert_same_array(got, theirs.numpy())
+        assert_npy_identical(array_from_numpy(a).data, theirs.data, a)
+
+
+# ---------------------------------------------------------------------------
+# Property tests
+# ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+SETTINGS = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+any_dtype = st.one_of(
+    hnp.scalar_dtypes(),
+    hnp.scalar_dtypes().map(lambda d: d.newbyteorder(">")),
+    hnp.byte_string_dtypes(max_len=6),
+    hnp.unicode_string_dtypes(max_len=4, endianness="?"),
+    hnp.datetime64_dtypes(endianness="?"),
+    hnp.timedelta64_dtypes(endianness="?"),
+    hnp.array_dtypes(subtype_strategy=hnp.scalar_dtypes(), min_size=1, max_size=3),
+)
+
+
+@st.composite
+def arrays_any_layout(draw):
+    dt = draw(any_dtype)
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+    n = int(np.prod(shape)) * dt.itemsize
+    raw = draw(st.binary(min_size=n, max_size=n))
+    a = np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+    if draw(st.booleans()):
+        a = np.asfortranarray(a)
+    if a.ndim and draw(st.booleans()):
+        a = a.transpose(draw(st.permutations(range(a.ndim))))
+    if a.ndim and draw(st.booleans()):
+        index = tuple(slice(None, None, draw(st.sampled_from([1, 2, -1, -2, 3]))) for _ in range(a.ndim))
+        a = a[index]
+    return a
+
+
+@SETTINGS
+@given(arrays_any_layout())
+def test_property_roundtrip_matches_numpy(a):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = npy_bytes(a)
+        arr = array_from_numpy(a)
+    assert_npy_identical(arr.data, want, a)
+    assert arr.dtype == str(a.dtype) and arr.shape == list(a.shape)
+    assert_same_array(arr.numpy(), np_load(want))
+    assert_same_array(Array(arr.dtype, arr.shape, arr.stype, want).numpy(copy=False), np_load(want))
+
+
+# --- mutation fuzzing of untrusted bytes -----------------------------------
+
+FUZZ_SEEDS = [
+    np.arange(9.0).reshape(3, 3),
+    np.arange(6, dtype=">i2").reshape(2, 3).T,
+    np.array(["ab", "cde"]),
+    np.zeros((0, 2), dtype=np.uint8),
+    np.array(1.5, dtype=np.float32),
+    np.zeros(2, dtype=[("a", "<i4"), ("b", "f8")]),
+    np.arange(4).astype("M8[s]"),
+]
+
+HEADER_REWRITES = [
+    ("descr", ["'|O'", "'<f8'", "'>f4'", "'<U0'", "'S0'", "'x'", "''", "'f8,i4'", "'(2,)f8'",
+               "[('a', '|O')]", "[('a', '<i4')]", "('<i4', (2,))", "5", "None", "'<i4'"
+               "'<i4' '2'", "'T'", "'<M8[us]'", "'|b1'", "'V3'", "[]"]),
+    ("shape", ["()", "(0,)", "(-1,)", "(3,)", "(9,)", "(1, 9)", "(3, 3, 1)", "(2**3,)", "(9.0,)",
+               "(4294967296, 4294967296)", "(0, 99999999999999999999)", "(-0,)", "(0x9,)",
+               "(9L,)", "(True,)", "[9]", "9", "(9, -1)", "(4611686018427387904, 2)"]),
+    ("fortran_order", ["True", "False", "0", "None", "'False'", "1 == 1"]),
+]
+
+
+@st.composite
+def mutated_npy(draw):
+    a = draw(st.sampled_from(FUZZ_SEEDS))
+    data = bytearray(npy_bytes(a))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "flip", "insert", "delete", "truncate", "field", "u16"]))
+        # mutations mostly land in the magic/header, sometimes anywhere
+        limit = len(data) if draw(st.booleans()) else min(len(data), 140)
+        if op == "field":
+            key, values = draw(st.sampled_from(HEADER_REWRITES))
+            text = bytes(data).decode("latin1")
+            start = text.find(f"'{key}': ")
+            if start >= 0:
+                start += len(key) + 4
+                end = text.find(", '", start) if key != "shape" else text.find(")", start) + 1
+                if end > start:
+                    text = text[:start] + draw(st.sampled_from(values)) + text[end:]
+                    data = bytearray(text.encode("latin1"))
+        elif op == "u16":
+            if len(data) >= 10:
+                data[8:10] = struct.pack("<H", draw(st.integers(0, 300)))
+        elif not data or limit == 0:
+            continue
+        elif op == "flip":
+            data[draw(st.integers(0, limit - 1))] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data.insert(draw(st.integers(0, limit)), draw(st.sampled_from([32, 10, 35, 0, 44, 41, 76, 95, 48])))
+        elif op == "delete":
+            del data[draw(st.integers(0, limit - 1))]
+        else:
+            del data[draw(st.integers(0, len(data))):]
+    return bytes(data)
+
+
+try:  # numpy >= 2
+    from numpy.lib import _format_impl as npformat
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.lib import format as npformat
+
+
+def numpy_reference(data):
+    """numpy.load's answer, or None if it fails. Before calling it, read the
+    header with numpy's own reader and refuse to let numpy allocate a shape the
+    data cannot hold (numpy would fail on it anyway, after allocating)."""
+    try:
+        fp = io.BytesIO(data)
+        version = npformat.read_magic(fp)
+        shape, _, dt = npformat._read_array_header(fp, version)
+        avail = len(data) - fp.tell()
+        count = 1
+        for d in shape:
+            count *= d
+        if count * dt.itemsize > avail or count < 0:
+            return None
+        out = np_load(data)
+    except Exception:
+        return None
+    return out if isinstance(out, np.ndarray) else None
+
+
+def known_divergence(data):
+    """Why numpy.load may accept bytes that fastrec rejects; None if no known reason."""
+    fp = io.BytesIO(data)
+    version = npformat.read_magic(fp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shape, _, dt = npformat._read_array_header(fp, version)
+    need = int(np.prod(shape, dtype=object)) * dt.itemsize
+    if need < len(data) - fp.tell():
+        return "trailing bytes after the data: numpy ignores them, fastrec raises ValueError"
+    if dt.subdtype is not None:
+        return "subarray descr: numpy returns an array with extra axes only when empty"
+    return None
+
+
+def check_against_numpy(data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ours = Array("float64", [], NUMPY_STYPE, data).numpy()
+            ours_view = Array("float64", [], NUMPY_STYPE, data).numpy(copy=False)
+        except ValueError as exc:
+            assert str(exc)
+            ours = None
+        ref = numpy_reference(data)
+    if ours is None:
+        if ref is not None:
+            assert known_divergence(data) is not None, data
+        return
+    assert ref is not None, f"fastrec accepted bytes numpy.load rejects: {data!r}"
+    assert_same_array(ours, ref)
+    assert_same_array(ours_view, ref)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_npy())
+def test_property_mutated_bytes_value_error_or_agree_with_numpy(data):
+    check_against_numpy(data)

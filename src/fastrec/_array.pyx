@@ -271,21 +271,21 @@ cdef class Array:
                 st = fr_npy_data_nbytes(&h, <size_t>(<cnp.dtype>dt).itemsize, &need)
                 if st != FR_OK:
                     raise ValueError(_status_msg(st, &h))
+                avail = <size_t>n - h.data_offset
+                if need > avail:
+                    raise ValueError(
+                        f"truncated .npy data: shape {tuple([h.shape[i] for i in range(h.ndim)])} "
+                        f"of {dt} needs {need} bytes of data, only {avail} present")
+                if need < avail:
+                    raise ValueError(
+                        f".npy data too long: shape {tuple([h.shape[i] for i in range(h.ndim)])} "
+                        f"of {dt} needs {need} bytes of data, {avail} present "
+                        "(numpy.load would ignore the trailing bytes)")
                 if h.filtered_l:
                     warnings.warn(
                         "Reading `.npy` or `.npz` file required additional header parsing as "
                         "it was created on Python 2. Save the file again to speed up loading "
                         "and avoid this warning.", UserWarning, stacklevel=2)
-                avail = <size_t>n - h.data_offset
-                if need > avail:
-                    raise ValueError(
-                        f"truncated .npy data: shape {tuple(h.shape[i] for i in range(h.ndim))} "
-                        f"of {dt} needs {need} bytes of data, only {avail} present")
-                if need < avail:
-                    raise ValueError(
-                        f".npy data too long: shape {tuple(h.shape[i] for i in range(h.ndim))} "
-                        f"of {dt} needs {need} bytes of data, {avail} present "
-                        "(numpy.load would ignore the trailing bytes)")
                 ndim = h.ndim
                 fortran = h.fortran_order
                 offset = <Py_ssize_t>h.data_offset
@@ -318,8 +318,14 @@ cdef class Array:
 cdef object _new_array(object dt, int ndim, cnp.npy_intp *dims, int fortran,
                        const uint8_t *src, Py_ssize_t nbytes, bint copy, object base):
     cdef cnp.ndarray arr
+    cdef int i
     Py_INCREF(dt)   # stolen by PyArray_NewFromDescr
     if copy:
+        if (<cnp.dtype>dt).itemsize == 0:
+            # PyArray_NewFromDescr turns an unsized 'U0'/'S0'/'V0' into size 1
+            # when it allocates; the ndarray constructor keeps it, as numpy.load does.
+            return np.ndarray(tuple([dims[i] for i in range(ndim)]), dtype=dt,
+                              order="F" if fortran else "C")
         arr = _np_new_from_descr(&PyArray_Type, <PyObject *>dt, ndim, dims, NULL, NULL,
                                  fortran, NULL)
         if nbytes >= NOGIL_BYTES:
