@@ -1,9 +1,15 @@
 /* .npy header encoder / parser and data copies. See npy.h. */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* madvise */
+#endif
 #include "npy.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 static const uint8_t NPY_MAGIC[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
 
@@ -893,4 +899,29 @@ void fr_npy_gather(uint8_t *dst, const uint8_t *src, int ndim, const int64_t *sh
             return;
         }
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* Large buffers                                                       */
+/* ------------------------------------------------------------------ */
+
+void fr_npy_advise_huge(void *p, size_t n)
+{
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    /* Same policy as numpy's allocator: a fresh multi-megabyte buffer is
+     * filled once and completely, so transparent huge pages save thousands
+     * of page faults (the kernel only honours this in "madvise" THP mode). */
+    const uintptr_t page = 4096u;
+    if (n < ((size_t)1 << 22)) {
+        return;
+    }
+    uintptr_t start = ((uintptr_t)p + page - 1) & ~(page - 1);
+    uintptr_t end = (uintptr_t)p + n;
+    if (end > start) {
+        (void)madvise((void *)start, (size_t)(end - start), MADV_HUGEPAGE);
+    }
+#else
+    (void)p;
+    (void)n;
+#endif
 }

@@ -69,4 +69,8 @@ fr_status fr_npy_write_header(uint8_t *dst, size_t cap, const char *descr_lit, s
 void fr_npy_gather(uint8_t *dst, const uint8_t *src, int ndim, const int64_t *shape,
                    const int64_t *strides, size_t itemsize);
 
+/* Hint the OS to back a large, about-to-be-filled buffer with huge pages
+ * (no-op for small buffers and off Linux). */
+void fr_npy_advise_huge(void *p, size_t n);
+
 #endif

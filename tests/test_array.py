@@ -522,14 +522,22 @@ HEADER_REWRITES = [
 ]
 
 
+# Bytes that are meaningful to Python's tokenizer: whitespace, comments, quotes,
+# escapes, brackets, signs, digits, underscores, the Python 2 'L' suffix...
+INSERT_BYTES = list(b" \t\n\r\f#'\"\\(),:+-_0L9xu[]{}") + [0, 0xE9]
+
+
 @st.composite
 def mutated_npy(draw):
     a = draw(st.sampled_from(FUZZ_SEEDS))
     data = bytearray(npy_bytes(a))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "flip", "insert", "delete", "truncate", "field", "u16"]))
-        # mutations mostly land in the magic/header, sometimes anywhere
-        limit = len(data) if draw(st.booleans()) else min(len(data), 140)
+    hend = data.index(b"\n", 10) + 1  # end of the header text
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
+        op = draw(st.sampled_from(["flip", "flip", "insert", "insert", "delete", "truncate",
+                                   "field", "field", "u16"]))
+        # mostly inside the header text; sometimes the magic/length, sometimes anywhere
+        lo, hi = draw(st.sampled_from([(10, hend)] * 6 + [(0, 10), (0, len(data))]))
+        hi = min(hi, len(data))
         if op == "field":
             key, values = draw(st.sampled_from(HEADER_REWRITES))
             text = bytes(data).decode("latin1")
@@ -538,21 +546,33 @@ def mutated_npy(draw):
                 start += len(key) + 4
                 end = text.find(", '", start) if key != "shape" else text.find(")", start) + 1
                 if end > start:
-                    text = text[:start] + draw(st.sampled_from(values)) + text[end:]
+                    new = draw(st.sampled_from(values))
+                    if draw(st.booleans()):  # keep the header length field right
+                        new = new[:max(0, end - start)].ljust(end - start)
+                    text = text[:start] + new + text[end:]
                     data = bytearray(text.encode("latin1"))
+                    hend += len(new) - (end - start)
         elif op == "u16":
             if len(data) >= 10:
                 data[8:10] = struct.pack("<H", draw(st.integers(0, 300)))
-        elif not data or limit == 0:
+        elif hi <= lo:
             continue
         elif op == "flip":
-            data[draw(st.integers(0, limit - 1))] = draw(st.integers(0, 255))
+            data[draw(st.integers(lo, hi - 1))] = draw(st.integers(0, 255))
         elif op == "insert":
-            data.insert(draw(st.integers(0, limit)), draw(st.sampled_from([32, 10, 35, 0, 44, 41, 76, 95, 48])))
+            pos = draw(st.integers(lo, hi))
+            data.insert(pos, draw(st.sampled_from(INSERT_BYTES)))
+            hend += pos < hend
         elif op == "delete":
-            del data[draw(st.integers(0, limit - 1))]
+            pos = draw(st.integers(lo, hi - 1))
+            del data[pos]
+            hend -= pos < hend
         else:
             del data[draw(st.integers(0, len(data))):]
+    if draw(st.booleans()) and data[:8] == b"\x93NUMPY\x01\x00" and 10 <= hend <= len(data):
+        # keep the header length consistent with the edited header text, so
+        # that the edit reaches the dict parser instead of shifting the data
+        data[8:10] = struct.pack("<H", hend - 10)
     return bytes(data)
 
 

@@ -406,6 +406,8 @@ def array_from_numpy(ndarray):
                       "read by NumPy >= 1.17", UserWarning, stacklevel=2)
     cdef const uint8_t *src = <const uint8_t *>cnp.PyArray_DATA(arr)
     dst += hlen
+    if nbytes >= NOGIL_BYTES:
+        fr_npy_advise_huge(dst, nbytes)
     if nbytes > 0:
         if c_contig or fortran:
             if nbytes >= NOGIL_BYTES:

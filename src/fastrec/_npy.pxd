@@ -35,3 +35,4 @@ cdef extern from "npy.h" nogil:
                                   int *out_major)
     void fr_npy_gather(uint8_t *dst, const uint8_t *src, int ndim, const int64_t *shape,
                        const int64_t *strides, size_t itemsize)
+    void fr_npy_advise_huge(void *p, size_t n)
