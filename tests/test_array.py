@@ -640,3 +640,14 @@ def check_against_numpy(data):
 @given(mutated_npy())
 def test_property_mutated_bytes_value_error_or_agree_with_numpy(data):
     check_against_numpy(data)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import fastrec._array
+    import fastrec.array
+
+    for module in (fastrec.array, fastrec._array):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
