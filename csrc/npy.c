@@ -515,16 +515,29 @@ static fr_status parse_dict(parser *p)
     skip_ws(p);
     if (peek(p, 0) != '}') {
         for (;;) {
-            size_t off, len;
-            fr_status st = parse_plain_string(p, &off, &len);
-            if (st != FR_OK) {
-                if (st == FR_ERR_TYPE) {
-                    return fail(p, FR_ERR_VALUE,
-                                "header keys must be plain strings without escapes");
+            /* Adjacent literals concatenate ('desc' 'r' is 'descr'); only
+             * the first 32 bytes matter, as longer keys are wrong anyway. */
+            char k[32];
+            size_t len = 0;
+            fr_status st;
+            do {
+                size_t off, n;
+                st = parse_plain_string(p, &off, &n);
+                if (st != FR_OK) {
+                    if (st == FR_ERR_TYPE) {
+                        return fail(p, FR_ERR_VALUE,
+                                    "header keys must be plain strings without escapes");
+                    }
+                    return st;
                 }
-                return st;
-            }
-            const char *k = (const char *)p->s + off;
+                if (len < sizeof k) {
+                    size_t take = n < sizeof k - len ? n : sizeof k - len;
+                    memcpy(k + len, p->s + off, take);
+                }
+                len += n;
+                skip_ws(p);
+            } while (at_string_start(p));
+            size_t shown = len < sizeof k ? len : sizeof k;
             int key;
             if (len == 5 && memcmp(k, "descr", 5) == 0) {
                 key = KEY_DESCR;
@@ -534,10 +547,9 @@ static fr_status parse_dict(parser *p)
                 key = KEY_SHAPE;
             } else {
                 return fail(p, FR_ERR_VALUE,
-                            "header does not contain the correct keys: unexpected key '%.*s'",
-                            (int)(len > 40 ? 40 : len), k);
+                            "header does not contain the correct keys: unexpected key '%.*s%s'",
+                            (int)shown, k, len > shown ? "..." : "");
             }
-            skip_ws(p);
             if (peek(p, 0) != ':') {
                 return fail(p, FR_ERR_VALUE, "cannot parse header: expected ':'");
             }

@@ -398,6 +398,8 @@ def test_numpy_accepted_header_variants_agree():
         "{'descr': '<\\x694', 'fortran_order': False, 'shape': (6,)}",
         "{'descr': [('a', '<i2'), ('', '|V2')], 'fortran_order': False, 'shape': (6,)}",
         "{'descr': '<i4', 'fortran_order': False, 'shape': (1_0,)}",
+        "{'desc' 'r': '<i4', 'fortran_order': False,\"\" 'shape': (2, 3)}",
+        "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }\f \r\n\r\n# trailer",
     ]:
         if "1_0" in text:
             blob = with_header(text + "\n", data=b"\x00" * 40)
