@@ -653,3 +653,16 @@ def test_docstring_examples():
     for module in (fastrec.array, fastrec._array):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0
+
+
+def test_subclasses_and_dtype_metadata_like_numpy_save():
+    meta = np.array([1.0, 2.0], dtype=np.dtype("f8", metadata={"unit": "m"}))
+    for a in (np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0]), np.matrix([[1, 2], [3, 4]]), meta):
+        with warnings.catch_warnings(record=True) as w_np:
+            warnings.simplefilter("always")
+            want = npy_bytes(a)
+        with warnings.catch_warnings(record=True) as w_fr:
+            warnings.simplefilter("always")
+            arr = array_from_numpy(a)
+        assert arr.data == want and arr.dtype == str(a.dtype) and arr.shape == list(a.shape)
+        assert [str(w.message) for w in w_fr] == [str(w.message) for w in w_np]
