@@ -657,7 +657,10 @@ def test_docstring_examples():
 
 def test_subclasses_and_dtype_metadata_like_numpy_save():
     meta = np.array([1.0, 2.0], dtype=np.dtype("f8", metadata={"unit": "m"}))
-    for a in (np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0]), np.matrix([[1, 2], [3, 4]]), meta):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        matrix = np.matrix([[1, 2], [3, 4]])
+    for a in (np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0]), matrix, meta):
         with warnings.catch_warnings(record=True) as w_np:
             warnings.simplefilter("always")
             want = npy_bytes(a)
