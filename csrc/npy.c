@@ -146,6 +146,20 @@ static fr_status skip_leading(parser *p)
     }
 }
 
+/* Whether the text after the last '\n' holds only spaces, tabs and form feeds. */
+static int last_line_is_blank(const parser *p)
+{
+    size_t k = p->n;
+    while (k > 0 && p->s[k - 1] != '\n') {
+        int c = p->s[k - 1];
+        if (c != ' ' && c != '\t' && c != '\f') {
+            return 0;
+        }
+        k--;
+    }
+    return 1;
+}
+
 /* After the closing brace: the rest of that line and any further lines may
  * only be blank or comments; a last, unterminated line of spaces counts as
  * an unexpected indent for the tokenizer. */
@@ -172,8 +186,10 @@ static fr_status skip_trailing(parser *p)
         if (c < 0) {
             if (!first && col > 0 && !comment) {
                 /* literal_eval fails on this; for format <= 2.0 numpy retries
-                 * with a tokenize round trip that drops the blank line. */
-                if (p->h->major <= 2) {
+                 * after a tokenize round trip, which drops a last line of
+                 * blanks -- but tokenize splits lines at '\n' only, so not
+                 * when a lone '\r' started that line. */
+                if (p->h->major <= 2 && last_line_is_blank(p)) {
                     p->h->filtered_l = 1;
                     return FR_OK;
                 }

@@ -361,6 +361,7 @@ BAD = {
                                 "'shape': (2, 3)}\n"),
     "subarray descr": with_header("{'descr': ('<i4', (2,)), 'fortran_order': False, 'shape': (3,)}\n"),
     "indented trailing line v3": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n  ", 3),
+    "indented trailing line after CR": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\r  "),
 }
 
 
