@@ -670,3 +670,15 @@ def test_subclasses_and_dtype_metadata_like_numpy_save():
             arr = array_from_numpy(a)
         assert arr.data == want and arr.dtype == str(a.dtype) and arr.shape == list(a.shape)
         assert [str(w.message) for w in w_fr] == [str(w.message) for w in w_np]
+
+
+def test_structured_dtype_of_a_result_is_not_shared_with_later_results():
+    a = np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")])
+    comma_descr = with_header("{'descr': 'f8,i4', 'fortran_order': False, 'shape': (2,)}\n",
+                              data=bytes(24))  # a string descr numpy.dtype makes structured
+    for arr in (array_from_numpy(a), Array("x", [2], NUMPY_STYPE, comma_descr)):
+        first = arr.numpy()
+        names = first.dtype.names
+        first.dtype.names = ("renamed_1", "renamed_2")
+        assert arr.numpy().dtype.names == names
+        assert Array("x", [2], NUMPY_STYPE, arr.data).numpy().dtype.names == names

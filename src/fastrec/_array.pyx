@@ -190,7 +190,7 @@ cdef object _descr_dtype(const uint8_t *buf, fr_npy_header *h):
         except Exception as exc:
             raise ValueError(f"descr is not a valid dtype descriptor: {value!r}") from exc
     _checked_dtype(dt, text)
-    if plain and len(_DESCR_CACHE) < DESCR_CACHE_MAX:
+    if plain and dt.names is None and len(_DESCR_CACHE) < DESCR_CACHE_MAX:
         _DESCR_CACHE[raw] = dt
     return dt
 
@@ -322,7 +322,9 @@ cdef class Array:
                 nbytes = <Py_ssize_t>need
                 for i in range(ndim):
                     dims[i] = <cnp.npy_intp>h.shape[i]
-                if not have_view and ndim <= 8:
+                # Structured dtypes are mutable (dtype.names can be assigned
+                # through the returned array), so they are never cached.
+                if not have_view and ndim <= 8 and dt.names is None:
                     self._hdr_data = data
                     self._hdr_dtype = dt
                     self._hdr_offset = offset
