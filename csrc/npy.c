@@ -381,20 +381,12 @@ static int digit_value(int c, int base)
     return v < base ? v : -1;
 }
 
-/* A Python int literal with at most one unary sign, as literal_eval reads
- * it: decimal (no leading zeros), 0x / 0o / 0b, single underscores between
- * digits. A Python 2 'L' suffix is dropped for format <= 2.0, as numpy's
- * retry with its header filter does. */
-static fr_status parse_dim(parser *p, int64_t *out)
+/* One integer literal as literal_eval reads it: decimal (no leading zeros),
+ * 0x / 0o / 0b, single underscores between digits. A Python 2 'L' suffix is
+ * dropped for format <= 2.0, as numpy's retry with its header filter does. */
+static fr_status parse_int_literal(parser *p, uint64_t *out, int *overflow_out)
 {
-    int neg = 0;
     int c = peek(p, 0);
-    if (c == '+' || c == '-') {
-        neg = c == '-';
-        p->i++;
-        skip_ws(p);
-        c = peek(p, 0);
-    }
     if (!(c >= '0' && c <= '9')) {
         return fail(p, FR_ERR_VALUE, "shape is not valid: expected an integer");
     }
@@ -463,6 +455,44 @@ static fr_status parse_dim(parser *p, int64_t *out)
         } else {
             p->i = save;
         }
+    }
+    *out = v;
+    *overflow_out = overflow;
+    return FR_OK;
+}
+
+/* One dimension: an int literal in any number of parentheses, with at most
+ * one unary sign (literal_eval allows no more). True/False pass numpy's
+ * isinstance(x, int) check but then fail its reshape, so they are errors. */
+static fr_status parse_dim(parser *p, int64_t *out)
+{
+    int opens = 0, neg = 0, signed_ = 0, overflow = 0;
+    uint64_t v = 0;
+    for (;;) {
+        int c = peek(p, 0);
+        if (c == '(') {
+            if (++opens > 32) {
+                return fail(p, FR_ERR_VALUE, "shape is not valid: nested too deeply");
+            }
+        } else if ((c == '+' || c == '-') && !signed_) {
+            signed_ = 1;
+            neg = c == '-';
+        } else {
+            break;
+        }
+        p->i++;
+        skip_ws(p);
+    }
+    fr_status st = parse_int_literal(p, &v, &overflow);
+    if (st != FR_OK) {
+        return st;
+    }
+    for (; opens > 0; opens--) {
+        skip_ws(p);
+        if (peek(p, 0) != ')') {
+            return fail(p, FR_ERR_VALUE, "shape is not valid: expected ')' after a dimension");
+        }
+        p->i++;
     }
     if (neg && v != 0) {
         return fail(p, FR_ERR_VALUE, "shape is not valid: negative dimension");

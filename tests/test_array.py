@@ -341,7 +341,10 @@ BAD = {
     "float dim": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2.0, 3)}\n"),
     "string dim": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': ('2', 3)}\n"),
     "shape not tuple": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': [2, 3]}\n"),
-    "paren int shape": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (6)}\n"),
+    "paren int shape": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': ((6))}\n"),
+    "two signs": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, -(-3))}\n"),
+    "signed bool": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, +True, 3)}\n"),
+    "bool dim": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (True, 6)}\n"),
     "fortran not bool": with_header("{'descr': '<i4', 'fortran_order': 0, 'shape': (2, 3)}\n"),
     "count overflow": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (4294967296, 4294967296)}\n"),
     "bytes overflow": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (4611686018427387904,)}\n"),
@@ -400,6 +403,8 @@ def test_numpy_accepted_header_variants_agree():
         "{'descr': [('a', '<i2'), ('', '|V2')], 'fortran_order': False, 'shape': (6,)}",
         "{'descr': '<i4', 'fortran_order': False, 'shape': (1_0,)}",
         "{'desc' 'r': '<i4', 'fortran_order': False,\"\" 'shape': (2, 3)}",
+        "{'descr': '<i4', 'fortran_order': False, 'shape': ((2), ( + 3 ),)}",
+        "{'descr': '<i4', 'fortran_order': False, 'shape': (+(6),)}",
         "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }\f \r\n\r\n# trailer",
     ]:
         if "1_0" in text:

@@ -20,8 +20,9 @@ Differences from ``numpy.load`` on untrusted bytes (everything else agrees):
 * data longer than the header's shape needs raises ``ValueError`` (numpy ignores
   the trailing bytes);
 * a few exotic Python-literal spellings inside the header that no writer produces
-  (string escapes or implicit concatenation in keys, parenthesised integers or
-  ``True`` as dimensions, a subarray descr) raise ``ValueError``.
+  raise ``ValueError``: escape sequences or triple quotes in the keys, and a
+  subarray descr such as ``('<f4', (2,))`` (numpy only loads that one when the
+  array is empty, with extra axes).
 """
 
 from ._array import Array, array_from_numpy
