@@ -508,6 +508,24 @@ def test_property_roundtrip_matches_numpy(a):
 
 
 # --- mutation fuzzing of untrusted bytes -----------------------------------
+#
+# Rule: on any mutated .npy bytes, Array.numpy() either raises ValueError or
+# returns exactly what numpy.load returns. numpy.load reads the header with
+# ast.literal_eval, so the C parser follows Python's tokenizer for the three
+# keys (quotes, u/r prefixes, implicit concatenation, comments, line joins,
+# int bases/underscores/signs/parentheses, blank and indented trailing lines,
+# numpy's Python-2 retry for format <= 2.0...). Where we deliberately differ:
+#
+# * numpy accepts, we reject (known_divergence() must name the reason):
+#   - data longer than the shape needs: numpy ignores the trailing bytes; the
+#     issue asks for a clear error instead;
+#   - a subarray descr like ('<f4', (2,)): numpy only loads it for empty
+#     arrays, returning extra axes; we refuse it always;
+#   - (not reachable by these mutations, listed for completeness) escape
+#     sequences or triple quotes inside the header *keys*.
+# * we accept, numpy rejects: nothing. (numpy_reference() refuses to let
+#   numpy.load allocate a declared size the data cannot hold: numpy fails on
+#   those anyway, after trying to allocate; we fail before allocating.)
 
 FUZZ_SEEDS = [
     np.arange(9.0).reshape(3, 3),
