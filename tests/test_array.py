@@ -705,3 +705,13 @@ def test_structured_dtype_of_a_result_is_not_shared_with_later_results():
         first.dtype.names = ("renamed_1", "renamed_2")
         assert arr.numpy().dtype.names == names
         assert Array("x", [2], NUMPY_STYPE, arr.data).numpy().dtype.names == names
+
+
+def test_large_arrays_take_the_nogil_and_huge_page_paths():
+    base = np.arange(3_000_000, dtype=np.float32).reshape(1500, 2000)  # 12 MB
+    for a in (base, np.asfortranarray(base), base[:, ::-2], base.T[::3]):
+        arr = array_from_numpy(a)
+        want = npy_bytes(a)
+        assert arr.data == want
+        assert_same_array(arr.numpy(), np_load(want))
+        assert_same_array(Array(arr.dtype, arr.shape, arr.stype, want).numpy(copy=False), np_load(want))
