@@ -715,3 +715,21 @@ def test_large_arrays_take_the_nogil_and_huge_page_paths():
         assert arr.data == want
         assert_same_array(arr.numpy(), np_load(want))
         assert_same_array(Array(arr.dtype, arr.shape, arr.stype, want).numpy(copy=False), np_load(want))
+
+
+def test_concurrent_use_from_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    arrays = [np.random.default_rng(i).standard_normal((300, 1000)).astype(np.float32)[:, ::-1]
+              for i in range(4)]
+
+    def work(a):
+        out = []
+        for _ in range(5):
+            arr = array_from_numpy(a)
+            out.append((arr.data == npy_bytes(a), np.array_equal(arr.numpy(), a)))
+        return out
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = [r for rs in pool.map(work, arrays) for r in rs]
+    assert results == [(True, True)] * 20
