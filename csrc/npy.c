@@ -110,14 +110,17 @@ static void skip_ws(parser *p)
     }
 }
 
-/* Before the opening brace: literal_eval strips leading spaces and tabs,
- * then blank and comment lines may follow; the brace line must not be
- * indented (a form feed resets the column, as in the tokenizer). */
+/* Before the opening brace: literal_eval strips leading spaces and tabs;
+ * then blank lines, comment lines and backslash continuations may follow,
+ * and the line holding '{' must not be indented (a form feed resets the
+ * column, as in the tokenizer). numpy's Python 2 retry (format <= 2.0)
+ * rescues an indented first line: its tokenize round trip drops the indent. */
 static fr_status skip_leading(parser *p)
 {
     while (p->i < p->n && (p->s[p->i] == ' ' || p->s[p->i] == '\t')) {
         p->i++;
     }
+    int first_line = 1;
     for (;;) {
         size_t col = 0;
         int c;
@@ -131,13 +134,24 @@ static fr_status skip_leading(parser *p)
         }
         if (is_newline(c)) {
             skip_newline(p);
+            first_line = 0;
             continue;
         }
-        if (c == '{') {
+        if (c == '{' || (c == '\\' && is_newline(peek(p, 1)))) {
             if (col > 0) {
-                return fail(p, FR_ERR_VALUE, "cannot parse header: unexpected indent");
+                if (!(first_line && p->h->major <= 2)) {
+                    return fail(p, FR_ERR_VALUE, "cannot parse header: unexpected indent");
+                }
+                p->h->filtered_l = 1;
             }
-            return FR_OK;
+            if (c == '{') {
+                return FR_OK;
+            }
+            /* A continuation: the next physical line starts afresh. */
+            p->i++;
+            skip_newline(p);
+            first_line = 0;
+            continue;
         }
         if (c < 0) {
             return fail(p, FR_ERR_VALUE, "cannot parse header: it is empty");

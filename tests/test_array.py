@@ -364,6 +364,8 @@ BAD = {
                                 "'shape': (2, 3)}\n"),
     "subarray descr": with_header("{'descr': ('<i4', (2,)), 'fortran_order': False, 'shape': (3,)}\n"),
     "indented trailing line v3": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n  ", 3),
+    "indented second line": with_header("\n\f {'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n"),
+    "indent after continuation": with_header("\\\n {'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n"),
     "indented trailing line after CR": with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\r  "),
 }
 
@@ -406,6 +408,7 @@ def test_numpy_accepted_header_variants_agree():
         "{'descr': '<i4', 'fortran_order': False, 'shape': ((2), ( + 3 ),)}",
         "{'descr': '<i4', 'fortran_order': False, 'shape': (+(6),)}",
         "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }\f \r\n\r\n# trailer",
+        "\\\r\\\n\n{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}",
     ]:
         if "1_0" in text:
             blob = with_header(text + "\n", data=b"\x00" * 40)
@@ -417,6 +420,8 @@ def test_numpy_accepted_header_variants_agree():
 @pytest.mark.parametrize("text", [
     "{'descr': '<i4', 'fortran_order': False, 'shape': (2L, 3L)}\n",
     "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n  ",  # indented last line
+    "\f {'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n",  # indented first line
+    "\f \\\n{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3)}\n",
 ])
 def test_python2_header_filter_cases_accepted_with_warning_like_numpy(text):
     # numpy retries a header literal_eval rejects (format <= 2.0) after a
@@ -662,7 +667,10 @@ def check_against_numpy(data):
     assert_same_array(ours_view, ref)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same 400 cases every time; the long randomized runs
+# that shaped the parser are done offline with many more examples.
+@settings(max_examples=400, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_npy())
 def test_property_mutated_bytes_value_error_or_agree_with_numpy(data):
     check_against_numpy(data)
