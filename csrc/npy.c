@@ -142,7 +142,7 @@ static fr_status skip_leading(parser *p)
                 if (!(first_line && p->h->major <= 2)) {
                     return fail(p, FR_ERR_VALUE, "cannot parse header: unexpected indent");
                 }
-                p->h->filtered_l = 1;
+                p->h->py2_retry = 1;
             }
             if (c == '{') {
                 return FR_OK;
@@ -204,7 +204,7 @@ static fr_status skip_trailing(parser *p)
                  * blanks -- but tokenize splits lines at '\n' only, so not
                  * when a lone '\r' started that line. */
                 if (p->h->major <= 2 && last_line_is_blank(p)) {
-                    p->h->filtered_l = 1;
+                    p->h->py2_retry = 1;
                     return FR_OK;
                 }
                 return fail(p, FR_ERR_VALUE, "cannot parse header: unexpected indent");
@@ -456,7 +456,7 @@ static fr_status parse_int_literal(parser *p, uint64_t *out, int *overflow_out)
     if (is_ident_char(c) || c == '.') {
         if (c == 'L' && p->h->major <= 2 && !is_ident_char(peek(p, 1))) {
             p->i++;
-            p->h->filtered_l = 1;
+            p->h->py2_retry = 1;
         } else {
             return fail(p, FR_ERR_VALUE, "shape is not valid: bad integer literal");
         }
@@ -465,7 +465,7 @@ static fr_status parse_int_literal(parser *p, uint64_t *out, int *overflow_out)
         skip_ws(p);
         if (peek(p, 0) == 'L' && !is_ident_char(peek(p, 1))) {
             p->i++;
-            p->h->filtered_l = 1;
+            p->h->py2_retry = 1;
         } else {
             p->i = save;
         }
@@ -696,7 +696,7 @@ fr_status fr_npy_parse_header(const uint8_t *buf, size_t len, fr_npy_header *h)
 {
     parser p = {NULL, 0, 0, 0, h};
     memset(h, 0, offsetof(fr_npy_header, shape));
-    h->filtered_l = 0;
+    h->py2_retry = 0;
     h->msg[0] = '\0';
     if (len < 8 || memcmp(buf, NPY_MAGIC, 6) != 0) {
         if (len < 6 || memcmp(buf, NPY_MAGIC, 6) == 0) {

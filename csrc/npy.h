@@ -36,7 +36,7 @@ typedef struct {
     int fortran_order;
     int ndim;
     int64_t shape[FR_NPY_MAXDIMS];
-    int filtered_l;              /* numpy would need its Python 2 header filter (it warns) */
+    int py2_retry;              /* numpy would need its Python 2 header filter (it warns) */
     char msg[FR_NPY_MSG_LEN];    /* set when a call returns an error */
 } fr_npy_header;
 

@@ -311,7 +311,7 @@ cdef class Array:
                         f".npy data too long: shape {tuple([h.shape[i] for i in range(h.ndim)])} "
                         f"of {dt} needs {need} bytes of data, {avail} present "
                         "(numpy.load would ignore the trailing bytes)")
-                if h.filtered_l:
+                if h.py2_retry:
                     warnings.warn(
                         "Reading `.npy` or `.npz` file required additional header parsing as "
                         "it was created on Python 2. Save the file again to speed up loading "

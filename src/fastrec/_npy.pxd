@@ -23,7 +23,7 @@ cdef extern from "npy.h" nogil:
         int fortran_order
         int ndim
         int64_t shape[64]
-        int filtered_l
+        int py2_retry
         char msg[256]
 
     fr_status fr_npy_parse_header(const uint8_t *buf, size_t len, fr_npy_header *h)
