@@ -1,9 +1,15 @@
 /* .npy header encoder / parser and data copies. See npy.h. */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* madvise */
+#endif
 #include "npy.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 static const uint8_t NPY_MAGIC[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
 
@@ -64,6 +70,27 @@ static void skip_comment(parser *p)
     }
 }
 
+/* Runs of plain spaces: numpy pads every header with up to 64 of them plus
+ * the growth-axis spare room, so this is the hot loop of a small parse.
+ * Compares 8 bytes at a time. Returns how many were skipped. */
+static size_t skip_spaces(parser *p)
+{
+    static const uint64_t SPACES = 0x2020202020202020ull;
+    size_t start = p->i;
+    while (p->n - p->i >= 8) {
+        uint64_t w;
+        memcpy(&w, p->s + p->i, 8);
+        if (w != SPACES) {
+            break;
+        }
+        p->i += 8;
+    }
+    while (p->i < p->n && p->s[p->i] == ' ') {
+        p->i++;
+    }
+    return p->i - start;
+}
+
 /* Whitespace between tokens inside brackets: Python joins lines implicitly
  * there, so newlines, comments and backslash continuations are all blank. */
 static void skip_ws(parser *p)
@@ -83,14 +110,17 @@ static void skip_ws(parser *p)
     }
 }
 
-/* Before the opening brace: literal_eval strips leading spaces and tabs,
- * then blank and comment lines may follow; the brace line must not be
- * indented (a form feed resets the column, as in the tokenizer). */
+/* Before the opening brace: literal_eval strips leading spaces and tabs;
+ * then blank lines, comment lines and backslash continuations may follow,
+ * and the line holding '{' must not be indented (a form feed resets the
+ * column, as in the tokenizer). numpy's Python 2 retry (format <= 2.0)
+ * rescues an indented first line: its tokenize round trip drops the indent. */
 static fr_status skip_leading(parser *p)
 {
     while (p->i < p->n && (p->s[p->i] == ' ' || p->s[p->i] == '\t')) {
         p->i++;
     }
+    int first_line = 1;
     for (;;) {
         size_t col = 0;
         int c;
@@ -104,19 +134,44 @@ static fr_status skip_leading(parser *p)
         }
         if (is_newline(c)) {
             skip_newline(p);
+            first_line = 0;
             continue;
         }
-        if (c == '{') {
+        if (c == '{' || (c == '\\' && is_newline(peek(p, 1)))) {
             if (col > 0) {
-                return fail(p, FR_ERR_VALUE, "cannot parse header: unexpected indent");
+                if (!(first_line && p->h->major <= 2)) {
+                    return fail(p, FR_ERR_VALUE, "cannot parse header: unexpected indent");
+                }
+                p->h->py2_retry = 1;
             }
-            return FR_OK;
+            if (c == '{') {
+                return FR_OK;
+            }
+            /* A continuation: the next physical line starts afresh. */
+            p->i++;
+            skip_newline(p);
+            first_line = 0;
+            continue;
         }
         if (c < 0) {
             return fail(p, FR_ERR_VALUE, "cannot parse header: it is empty");
         }
         return fail(p, FR_ERR_VALUE, "cannot parse header: expected '{'");
     }
+}
+
+/* Whether the text after the last '\n' holds only spaces, tabs and form feeds. */
+static int last_line_is_blank(const parser *p)
+{
+    size_t k = p->n;
+    while (k > 0 && p->s[k - 1] != '\n') {
+        int c = p->s[k - 1];
+        if (c != ' ' && c != '\t' && c != '\f') {
+            return 0;
+        }
+        k--;
+    }
+    return 1;
 }
 
 /* After the closing brace: the rest of that line and any further lines may
@@ -126,7 +181,7 @@ static fr_status skip_trailing(parser *p)
 {
     int first = 1;
     for (;;) {
-        size_t col = 0;
+        size_t col = skip_spaces(p);
         int c, comment = 0;
         while ((c = peek(p, 0)) == ' ' || c == '\t' || c == '\f') {
             col = c == '\f' ? 0 : col + 1;
@@ -145,9 +200,11 @@ static fr_status skip_trailing(parser *p)
         if (c < 0) {
             if (!first && col > 0 && !comment) {
                 /* literal_eval fails on this; for format <= 2.0 numpy retries
-                 * with a tokenize round trip that drops the blank line. */
-                if (p->h->major <= 2) {
-                    p->h->filtered_l = 1;
+                 * after a tokenize round trip, which drops a last line of
+                 * blanks -- but tokenize splits lines at '\n' only, so not
+                 * when a lone '\r' started that line. */
+                if (p->h->major <= 2 && last_line_is_blank(p)) {
+                    p->h->py2_retry = 1;
                     return FR_OK;
                 }
                 return fail(p, FR_ERR_VALUE, "cannot parse header: unexpected indent");
@@ -338,20 +395,12 @@ static int digit_value(int c, int base)
     return v < base ? v : -1;
 }
 
-/* A Python int literal with at most one unary sign, as literal_eval reads
- * it: decimal (no leading zeros), 0x / 0o / 0b, single underscores between
- * digits. A Python 2 'L' suffix is dropped for format <= 2.0, as numpy's
- * retry with its header filter does. */
-static fr_status parse_dim(parser *p, int64_t *out)
+/* One integer literal as literal_eval reads it: decimal (no leading zeros),
+ * 0x / 0o / 0b, single underscores between digits. A Python 2 'L' suffix is
+ * dropped for format <= 2.0, as numpy's retry with its header filter does. */
+static fr_status parse_int_literal(parser *p, uint64_t *out, int *overflow_out)
 {
-    int neg = 0;
     int c = peek(p, 0);
-    if (c == '+' || c == '-') {
-        neg = c == '-';
-        p->i++;
-        skip_ws(p);
-        c = peek(p, 0);
-    }
     if (!(c >= '0' && c <= '9')) {
         return fail(p, FR_ERR_VALUE, "shape is not valid: expected an integer");
     }
@@ -382,7 +431,8 @@ static fr_status parse_dim(parser *p, int64_t *out)
         if (leading_zero && d != 0) {
             return fail(p, FR_ERR_VALUE, "shape is not valid: leading zeros in an integer");
         }
-        if (v > (UINT64_MAX - (uint64_t)d) / (uint64_t)base) {
+        /* Below 2^59, v * 16 + 15 cannot wrap: skip the division then. */
+        if (v >= ((uint64_t)1 << 59) && v > (UINT64_MAX - (uint64_t)d) / (uint64_t)base) {
             overflow = 1;
         } else {
             v = v * (uint64_t)base + (uint64_t)d;
@@ -406,7 +456,7 @@ static fr_status parse_dim(parser *p, int64_t *out)
     if (is_ident_char(c) || c == '.') {
         if (c == 'L' && p->h->major <= 2 && !is_ident_char(peek(p, 1))) {
             p->i++;
-            p->h->filtered_l = 1;
+            p->h->py2_retry = 1;
         } else {
             return fail(p, FR_ERR_VALUE, "shape is not valid: bad integer literal");
         }
@@ -415,10 +465,48 @@ static fr_status parse_dim(parser *p, int64_t *out)
         skip_ws(p);
         if (peek(p, 0) == 'L' && !is_ident_char(peek(p, 1))) {
             p->i++;
-            p->h->filtered_l = 1;
+            p->h->py2_retry = 1;
         } else {
             p->i = save;
         }
+    }
+    *out = v;
+    *overflow_out = overflow;
+    return FR_OK;
+}
+
+/* One dimension: an int literal in any number of parentheses, with at most
+ * one unary sign (literal_eval allows no more). True/False pass numpy's
+ * isinstance(x, int) check but then fail its reshape, so they are errors. */
+static fr_status parse_dim(parser *p, int64_t *out)
+{
+    int opens = 0, neg = 0, signed_ = 0, overflow = 0;
+    uint64_t v = 0;
+    for (;;) {
+        int c = peek(p, 0);
+        if (c == '(') {
+            if (++opens > 32) {
+                return fail(p, FR_ERR_VALUE, "shape is not valid: nested too deeply");
+            }
+        } else if ((c == '+' || c == '-') && !signed_) {
+            signed_ = 1;
+            neg = c == '-';
+        } else {
+            break;
+        }
+        p->i++;
+        skip_ws(p);
+    }
+    fr_status st = parse_int_literal(p, &v, &overflow);
+    if (st != FR_OK) {
+        return st;
+    }
+    for (; opens > 0; opens--) {
+        skip_ws(p);
+        if (peek(p, 0) != ')') {
+            return fail(p, FR_ERR_VALUE, "shape is not valid: expected ')' after a dimension");
+        }
+        p->i++;
     }
     if (neg && v != 0) {
         return fail(p, FR_ERR_VALUE, "shape is not valid: negative dimension");
@@ -487,16 +575,29 @@ static fr_status parse_dict(parser *p)
     skip_ws(p);
     if (peek(p, 0) != '}') {
         for (;;) {
-            size_t off, len;
-            fr_status st = parse_plain_string(p, &off, &len);
-            if (st != FR_OK) {
-                if (st == FR_ERR_TYPE) {
-                    return fail(p, FR_ERR_VALUE,
-                                "header keys must be plain strings without escapes");
+            /* Adjacent literals concatenate ('desc' 'r' is 'descr'); only
+             * the first 32 bytes matter, as longer keys are wrong anyway. */
+            char k[32];
+            size_t len = 0;
+            fr_status st;
+            do {
+                size_t off, n;
+                st = parse_plain_string(p, &off, &n);
+                if (st != FR_OK) {
+                    if (st == FR_ERR_TYPE) {
+                        return fail(p, FR_ERR_VALUE,
+                                    "header keys must be plain strings without escapes");
+                    }
+                    return st;
                 }
-                return st;
-            }
-            const char *k = (const char *)p->s + off;
+                if (len < sizeof k) {
+                    size_t take = n < sizeof k - len ? n : sizeof k - len;
+                    memcpy(k + len, p->s + off, take);
+                }
+                len += n;
+                skip_ws(p);
+            } while (at_string_start(p));
+            size_t shown = len < sizeof k ? len : sizeof k;
             int key;
             if (len == 5 && memcmp(k, "descr", 5) == 0) {
                 key = KEY_DESCR;
@@ -506,10 +607,9 @@ static fr_status parse_dict(parser *p)
                 key = KEY_SHAPE;
             } else {
                 return fail(p, FR_ERR_VALUE,
-                            "header does not contain the correct keys: unexpected key '%.*s'",
-                            (int)(len > 40 ? 40 : len), k);
+                            "header does not contain the correct keys: unexpected key '%.*s%s'",
+                            (int)shown, k, len > shown ? "..." : "");
             }
-            skip_ws(p);
             if (peek(p, 0) != ':') {
                 return fail(p, FR_ERR_VALUE, "cannot parse header: expected ':'");
             }
@@ -596,6 +696,7 @@ fr_status fr_npy_parse_header(const uint8_t *buf, size_t len, fr_npy_header *h)
 {
     parser p = {NULL, 0, 0, 0, h};
     memset(h, 0, offsetof(fr_npy_header, shape));
+    h->py2_retry = 0;
     h->msg[0] = '\0';
     if (len < 8 || memcmp(buf, NPY_MAGIC, 6) != 0) {
         if (len < 6 || memcmp(buf, NPY_MAGIC, 6) == 0) {
@@ -810,6 +911,46 @@ fr_status fr_npy_write_header(uint8_t *dst, size_t cap, const char *descr_lit, s
 /* Strided gather                                                      */
 /* ------------------------------------------------------------------ */
 
+/* The common widths, four independent loads per step: the loads of a
+ * strided row miss cache, and independent ones overlap their latency. */
+static void copy_row4(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride)
+{
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4, src += 4 * stride, dst += 16) {
+        uint32_t a, b, c, d;
+        memcpy(&a, src, 4);
+        memcpy(&b, src + stride, 4);
+        memcpy(&c, src + 2 * stride, 4);
+        memcpy(&d, src + 3 * stride, 4);
+        memcpy(dst, &a, 4);
+        memcpy(dst + 4, &b, 4);
+        memcpy(dst + 8, &c, 4);
+        memcpy(dst + 12, &d, 4);
+    }
+    for (; k < n; k++, src += stride, dst += 4) {
+        memcpy(dst, src, 4);
+    }
+}
+
+static void copy_row8(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride)
+{
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4, src += 4 * stride, dst += 32) {
+        uint64_t a, b, c, d;
+        memcpy(&a, src, 8);
+        memcpy(&b, src + stride, 8);
+        memcpy(&c, src + 2 * stride, 8);
+        memcpy(&d, src + 3 * stride, 8);
+        memcpy(dst, &a, 8);
+        memcpy(dst + 8, &b, 8);
+        memcpy(dst + 16, &c, 8);
+        memcpy(dst + 24, &d, 8);
+    }
+    for (; k < n; k++, src += stride, dst += 8) {
+        memcpy(dst, src, 8);
+    }
+}
+
 static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride,
                      size_t itemsize)
 {
@@ -826,10 +967,10 @@ static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride
         for (int64_t k = 0; k < n; k++, src += stride, dst += 2) memcpy(dst, src, 2);
         break;
     case 4:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += 4) memcpy(dst, src, 4);
+        copy_row4(dst, src, n, stride);
         break;
     case 8:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += 8) memcpy(dst, src, 8);
+        copy_row8(dst, src, n, stride);
         break;
     case 16:
         for (int64_t k = 0; k < n; k++, src += stride, dst += 16) memcpy(dst, src, 16);
@@ -892,4 +1033,29 @@ void fr_npy_gather(uint8_t *dst, const uint8_t *src, int ndim, const int64_t *sh
             return;
         }
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* Large buffers                                                       */
+/* ------------------------------------------------------------------ */
+
+void fr_npy_advise_huge(void *p, size_t n)
+{
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    /* Same policy as numpy's allocator: a fresh multi-megabyte buffer is
+     * filled once and completely, so transparent huge pages save thousands
+     * of page faults (the kernel only honours this in "madvise" THP mode). */
+    const uintptr_t page = 4096u;
+    if (n < ((size_t)1 << 22)) {
+        return;
+    }
+    uintptr_t start = ((uintptr_t)p + page - 1) & ~(page - 1);
+    uintptr_t end = (uintptr_t)p + n;
+    if (end > start) {
+        (void)madvise((void *)start, (size_t)(end - start), MADV_HUGEPAGE);
+    }
+#else
+    (void)p;
+    (void)n;
+#endif
 }

@@ -36,7 +36,7 @@ typedef struct {
     int fortran_order;
     int ndim;
     int64_t shape[FR_NPY_MAXDIMS];
-    int filtered_l;              /* numpy would need its Python 2 header filter (it warns) */
+    int py2_retry;              /* numpy would need its Python 2 header filter (it warns) */
     char msg[FR_NPY_MSG_LEN];    /* set when a call returns an error */
 } fr_npy_header;
 
@@ -68,5 +68,9 @@ fr_status fr_npy_write_header(uint8_t *dst, size_t cap, const char *descr_lit, s
  * into dst in C order. dst must hold prod(shape) * itemsize bytes. */
 void fr_npy_gather(uint8_t *dst, const uint8_t *src, int ndim, const int64_t *shape,
                    const int64_t *strides, size_t itemsize);
+
+/* Hint the OS to back a large, about-to-be-filled buffer with huge pages
+ * (no-op for small buffers and off Linux). */
+void fr_npy_advise_huge(void *p, size_t n);
 
 #endif

@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromSt
 from cpython.ref cimport Py_INCREF, PyObject
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from fastrec._npy cimport *
 
@@ -26,7 +26,7 @@ cdef extern from "numpy/arrayobject.h":
     PyTypeObject PyArray_Type
     # Steals a reference to descr (also on failure).
     object _np_new_from_descr "PyArray_NewFromDescr" (
-        PyTypeObject *subtype, PyObject *descr, int nd, cnp.npy_intp *dims,
+        PyTypeObject *subtype, cnp.PyArray_Descr *descr, int nd, cnp.npy_intp *dims,
         cnp.npy_intp *strides, void *data, int flags, PyObject *obj)
     int NPY_ARRAY_C_CONTIGUOUS
     int NPY_ARRAY_F_CONTIGUOUS
@@ -131,12 +131,41 @@ cdef object _checked_dtype(object dt, object descr_text):
     return dt
 
 
+# The most recent descr strings, compared in place before any Python object
+# is created (most Arrays of a model share a handful of dtypes).
+cdef enum:
+    RECENT = 8
+cdef list _recent_keys = [b""] * RECENT
+cdef list _recent_dtypes = [None] * RECENT
+cdef int _recent_next = 0
+
+
+cdef inline object _recent_lookup(const char *p, size_t n):
+    cdef int k
+    cdef bytes key
+    for k in range(RECENT):
+        key = <bytes>_recent_keys[k]
+        if <size_t>PyBytes_GET_SIZE(key) == n and memcmp(PyBytes_AS_STRING(key), p, n) == 0 \
+                and _recent_dtypes[k] is not None:
+            return _recent_dtypes[k]
+    return None
+
+
 cdef object _descr_dtype(const uint8_t *buf, fr_npy_header *h):
-    cdef bytes raw = PyBytes_FromStringAndSize(<const char *>buf + h.descr_off, h.descr_len)
+    global _recent_next
     cdef bint plain = h.descr_kind == FR_NPY_DESCR_STR
+    cdef const char *p = <const char *>buf + h.descr_off
+    if plain:
+        dt = _recent_lookup(p, h.descr_len)
+        if dt is not None:
+            return dt
+    cdef bytes raw = PyBytes_FromStringAndSize(p, h.descr_len)
     if plain:
         dt = _DESCR_CACHE.get(raw)
         if dt is not None:
+            _recent_keys[_recent_next] = raw
+            _recent_dtypes[_recent_next] = dt
+            _recent_next = (_recent_next + 1) % RECENT
             return dt
     try:
         text = raw.decode("utf8" if h.major == 3 else "latin1")
@@ -161,7 +190,7 @@ cdef object _descr_dtype(const uint8_t *buf, fr_npy_header *h):
         except Exception as exc:
             raise ValueError(f"descr is not a valid dtype descriptor: {value!r}") from exc
     _checked_dtype(dt, text)
-    if plain and len(_DESCR_CACHE) < DESCR_CACHE_MAX:
+    if plain and dt.names is None and len(_DESCR_CACHE) < DESCR_CACHE_MAX:
         _DESCR_CACHE[raw] = dt
     return dt
 
@@ -263,36 +292,39 @@ cdef class Array:
             n = view.len
         try:
             if have_view or data is not self._hdr_data:
-                with nogil:
-                    st = fr_npy_parse_header(buf, <size_t>n, &h)
+                # Headers are capped at 10000 characters: too short to be
+                # worth releasing the GIL.
+                st = fr_npy_parse_header(buf, <size_t>n, &h)
                 if st != FR_OK:
                     raise ValueError(_status_msg(st, &h))
                 dt = _descr_dtype(buf, &h)
                 st = fr_npy_data_nbytes(&h, <size_t>(<cnp.dtype>dt).itemsize, &need)
                 if st != FR_OK:
                     raise ValueError(_status_msg(st, &h))
-                if h.filtered_l:
+                avail = <size_t>n - h.data_offset
+                if need > avail:
+                    raise ValueError(
+                        f"truncated .npy data: shape {tuple([h.shape[i] for i in range(h.ndim)])} "
+                        f"of {dt} needs {need} bytes of data, only {avail} present")
+                if need < avail:
+                    raise ValueError(
+                        f".npy data too long: shape {tuple([h.shape[i] for i in range(h.ndim)])} "
+                        f"of {dt} needs {need} bytes of data, {avail} present "
+                        "(numpy.load would ignore the trailing bytes)")
+                if h.py2_retry:
                     warnings.warn(
                         "Reading `.npy` or `.npz` file required additional header parsing as "
                         "it was created on Python 2. Save the file again to speed up loading "
                         "and avoid this warning.", UserWarning, stacklevel=2)
-                avail = <size_t>n - h.data_offset
-                if need > avail:
-                    raise ValueError(
-                        f"truncated .npy data: shape {tuple(h.shape[i] for i in range(h.ndim))} "
-                        f"of {dt} needs {need} bytes of data, only {avail} present")
-                if need < avail:
-                    raise ValueError(
-                        f".npy data too long: shape {tuple(h.shape[i] for i in range(h.ndim))} "
-                        f"of {dt} needs {need} bytes of data, {avail} present "
-                        "(numpy.load would ignore the trailing bytes)")
                 ndim = h.ndim
                 fortran = h.fortran_order
                 offset = <Py_ssize_t>h.data_offset
                 nbytes = <Py_ssize_t>need
                 for i in range(ndim):
                     dims[i] = <cnp.npy_intp>h.shape[i]
-                if not have_view and ndim <= 8:
+                # Structured dtypes are mutable (dtype.names can be assigned
+                # through the returned array), so they are never cached.
+                if not have_view and ndim <= 8 and dt.names is None:
                     self._hdr_data = data
                     self._hdr_dtype = dt
                     self._hdr_offset = offset
@@ -318,9 +350,15 @@ cdef class Array:
 cdef object _new_array(object dt, int ndim, cnp.npy_intp *dims, int fortran,
                        const uint8_t *src, Py_ssize_t nbytes, bint copy, object base):
     cdef cnp.ndarray arr
+    cdef int i
     Py_INCREF(dt)   # stolen by PyArray_NewFromDescr
     if copy:
-        arr = _np_new_from_descr(&PyArray_Type, <PyObject *>dt, ndim, dims, NULL, NULL,
+        if (<cnp.dtype>dt).itemsize == 0:
+            # PyArray_NewFromDescr turns an unsized 'U0'/'S0'/'V0' into size 1
+            # when it allocates; the ndarray constructor keeps it, as numpy.load does.
+            return np.ndarray(tuple([dims[i] for i in range(ndim)]), dtype=dt,
+                              order="F" if fortran else "C")
+        arr = _np_new_from_descr(&PyArray_Type, <cnp.PyArray_Descr *>dt, ndim, dims, NULL, NULL,
                                  fortran, NULL)
         if nbytes >= NOGIL_BYTES:
             with nogil:
@@ -328,7 +366,7 @@ cdef object _new_array(object dt, int ndim, cnp.npy_intp *dims, int fortran,
         elif nbytes > 0:
             memcpy(cnp.PyArray_DATA(arr), src, <size_t>nbytes)
         return arr
-    arr = _np_new_from_descr(&PyArray_Type, <PyObject *>dt, ndim, dims, NULL, <void *>src,
+    arr = _np_new_from_descr(&PyArray_Type, <cnp.PyArray_Descr *>dt, ndim, dims, NULL, <void *>src,
                              NPY_ARRAY_F_CONTIGUOUS if fortran else NPY_ARRAY_C_CONTIGUOUS,
                              NULL)
     cnp.set_array_base(arr, base)
@@ -400,6 +438,8 @@ def array_from_numpy(ndarray):
                       "read by NumPy >= 1.17", UserWarning, stacklevel=2)
     cdef const uint8_t *src = <const uint8_t *>cnp.PyArray_DATA(arr)
     dst += hlen
+    if nbytes >= NOGIL_BYTES:
+        fr_npy_advise_huge(dst, nbytes)
     if nbytes > 0:
         if c_contig or fortran:
             if nbytes >= NOGIL_BYTES:

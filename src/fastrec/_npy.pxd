@@ -23,7 +23,7 @@ cdef extern from "npy.h" nogil:
         int fortran_order
         int ndim
         int64_t shape[64]
-        int filtered_l
+        int py2_retry
         char msg[256]
 
     fr_status fr_npy_parse_header(const uint8_t *buf, size_t len, fr_npy_header *h)
@@ -35,3 +35,4 @@ cdef extern from "npy.h" nogil:
                                   int *out_major)
     void fr_npy_gather(uint8_t *dst, const uint8_t *src, int ndim, const int64_t *shape,
                        const int64_t *strides, size_t itemsize)
+    void fr_npy_advise_huge(void *p, size_t n)
