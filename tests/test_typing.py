@@ -254,7 +254,8 @@ def mypy_run(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("typing")
     (tmp / "good.py").write_text(textwrap.dedent(GOOD))
     (tmp / "bad.py").write_text(textwrap.dedent(BAD))
-    cache = request.config.cache.mkdir("mypy") if request.config.cache else tmp / ".mypy_cache"
+    config_cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    cache = config_cache.mkdir("mypy") if config_cache is not None else tmp / ".mypy_cache"
     # A subprocess in an empty directory: mypy finds fastrec where this interpreter does
     # (site-packages, or the editable install's path entry), not in the working tree.
     proc = subprocess.run(
