@@ -23,12 +23,8 @@ import time
 
 import numpy as np
 
+from .records import MetricsRecord
 from .sampling import FinalizeThenSampleFactory, TensorSpec
-
-try:  # built in parallel by the records work; plain dicts are what it replaces
-    from . import MetricsRecord as _Record  # type: ignore[attr-defined]
-except ImportError:
-    _Record = dict
 
 SPEC = {"loss": [TensorSpec("float64"), TensorSpec("float64")],
         "accuracy": [TensorSpec("float64"), TensorSpec("float64")],
@@ -55,7 +51,7 @@ def simulate_clients(rng: np.random.Generator, n: int, diverge: float = 0.005) -
     loss_sum = rng.gamma(2.0, 0.5 * (1.2 - skill)) * examples
     broken = rng.random(n) < diverge
     loss_sum[broken] = np.where(rng.random(int(broken.sum())) < 0.5, np.nan, np.inf)
-    return [_Record({"loss": [ls, float(e)], "accuracy": [float(c), float(e)],
+    return [MetricsRecord({"loss": [ls, float(e)], "accuracy": [float(c), float(e)],
                      "num_examples": int(e)})
             for ls, c, e in zip(loss_sum.tolist(), correct.tolist(), examples.tolist())]
 
@@ -149,7 +145,7 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
     total_clients = rounds * clients
     print(f"fastrec demo: {rounds} rounds x {clients:,} clients, sample size {sample_size}, "
           f"seed {seed}", file=out)
-    print(f"records: {'fastrec.MetricsRecord' if _Record is not dict else 'dict'}", file=out)
+    print("records: fastrec.MetricsRecord", file=out)
     print("\nnon-finite finalized metrics per round (clients):", file=out)
     print("  round  " + "  ".join(f"{n:>12}" for n in FINALIZERS), file=out)
     for r, counts in enumerate(per_round):

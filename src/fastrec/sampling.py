@@ -88,7 +88,7 @@ class TensorSpec:
             shape = (shape,)
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"TensorSpec: shape must be a tuple of ints or None, got {shape!r}")
-        dims = []
+        dims: list[int | None] = []
         for d in shape:
             if d is None:
                 dims.append(None)
@@ -391,7 +391,7 @@ class AggregationProcess:
         if set(batch) != set(self._spec_names):
             raise ValueError(f"batch has metrics {sorted(batch)}, expected "
                              f"{sorted(self._spec_names)}")
-        sizes = {}
+        sizes: dict[str, int] = {}
         cols = {name: _column(self._specs[name], batch[name], name, sizes)
                 for name in self._spec_names}
         if len(set(sizes.values())) > 1:
@@ -416,7 +416,7 @@ class AggregationProcess:
                                                           self._k)
         samples, measurements = {}, {}
         for name, value in finalized.items():
-            leaves = []
+            leaves: list[np.ndarray] = []
             structure = map_leaves(lambda x: _finalized_column(x, n, name, leaves), value)
             measurements[name] = map_leaves(lambda i: count_non_finite_rows(leaves[i]), structure)
             picked = [_sampling.gather_rows(leaf, positions) for leaf in leaves]
@@ -519,7 +519,7 @@ def _check_state(state):
 
 def _column(spec: CompiledSpec, value, path, sizes):
     """Check one column (or list of columns) against its spec; record its client count."""
-    if spec.dtype is None:  # a list/tuple spec
+    if spec.children is not None:  # a list/tuple spec
         n = len(spec.children)
         if not isinstance(value, (list, tuple)) or len(value) != n:
             raise TypeError(f"metric {path}: expected a list or tuple of {n} columns, got "
@@ -527,6 +527,7 @@ def _column(spec: CompiledSpec, value, path, sizes):
         return [_column(c, v, f"{path}[{i}]", sizes)
                 for i, (c, v) in enumerate(zip(spec.children, value))]
     # A column is checked like one client's value with a leading axis of any length.
+    assert spec.dtype is not None and spec.shape is not None  # a leaf spec has both
     try:
         col = _sampling.convert_value(CompiledSpec.leaf(spec.dtype, (None,) + spec.shape), value)
     except (TypeError, ValueError) as e:
