@@ -1,6 +1,7 @@
 """Tests of fastrec.sampling: count_non_finite, keys, reservoir, FinalizeThenSample process."""
 
 import collections
+import collections.abc
 import doctest
 import math
 import pickle
@@ -778,3 +779,37 @@ def test_context_survives_exception_types_without_message_constructor():
     q = make_process(finalizers={"a": finalize, "b": lambda v: v})
     with pytest.raises(UnicodeDecodeError):
         q.next(q.initialize(), clients_ab(2))
+
+# ----------------------------------------------------------------------------------------------
+# Hostile inputs: finalizers and values that run Python code mid-round must never make the
+# compiled loops read or write past a container (each of these crashed, or corrupted the heap
+# under AddressSanitizer, before its fix).
+# ----------------------------------------------------------------------------------------------
+
+def test_finalizer_shrinking_the_client_list_sees_the_round_as_passed():
+    spec = {"x": TensorSpec("float64")}
+    clients = [{"x": float(i)} for i in range(50)]
+    ref = FinalizeThenSampleFactory(5, seed=3).create({"x": lambda v: v}, spec)
+    expected = ref.next(ref.initialize(), list(clients))
+
+    def shrink(v):
+        clients.clear()
+        return v
+
+    p = FinalizeThenSampleFactory(5, seed=3).create({"x": shrink}, spec)
+    out = p.next(p.initialize(), clients)
+    assert out.result[0] == expected.result[0]
+    assert out.state["indices"].tolist() == expected.state["indices"].tolist()
+
+
+def test_finalize_clients_rejects_inconsistent_internal_arguments():
+    leaf = _sampling.CompiledSpec.leaf("f8", ())
+    pos = np.zeros(0, np.int64)
+    with pytest.raises(TypeError):
+        _sampling.finalize_clients([{"x": 1.0}], ("x",), (leaf,), (float,), None, None, 0)
+    with pytest.raises(ValueError, match="specs"):
+        _sampling.finalize_clients([{"x": 1.0, "y": 2.0}], ("x", "y"), (leaf,), (float, float),
+                                   None, pos, 0)
+    with pytest.raises(ValueError, match="finalizers"):
+        _sampling.finalize_clients([{"x": 1.0, "y": 2.0}], ("x", "y"), (leaf, leaf), (float,),
+                                   None, pos, 0)

@@ -458,15 +458,23 @@ cdef inline object _context(BaseException e, Py_ssize_t i, object name):
 
 
 def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
-                     cnp.ndarray positions, Py_ssize_t nsample):
+                     cnp.ndarray positions not None, Py_ssize_t nsample):
     """Finalize every client, count non-finite leaves, keep the sampled clients' values.
 
     ``positions[r]`` is the batch position of the client with rank r in the round's sample.
     Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set.
     Returns (finalized names, per-name sample lists in rank order, per-name measurements).
     """
+    # The round was sampled over the clients as they are now; finalizers and value
+    # conversions run Python code that may mutate the caller's list, so read a snapshot.
+    if type(clients) is not tuple:
+        clients = tuple(clients)
     cdef Py_ssize_t n = len(clients)
     cdef Py_ssize_t m = len(names)
+    if len(specs) != m:
+        raise ValueError(f"{len(specs)} specs for {m} metric names")
+    if functional is None and (type(finalizers) is not tuple or len(finalizers) != m):
+        raise ValueError(f"finalizers must be a tuple of {m} callables")
     cdef Py_ssize_t i, j, r
     cdef int64_t *slot = <int64_t *>malloc((n if n > 0 else 1) * sizeof(int64_t))
     if slot == NULL:
