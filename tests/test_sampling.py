@@ -802,6 +802,77 @@ def test_finalizer_shrinking_the_client_list_sees_the_round_as_passed():
     assert out.state["indices"].tolist() == expected.state["indices"].tolist()
 
 
+class _ShiftingMapping(collections.abc.Mapping):
+    """A mapping whose keys change after the first iteration."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __iter__(self):
+        self.calls += 1
+        return iter(["a"] if self.calls == 1 else [f"k{i}" for i in range(200)])
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, key):
+        return math.nan
+
+
+def test_finalized_mapping_is_read_once_even_if_its_keys_change():
+    calls = []
+
+    def finalize(v):
+        calls.append(v)
+        return {"a": 1.0} if len(calls) == 1 else _ShiftingMapping()
+
+    p = make_process(finalizers={"a": finalize, "b": lambda v: v})
+    out = p.next(p.initialize(), clients_ab(4))
+    # Structure and non-finite flags come from one reading of each value: {"a": nan}.
+    assert out.measurements["a"] == {"a": 3}
+
+    def finalize_shifted_first(v):
+        calls.append(v)
+        m = _ShiftingMapping()
+        m.calls = 1   # its first reading already has the 200 other keys
+        return {"a": 1.0} if len(calls) == 5 else m
+
+    q = make_process(finalizers={"a": finalize_shifted_first, "b": lambda v: v})
+    with pytest.raises(ValueError, match="structure of the first client's"):
+        q.next(q.initialize(), clients_ab(2))
+
+
+def test_finalized_mapping_repeating_a_key_is_rejected():
+    class Twice(collections.abc.Mapping):
+        def __iter__(self):
+            return iter(["a", "a"])
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, key):
+            return math.nan
+
+    p = make_process(finalizers={"a": lambda v: Twice(), "b": lambda v: v})
+    with pytest.raises(ValueError, match="key 'a' twice"):
+        p.next(p.initialize(), clients_ab(3))
+
+
+def test_finalizer_reusing_and_growing_one_list_is_rejected():
+    shared = [1.0, 2.0]
+
+    def finalize(v):
+        # The same list object every time, grown after the first client: the template
+        # must be the first client's structure, not an alias of the grown list.
+        if len(shared) < 4 and v != 0.0:
+            shared.append(math.nan)
+        return shared
+
+    p = make_process(k=2, finalizers={"a": finalize, "b": lambda v: v})
+    with pytest.raises(ValueError, match="structure of the first client's"):
+        p.next(p.initialize(), clients_ab(3))
+
+
 def test_finalize_clients_rejects_inconsistent_internal_arguments():
     leaf = _sampling.CompiledSpec.leaf("f8", ())
     pos = np.zeros(0, np.int64)

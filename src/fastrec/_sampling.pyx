@@ -171,29 +171,47 @@ cdef inline bint _is_struct(object f):
     return isinstance(f, (list, tuple, dict)) or isinstance(f, Mapping)
 
 
-cdef int _flatten_bad(object f, list out) except -1:
-    """Append the non-finite flag of every leaf of the finalized structure ``f``."""
+cdef object _skeleton(object f, list flags):
+    """``f``'s list/tuple/mapping structure with ``None`` leaves (the shape ``map_leaves``
+    builds), appending each leaf's non-finite flag to ``flags`` in the same walk.
+
+    One walk, into private containers: ``f`` may be user code (a Mapping whose keys change
+    between iterations, a list a finalizer keeps growing), so the structure that is compared
+    and the flags that are counted must come from the same reading of it.
+    """
+    cdef dict d
     if isinstance(f, (list, tuple)):
-        for x in f:
-            _flatten_bad(x, out)
-    elif isinstance(f, Mapping):
+        items = [_skeleton(x, flags) for x in f]
+        return tuple(items) if type(f) is tuple else items
+    if isinstance(f, Mapping):
+        d = {}
         for key in f:
-            _flatten_bad(f[key], out)
-    else:
-        out.append(_leaf_bad(f))
-    return 0
+            if key in d:
+                raise ValueError(f"finalized mapping yields the key {key!r} twice")
+            d[key] = _skeleton(f[key], flags)
+        return d
+    flags.append(_leaf_bad(f))
+    return None
 
 
-cdef bint _same_structure(object a, object b):
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+cdef bint _same_skeleton(object a, object b) except -1:
+    """Whether two skeletons have the same structure (list and tuple interchangeable,
+    mapping keys in the same order)."""
+    if a is None:
+        return b is None
+    if type(a) is dict:
+        if type(b) is not dict or list(<dict>a) != list(<dict>b):
             return False
-        return all(_same_structure(x, y) for x, y in zip(a, b))
-    if isinstance(a, Mapping):
-        if not isinstance(b, Mapping) or list(a) != list(b):
+        for x, y in zip((<dict>a).values(), (<dict>b).values()):
+            if not _same_skeleton(x, y):
+                return False
+        return True
+    if (type(b) is not list and type(b) is not tuple) or len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if not _same_skeleton(x, y):
             return False
-        return all(_same_structure(a[k], b[k]) for k in a)
-    return not _is_struct(b)
+    return True
 
 
 def map_leaves(fn, template):
@@ -225,8 +243,6 @@ cdef class _Acc:
         if not self.started:
             self.started = True
             self.nested = _is_struct(f)
-            if self.nested:
-                self.template = f
         if not self.nested:
             if PyFloat_Check(f):  # the common case, kept free of any type dispatch
                 self.count += _double_bad(PyFloat_AS_DOUBLE(f))
@@ -238,13 +254,17 @@ cdef class _Acc:
                                  f"client's was a single value")
             self.count += _leaf_bad(f)
         else:
-            if not _same_structure(self.template, f):
+            del self.flags[:]
+            skeleton = _skeleton(f, self.flags)
+            if self.counts is None:
+                self.template = skeleton
+                self.counts = [0] * len(self.flags)
+            elif not _same_skeleton(self.template, skeleton):
                 raise ValueError("finalized value does not have the structure of the first "
                                  "client's")
-            del self.flags[:]
-            _flatten_bad(f, self.flags)
-            if self.counts is None:
-                self.counts = [0] * len(self.flags)
+            if len(self.flags) != len(self.counts):  # same skeleton, same leaves: cannot happen
+                raise ValueError("finalized value does not have the structure of the first "
+                                 "client's")
             for j in range(len(self.flags)):
                 self.counts[j] += self.flags[j]
         if slot >= 0:
