@@ -873,6 +873,48 @@ def test_finalizer_reusing_and_growing_one_list_is_rejected():
         p.next(p.initialize(), clients_ab(3))
 
 
+def _numpy_scalar_impostor(dtype, on_check):
+    """Passes as a numpy scalar of ``dtype`` through __class__, running ``on_check`` each time
+    its type is checked; the converter hands it over unchanged."""
+    class Impostor:
+        @property
+        def __class__(self):
+            on_check()
+            return np.dtype(dtype).type
+
+        def __int__(self):
+            return 1
+
+    Impostor.dtype = np.dtype(dtype)
+    return Impostor()
+
+
+def test_struct_value_shrunk_while_its_elements_are_checked():
+    spec = {"x": [TensorSpec("float64")] * 40}
+    value = []
+    value.extend([_numpy_scalar_impostor("f8", value.clear)] + [1.0] * 39)
+    seen = []
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
+    p.next(p.initialize(), [{"x": value}])
+    # The finalizer got the 40 checked values, not the emptied list.
+    assert len(seen) == 1 and len(seen[0]) == 40 and seen[0][1:] == [1.0] * 39
+
+
+def test_struct_value_changed_while_checked_hands_over_the_checked_values():
+    spec = {"x": [TensorSpec("int8")] * 3}
+    value = [0, None, 0]
+
+    def swap():
+        value[0] = "not a number"
+
+    value[1] = _numpy_scalar_impostor("i1", swap)
+    seen = []
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
+    p.next(p.initialize(), [{"x": value}])
+    assert value[0] == "not a number"
+    assert seen[0][0] == 0 and seen[0][2] == 0   # the checked elements, not the swapped-in string
+
+
 def test_finalize_clients_rejects_inconsistent_internal_arguments():
     leaf = _sampling.CompiledSpec.leaf("f8", ())
     pos = np.zeros(0, np.int64)

@@ -15,6 +15,7 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.dict cimport PyDict_Size
+from cpython.list cimport PyList_AsTuple
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.complex cimport PyComplex_Check
@@ -32,6 +33,11 @@ cnp.import_array()
 
 cdef extern from "Python.h":
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
+    # Borrowed pointers, compared by address only (cpython.list's versions return objects).
+    Py_ssize_t PyList_GET_SIZE(object) nogil
+    PyObject *PyList_GET_ITEM(object, Py_ssize_t) nogil
+    Py_ssize_t PyTuple_GET_SIZE(object) nogil
+    PyObject *PyTuple_GET_ITEM(object, Py_ssize_t) nogil
 
 
 # Arrays at least this large are counted with the GIL released; below it
@@ -306,7 +312,7 @@ cdef class CompiledSpec:
     cdef readonly tuple shape
     cdef object lo, hi
     cdef str accepts
-    cdef readonly list children
+    cdef readonly tuple children
     cdef object container
 
     @staticmethod
@@ -328,7 +334,7 @@ cdef class CompiledSpec:
         cdef CompiledSpec s = CompiledSpec.__new__(CompiledSpec)
         s.tag = T_STRUCT
         s.container = container
-        s.children = children
+        s.children = tuple(children)
         return s
 
 
@@ -423,26 +429,50 @@ cdef object _convert(CompiledSpec s, object v):
         return _convert_scalar(s, v)
     if s.tag == T_ARRAY:
         return _convert_array(s, v)
-    cdef Py_ssize_t j, n = len(s.children)
+    cdef tuple children = s.children
+    cdef Py_ssize_t j, n = len(children)
     if not isinstance(v, (list, tuple)):
         raise TypeError(f"expected a list or tuple of {n} values, got {_describe(v)}")
-    if len(v) != n:
-        raise ValueError(f"expected a list or tuple of {n} values, got {len(v)}")
+    # Converting an element may run Python code (__class__, __index__, __array__...) that
+    # mutates a list value: check a snapshot of it, and hand over the list itself only if
+    # it still holds exactly the checked elements.
+    cdef tuple items
+    if isinstance(v, tuple):
+        items = <tuple>v   # immutable storage, also for tuple subclasses (namedtuples)
+    else:
+        items = PyList_AsTuple(v)
+    if len(items) != n:
+        raise ValueError(f"expected a list or tuple of {n} values, got {len(items)}")
     out = None
     j = 0
     try:
         for j in range(n):
-            x = v[j]
-            y = _convert(<CompiledSpec>s.children[j], x)
+            x = items[j]
+            y = _convert(<CompiledSpec>children[j], x)
             if y is not x and out is None:
-                out = list(v[:j])
+                out = list(items[:j])
             if out is not None:
                 out.append(y)
     except (TypeError, ValueError) as e:
         raise with_context(e, f"element {j}") from None
-    if out is None:
+    if out is not None:
+        return s.container(out)
+    if v is items or _holds_exactly(v, items):
         return v
-    return s.container(out)
+    return s.container(list(items))
+
+
+cdef bint _holds_exactly(object v, tuple items) noexcept:
+    """Whether the list ``v`` holds the objects of ``items``, in order (identity)."""
+    cdef Py_ssize_t j, n = PyTuple_GET_SIZE(items)
+    if PyList_GET_SIZE(v) != n:
+        return False
+    for j in range(n):
+        # Reads the list's storage and compares addresses: no Python code runs, so the
+        # size read above still holds.
+        if PyList_GET_ITEM(v, j) != PyTuple_GET_ITEM(items, j):
+            return False
+    return True
 
 
 def convert_value(CompiledSpec s, v):
