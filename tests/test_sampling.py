@@ -780,6 +780,7 @@ def test_context_survives_exception_types_without_message_constructor():
     with pytest.raises(UnicodeDecodeError):
         q.next(q.initialize(), clients_ab(2))
 
+
 # ----------------------------------------------------------------------------------------------
 # Hostile inputs: finalizers and values that run Python code mid-round must never make the
 # compiled loops read or write past a container (each of these crashed, or corrupted the heap
@@ -926,3 +927,14 @@ def test_finalize_clients_rejects_inconsistent_internal_arguments():
     with pytest.raises(ValueError, match="finalizers"):
         _sampling.finalize_clients([{"x": 1.0, "y": 2.0}], ("x", "y"), (leaf, leaf), (float,),
                                    None, pos, 0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: _sampling.select_top(None, None, None, 1),
+    lambda: _sampling.select_top(np.zeros(1, np.uint64), None, np.zeros(1, np.int64), 1),
+    lambda: _sampling.gather_rows(None, np.zeros(1, np.int64)),
+    lambda: _sampling.gather_rows(np.zeros(3), None),
+])
+def test_kernel_wrappers_reject_none_arrays(call):
+    with pytest.raises(TypeError):
+        call()

@@ -670,7 +670,8 @@ def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, 
     return keys, idx, pos
 
 
-def select_top(cnp.ndarray keys, cnp.ndarray rounds, cnp.ndarray indices, int64_t k):
+def select_top(cnp.ndarray keys not None, cnp.ndarray rounds not None, cnp.ndarray indices not None,
+               int64_t k):
     """Positions of the best ``k`` distinct clients among parallel (key, round, index) arrays.
 
     Best first; a client listed twice (same round and index) is kept once.
@@ -710,7 +711,7 @@ def select_top(cnp.ndarray keys, cnp.ndarray rounds, cnp.ndarray indices, int64_
     return out
 
 
-def gather_rows(cnp.ndarray a, cnp.ndarray positions):
+def gather_rows(cnp.ndarray a not None, cnp.ndarray positions not None):
     """``a[positions]`` for a 1-d int64 ``positions``, rows copied by the C gather."""
     if a.ndim == 0:
         raise ValueError("expected an array with a leading client axis, got a 0-d array")
