@@ -874,31 +874,29 @@ def test_finalizer_reusing_and_growing_one_list_is_rejected():
         p.next(p.initialize(), clients_ab(3))
 
 
-def _numpy_scalar_impostor(dtype, on_check):
-    """Passes as a numpy scalar of ``dtype`` through __class__, running ``on_check`` each time
-    its type is checked; the converter hands it over unchanged."""
-    class Impostor:
-        @property
-        def __class__(self):
-            on_check()
-            return np.dtype(dtype).type
+class _SneakyInt(int):
+    """An int whose range check (int(v)) runs ``on_int``; the converter hands it over as is."""
 
-        def __int__(self):
-            return 1
+    def __new__(cls, value, on_int):
+        self = super().__new__(cls, value)
+        self.on_int = on_int
+        return self
 
-    Impostor.dtype = np.dtype(dtype)
-    return Impostor()
+    def __int__(self):
+        self.on_int()
+        return int.__int__(self)
 
 
 def test_struct_value_shrunk_while_its_elements_are_checked():
-    spec = {"x": [TensorSpec("float64")] * 40}
+    spec = {"x": [TensorSpec("int64")] * 40}
     value = []
-    value.extend([_numpy_scalar_impostor("f8", value.clear)] + [1.0] * 39)
+    value.extend([_SneakyInt(1, value.clear)] + [2] * 39)
     seen = []
     p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
     p.next(p.initialize(), [{"x": value}])
     # The finalizer got the 40 checked values, not the emptied list.
-    assert len(seen) == 1 and len(seen[0]) == 40 and seen[0][1:] == [1.0] * 39
+    assert value == [] and len(seen) == 1
+    assert len(seen[0]) == 40 and seen[0][0] == 1 and seen[0][1:] == [2] * 39
 
 
 def test_struct_value_changed_while_checked_hands_over_the_checked_values():
@@ -908,12 +906,15 @@ def test_struct_value_changed_while_checked_hands_over_the_checked_values():
     def swap():
         value[0] = "not a number"
 
-    value[1] = _numpy_scalar_impostor("i1", swap)
+    value[1] = _SneakyInt(1, swap)
     seen = []
     p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
     p.next(p.initialize(), [{"x": value}])
     assert value[0] == "not a number"
-    assert seen[0][0] == 0 and seen[0][2] == 0   # the checked elements, not the swapped-in string
+    assert seen[0] == [0, 1, 0]   # the checked elements, not the swapped-in string
+    untouched = [0, 1, 0]
+    p.next(p.initialize(), [{"x": untouched}])
+    assert seen[1] is untouched   # unchanged values are still handed over as they are
 
 
 def test_finalize_clients_rejects_inconsistent_internal_arguments():
@@ -938,3 +939,83 @@ def test_finalize_clients_rejects_inconsistent_internal_arguments():
 def test_kernel_wrappers_reject_none_arrays(call):
     with pytest.raises(TypeError):
         call()
+
+
+
+class _ArrayImpostor:
+    """isinstance(x, np.ndarray) is True through __class__, but it is no array."""
+    dtype = np.dtype("f8")
+
+    @property
+    def __class__(self):
+        return np.ndarray
+
+
+class _ScalarImpostor:
+    """Claims to be an np.float64 through __class__, without a dtype."""
+
+    @property
+    def __class__(self):
+        return np.float64
+
+
+class _LyingDtype(np.ndarray):
+    @property
+    def dtype(self):
+        return np.dtype("f8")
+
+    def astype(self, *args, **kwargs):
+        return np.zeros(10**6, np.float64)
+
+
+class _LyingShape(np.ndarray):
+    @property
+    def shape(self):
+        return (self.size, 1000)
+
+
+def test_array_impostors_are_type_errors_not_struct_reads():
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        count_non_finite(_ArrayImpostor())
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        _sampling.count_non_finite_rows(_ArrayImpostor())
+    p = make_process(finalizers={"a": lambda v: _ArrayImpostor(), "b": lambda v: v})
+    with pytest.raises(TypeError, match="finalized value must be a number"):
+        p.next(p.initialize(), clients_ab(2))
+
+
+def test_numpy_scalar_impostor_client_value_is_a_type_error():
+    p = make_process()
+    clients = clients_ab(2)
+    clients[1]["a"] = _ScalarImpostor()
+    with pytest.raises(TypeError, match="client 1, metric 'a'"):
+        p.next(p.initialize(), clients)
+
+
+@pytest.mark.parametrize("order", ["=", ">"])
+def test_ndarray_subclass_attributes_do_not_steer_the_kernels(order):
+    base = np.zeros(1000, np.dtype("f2").newbyteorder(order))
+    base[[3, 500, 999]] = np.nan
+    lying = base.view(_LyingDtype)
+    assert count_non_finite(lying) == 3
+    assert _sampling.count_non_finite_rows(lying.reshape(10, 100).view(_LyingDtype)) == 3
+    rows = np.arange(12, dtype=np.float16).reshape(4, 3)
+    pos = np.array([3, 0, 3], np.int64)
+    for sub in (_LyingDtype, _LyingShape):
+        got = _sampling.gather_rows(rows.view(sub), pos)
+        assert type(got) is np.ndarray and got.dtype == np.float16
+        assert np.array_equal(got, rows[pos])
+
+
+def test_gather_rows_reversed_rows_use_numpy():
+    rows = np.arange(12.0).reshape(4, 3)[:, ::-1]
+    pos = np.array([3, 1], np.int64)
+    assert np.array_equal(_sampling.gather_rows(rows, pos), rows[pos])
+
+
+def test_specs_must_be_compiled_specs():
+    with pytest.raises(TypeError, match="CompiledSpec"):
+        _sampling.CompiledSpec.struct(list, [TensorSpec("float64")])
+    with pytest.raises(TypeError, match="CompiledSpec"):
+        _sampling.finalize_clients([{"x": 1.0}], ("x",), ("not a spec",), (float,), None,
+                                   np.zeros(0, np.int64), 0)

@@ -86,7 +86,9 @@ cdef int _ftype_of(object dt) except -1:
 
 cdef int64_t _count_array(cnp.ndarray a, bint per_row) except -1:
     """Non-finite elements of ``a`` (or, per_row, rows of axis 0 holding any)."""
-    dt = a.dtype
+    # The dtype comes from the array struct, like the shape, strides and data the kernel
+    # reads: an ndarray subclass can override the ``dtype`` attribute (and ``astype``).
+    cdef object dt = a.descr   # numpy.pxd: PyArray_DESCR, not the Python attribute
     kind = dt.kind
     if kind in "biu":
         return 0
@@ -94,7 +96,8 @@ cdef int64_t _count_array(cnp.ndarray a, bint per_row) except -1:
         raise TypeError(f"dtype {dt} is not numeric")
     if not dt.isnative:
         # The bit tests read native-order words; a byte-swapped copy is rare enough to afford.
-        a = a.astype(dt.newbyteorder("="))
+        a = np.asarray(a).astype(dt.newbyteorder("="))
+        dt = a.descr
     cdef int ft = _ftype_of(dt)
     if ft == 0:
         # long double has no portable bit layout: let numpy decide.
@@ -135,14 +138,16 @@ cdef int64_t _count_array(cnp.ndarray a, bint per_row) except -1:
 
 def count_non_finite(a):
     """Number of NaN/±Inf elements of the ndarray ``a`` (see fastrec.count_non_finite)."""
-    if not isinstance(a, np.ndarray):
+    # PyArray_Check, not isinstance: isinstance honours a __class__ property, and the
+    # kernel reads the array struct's fields.
+    if not cnp.PyArray_Check(a):
         raise TypeError(f"count_non_finite expects a numpy.ndarray, got {type(a).__name__}")
     return _count_array(<cnp.ndarray>a, False)
 
 
 def count_non_finite_rows(a):
     """Number of indices along axis 0 whose sub-array holds any NaN/±Inf."""
-    if not isinstance(a, np.ndarray):
+    if not cnp.PyArray_Check(a):
         raise TypeError(f"expected a numpy.ndarray, got {type(a).__name__}")
     if (<cnp.ndarray>a).ndim == 0:
         raise ValueError("expected an array with a leading client axis, got a 0-d array")
@@ -155,11 +160,13 @@ cdef int _leaf_bad(object f) except -1:
         return _double_bad(PyFloat_AS_DOUBLE(f))
     if PyLong_Check(f):  # int and bool can't be non-finite
         return 0
-    if isinstance(f, np.ndarray):
+    # Real type checks (not isinstance, which honours a __class__ property): the array
+    # branch reads the ndarray struct, the scalar branch its dtype.
+    if cnp.PyArray_Check(f):
         return _count_array(<cnp.ndarray>f, False) > 0
     if PyComplex_Check(f):
         return _double_bad(f.real) or _double_bad(f.imag)
-    if isinstance(f, np.generic):
+    if issubclass(type(f), np.generic):
         dt = f.dtype
         if dt.kind in "biu":
             return 0
@@ -335,6 +342,9 @@ cdef class CompiledSpec:
         s.tag = T_STRUCT
         s.container = container
         s.children = tuple(children)
+        for c in s.children:   # _convert casts them without a check
+            if not isinstance(c, CompiledSpec):
+                raise TypeError(f"struct children must be CompiledSpec, got {type(c).__name__}")
         return s
 
 
@@ -386,7 +396,7 @@ cdef object _convert_scalar(CompiledSpec s, object v):
             if s.kind == K_INT:
                 return _check_int_range(s, v)
             return v
-    elif isinstance(v, np.generic) and not isinstance(v, (np.str_, np.bytes_, np.void)):
+    elif issubclass(type(v), np.generic) and not issubclass(type(v), (np.str_, np.bytes_, np.void)):
         k = v.dtype.kind
         if k in s.accepts:
             if s.kind == K_INT:
@@ -523,6 +533,9 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef Py_ssize_t m = len(names)
     if len(specs) != m:
         raise ValueError(f"{len(specs)} specs for {m} metric names")
+    for spec in specs:   # cast without a check in the loop below
+        if not isinstance(spec, CompiledSpec):
+            raise TypeError(f"specs must be CompiledSpec, got {type(spec).__name__}")
     if functional is None and (type(finalizers) is not tuple or len(finalizers) != m):
         raise ValueError(f"finalizers must be a tuple of {m} callables")
     cdef Py_ssize_t i, j, r
@@ -720,17 +733,24 @@ def gather_rows(cnp.ndarray a not None, cnp.ndarray positions not None):
     positions = np.ascontiguousarray(positions, dtype=np.int64)
     cdef int64_t npos = positions.shape[0]
     cdef int64_t nrows = a.shape[0]
-    row = a[0] if nrows > 0 else None
-    # The kernel copies whole rows as bytes; rows that are not contiguous (or object rows,
-    # which hold references) go through numpy instead.
-    if a.dtype.hasobject or (row is not None and isinstance(row, np.ndarray)
-                             and not row.flags.c_contiguous):
-        return a[positions]
-    inner = tuple((<object>a).shape[1:])
-    out = np.empty((npos,) + inner, dtype=a.dtype)
-    cdef int64_t row_bytes = a.dtype.itemsize
-    for d in inner:
-        row_bytes *= d
+    # Dtype, shape and strides all come from the array struct the kernel reads (an ndarray
+    # subclass can override the Python attributes). The kernel copies whole rows as bytes;
+    # rows that are not C-contiguous (or object rows, which hold references) go through
+    # numpy instead.
+    cdef object dt = a.descr   # numpy.pxd: PyArray_DESCR, not the Python attribute
+    cdef int d, ndim = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *astrides = cnp.PyArray_STRIDES(a)
+    cdef int64_t row_bytes = cnp.PyArray_ITEMSIZE(a)
+    cdef bint rows_contiguous = True
+    for d in range(ndim - 1, 0, -1):
+        if dims[d] != 1 and astrides[d] != row_bytes:
+            rows_contiguous = False
+        row_bytes *= dims[d]
+    if dt.hasobject or not rows_contiguous:
+        return np.asarray(a)[positions]
+    inner = tuple([dims[d] for d in range(1, ndim)])
+    out = np.empty((npos,) + inner, dtype=dt)
     cdef fr_status st
     cdef const char *src = <const char *>cnp.PyArray_DATA(a)
     cdef int64_t stride = a.strides[0]
