@@ -1019,3 +1019,128 @@ def test_specs_must_be_compiled_specs():
     with pytest.raises(TypeError, match="CompiledSpec"):
         _sampling.finalize_clients([{"x": 1.0}], ("x",), ("not a spec",), (float,), None,
                                    np.zeros(0, np.int64), 0)
+
+
+class _Trap:
+    """A client value that runs ``action`` whenever it is inspected: posing as ``pretend``
+    through __class__, and through __float__/__index__/__int__/__len__/__getitem__/__array__."""
+
+    def __init__(self, pretend, action):
+        self.pretend, self.action = pretend, action
+
+    @property
+    def __class__(self):
+        self.action()
+        return self.pretend
+
+    def __float__(self):
+        self.action()
+        return 1.0
+
+    def __index__(self):
+        self.action()
+        return 1
+
+    __int__ = __index__
+
+    def __len__(self):
+        self.action()
+        return 2
+
+    def __getitem__(self, i):
+        self.action()
+        if i >= 2:
+            raise IndexError(i)
+        return 1.0
+
+    def __array__(self, dtype=None, copy=None):
+        self.action()
+        return np.array([1.0, math.nan])
+
+
+_PLAIN = [1.0, math.nan, -math.inf, 3, True, "x", None, [1.0, 2.0], np.float32(np.inf),
+          np.array([math.nan, 1.0]), _SneakyInt(2, lambda: None)]
+_ACTIONS = ["none", "clear clients", "grow clients", "clear dict", "refill dict",
+            "clear struct", "refill struct", "raise"]
+_slot = st.one_of(
+    st.just(("keep",)), st.just(("keep",)), st.just(("keep",)),   # so that some rounds pass
+    st.integers(0, len(_PLAIN) - 1).map(lambda i: ("plain", i)),
+    st.tuples(st.just("trap"), st.sampled_from([float, np.float64, list, int] + [np.ndarray] * 4),
+              st.sampled_from(_ACTIONS)),
+)
+hostile_round = st.lists(st.tuples(_slot, _slot, _slot), min_size=1, max_size=8)
+
+
+def _build_hostile_round(desc):
+    """Clients for spec {"a": float64, "b": [float64, (2,) float64]} from a description:
+    per client and slot, keep the valid 0.0, a plain value, or a trap whose action mutates
+    the client list, the client's dict or its struct list when inspected."""
+    clients = [{"a": 0.0, "b": [0.0, [0.0, 0.0]]} for _ in desc]
+    for c, slots in zip(list(clients), desc):
+        struct = c["b"]
+
+        def act(name, c=c, struct=struct):
+            if name == "clear clients":
+                clients.clear()
+            elif name == "grow clients":
+                clients.extend([{"a": 1.0}] * 3)
+            elif name == "clear dict":
+                c.clear()
+            elif name == "refill dict":
+                c.update({"a": "y", "b": "z", "extra": 1})
+            elif name == "clear struct":
+                struct.clear()
+            elif name == "refill struct":
+                struct[:] = ["y", "z", "w"]
+            elif name == "raise":
+                raise RuntimeError("trap")
+
+        for where, slot in zip(("a", 0, 1), slots):
+            if slot[0] == "keep":
+                continue
+            v = _PLAIN[slot[1]] if slot[0] == "plain" else \
+                _Trap(slot[1], lambda name=slot[2], act=act: act(name))
+            if where == "a":
+                c["a"] = v
+            else:
+                struct[where] = v
+    return clients
+
+
+@settings(max_examples=150, deadline=None)
+@given(hostile_round, st.integers(1, 4), st.booleans())
+def test_fuzz_hostile_client_values_never_crash(desc, k, as_tuple):
+    spec = {"a": TensorSpec("float64"), "b": [TensorSpec("float64"), TensorSpec("float64", (2,))]}
+    p = FinalizeThenSampleFactory(k, seed=1).create({"a": lambda v: v, "b": lambda v: v}, spec)
+    clients = _build_hostile_round(desc)
+    n = len(clients)
+    try:
+        out = p.next(p.initialize(), tuple(clients) if as_tuple else clients)
+    except (TypeError, ValueError):
+        return
+    except RuntimeError as e:
+        assert str(e) == "trap"   # the trap's own error propagates unchanged
+        return
+    # Accepted: the round had its n clients, at most k sampled, each sample checked.
+    assert len(out.state["indices"]) == min(n, k)
+    assert all(0 <= i < n for i in out.state["indices"].tolist())
+    for a, b in zip(out.result[0]["a"], out.result[0]["b"]):
+        assert type(a) in (float, int, np.float32, np.float64, _SneakyInt)
+        assert len(b) == 2 and np.shape(b[1]) == (2,) and np.asarray(b[1]).dtype == np.float64
+    assert isinstance(out.measurements["a"], int) and 0 <= out.measurements["a"] <= n
+    assert [type(x) for x in out.measurements["b"]] == [int, int]
+
+
+def test_fuzz_hostile_round_builder_reaches_accepted_rounds():
+    # The fuzz is only useful if some hostile rounds are accepted: check a known one.
+    desc = [(("trap", float, "clear clients"), ("keep",), ("plain", 10)),
+            (("keep",), ("trap", np.ndarray, "refill struct"), ("keep",))]
+    clients = _build_hostile_round(desc)
+    p = FinalizeThenSampleFactory(2, seed=1).create(
+        {"a": lambda v: v, "b": lambda v: v},
+        {"a": TensorSpec("float64"), "b": [TensorSpec("float64"), TensorSpec("float64", (2,))]})
+    with pytest.raises(TypeError):
+        p.next(p.initialize(), clients)   # a float impostor is not a float
+    desc = [(("plain", 10), ("keep",), ("trap", np.ndarray, "clear clients"))] * 3
+    out = p.next(p.initialize(), _build_hostile_round(desc))
+    assert len(out.state["indices"]) == 2 and out.measurements == {"a": 0, "b": [0, 3]}
