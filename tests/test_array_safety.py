@@ -133,3 +133,13 @@ def test_zero_itemsize_huge_shape_allocates_nothing():
                       "'shape': (9223372036854775807, 2)}")
     with pytest.raises(ValueError, match="overflows"):
         ours(data)
+
+
+@pytest.mark.xfail(strict=True, raises=BufferError,
+                   reason="audit finding: a non-contiguous buffer raises BufferError, not the "
+                   "ValueError/TypeError bad input gets everywhere else; see the audit report")
+@pytest.mark.parametrize("copy", [True, False])
+def test_non_contiguous_buffer_is_a_value_error(copy):
+    good = array_from_numpy(np.arange(6.0)).data
+    with pytest.raises((ValueError, TypeError)):
+        ours(memoryview(good + good)[::2], copy=copy, wrap=lambda d: d)
