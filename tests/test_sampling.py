@@ -233,10 +233,18 @@ def test_factory_sample_size_type(bad):
         FinalizeThenSampleFactory(bad)
 
 
-@pytest.mark.parametrize("bad", [0, -5])
+@pytest.mark.parametrize("bad", [0, -5, 2**63, 2**64])
 def test_factory_sample_size_value(bad):
+    # Past int64 the kernels cannot take it: a ValueError up front, not an OverflowError
+    # from the first round.
     with pytest.raises(ValueError):
         FinalizeThenSampleFactory(bad)
+
+
+def test_factory_sample_size_int64_max_is_usable():
+    p = FinalizeThenSampleFactory(2**63 - 1, seed=0).create({"x": lambda v: v},
+                                                            {"x": TensorSpec("float64")})
+    assert p.next(p.initialize(), [{"x": 1.0}, {"x": 2.0}]).state["indices"].size == 2
 
 
 def test_factory_seed_validation():
