@@ -1054,15 +1054,16 @@ def test_fuzz_hostile_keys_match_flower(kind, mode, keep, first):
     for side in SIDES:
         src = {}
         value = side_value(Arr() if kind == "params" else 1.5, side)
-        key = HostileKey(src, mode)
+        key = HostileKey(src, "quiet")
         entries = [("a", value), (key, value), ("b", value)]
         if first:
             entries.insert(0, entries.pop(1))
         for k, v in entries:
-            try:
-                src[k] = v
-            except Exception:  # noqa: BLE001 - a raising __hash__/__eq__ stays out of src
-                pass
+            src[k] = v
+        # Hostile only from now on: a key whose __eq__ clears the dict it is being inserted
+        # into corrupts that dict in CPython 3.11 itself (python/cpython#140551; PyDict_Next
+        # then over-reads), and that is not what this test is about.
+        key.mode = mode
         res[side] = outcome(lambda: [type(k).__name__ for k in
                                      SIDES[side][kind](src, keep_input=keep)])
         res[side] += (len(src),)
