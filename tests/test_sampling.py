@@ -5,6 +5,7 @@ import collections.abc
 import doctest
 import math
 import pickle
+import threading
 import types
 
 import numpy as np
@@ -153,6 +154,19 @@ def brute_force_top(seed, round_, n, k, offset=0):
     keys = _sampling.client_keys(seed[0], seed[1], round_, offset, n)
     order = sorted(range(n), key=lambda i: (-int(keys[i]), i))[:k]
     return [offset + i for i in order], keys
+
+
+def test_round_sample_with_empty_reservoir_does_not_walk_the_round():
+    # k = 0 keeps nothing; the kernel used to draw all n keys anyway (2**62 here: a hang).
+    result = []
+    t = threading.Thread(target=lambda: result.append(_sampling.round_sample(7, 9, 0, 0, 2**62, 0)),
+                         daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert [len(x) for x in result[0]] == [0, 0, 0]
+    with pytest.raises(ValueError):   # the overflow check still comes first
+        _sampling.round_sample(7, 9, 0, 2**63 - 1, 2, 0)
 
 
 @settings(max_examples=60, deadline=None)
