@@ -33,6 +33,11 @@ cnp.import_array()
 
 cdef extern from "Python.h":
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
+    ctypedef struct PyTypeObject:
+        pass
+    PyTypeObject PyFloat_Type
+    PyTypeObject PyLong_Type
+    PyTypeObject *_TYPE "Py_TYPE"(PyObject *) nogil
     # Borrowed pointers, compared by address only (cpython.list's versions return objects).
     Py_ssize_t PyList_GET_SIZE(object) nogil
     PyObject *PyList_GET_ITEM(object, Py_ssize_t) nogil
@@ -321,6 +326,7 @@ cdef class CompiledSpec:
     cdef str accepts
     cdef readonly tuple children
     cdef object container
+    cdef bint scalar_children  # every child is a scalar leaf (see _convert's in-place path)
 
     @staticmethod
     def leaf(dtype, tuple shape):
@@ -342,9 +348,11 @@ cdef class CompiledSpec:
         s.tag = T_STRUCT
         s.container = container
         s.children = tuple(children)
+        s.scalar_children = True
         for c in s.children:   # _convert casts them without a check
             if not isinstance(c, CompiledSpec):
                 raise TypeError(f"struct children must be CompiledSpec, got {type(c).__name__}")
+            s.scalar_children &= (<CompiledSpec>c).tag == T_SCALAR
         return s
 
 
@@ -447,6 +455,8 @@ cdef object _convert(CompiledSpec s, object v):
     # mutates a list value: check a snapshot of it, and hand over the list itself only if
     # it still holds exactly the checked elements.
     cdef tuple items
+    if type(v) is list and s.scalar_children and _exact_numbers(v, n):
+        return _convert_numbers_in_place(s, v, n)
     if isinstance(v, tuple):
         items = <tuple>v   # immutable storage, also for tuple subclasses (namedtuples)
     else:
@@ -470,6 +480,35 @@ cdef object _convert(CompiledSpec s, object v):
     if v is items or _holds_exactly(v, items):
         return v
     return s.container(list(items))
+
+
+cdef bint _exact_numbers(object v, Py_ssize_t n) noexcept:
+    """Whether the list ``v`` holds exactly ``n`` items, all exact floats or ints."""
+    cdef Py_ssize_t j
+    cdef PyObject *x
+    if PyList_GET_SIZE(v) != n:
+        return False
+    for j in range(n):
+        x = PyList_GET_ITEM(v, j)
+        if _TYPE(x) != &PyFloat_Type and _TYPE(x) != &PyLong_Type:
+            return False
+    return True
+
+
+cdef object _convert_numbers_in_place(CompiledSpec s, list v, Py_ssize_t n):
+    """_convert for a list of exact floats/ints against scalar specs, the common case. Their
+    conversion runs no Python code (float/int fast paths, C comparisons), so the list cannot
+    change while it is read in place, and each value converts to itself or raises."""
+    cdef tuple children = s.children
+    cdef Py_ssize_t j = 0
+    try:
+        for j in range(n):
+            x = <object>PyList_GET_ITEM(v, j)
+            if _convert_scalar(<CompiledSpec>children[j], x) is not x:
+                raise AssertionError("an exact number converted to another object")
+    except (TypeError, ValueError) as e:
+        raise with_context(e, f"element {j}") from None
+    return v
 
 
 cdef bint _holds_exactly(object v, tuple items) noexcept:
