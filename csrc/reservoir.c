@@ -62,15 +62,18 @@ fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t
         return FR_ERR_VALUE;
     if (offset > INT64_MAX - n)
         return FR_ERR_OVERFLOW;
-    uint64_t stream = fr_round_stream(seed0, seed1, (uint64_t)round);
     int64_t m = k < n ? k : n;
+    /* An empty reservoir keeps nothing: don't spend O(n) drawing keys for it. */
+    if (m == 0)
+        return FR_OK;
+    uint64_t stream = fr_round_stream(seed0, seed1, (uint64_t)round);
     for (int64_t i = 0; i < m; i++)
         out[i] = (fr_entry){fr_client_key(stream, (uint64_t)(offset + i)), round, offset + i, i};
     heapify(out, m);
     /* Within a round, a later client wins a tie only by a larger key, so the
      * hot loop is one compare of the fresh key against the heap's minimum;
      * the heap is touched only on the ~k ln(n/k) replacements. */
-    uint64_t floor_key = m > 0 ? out[0].key : UINT64_MAX;
+    uint64_t floor_key = out[0].key;
     for (int64_t i = m; i < n; i++) {
         uint64_t key = fr_client_key(stream, (uint64_t)(offset + i));
         if (key > floor_key) {

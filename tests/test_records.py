@@ -917,3 +917,155 @@ def test_pickle_all_protocols_and_weakref(protocol):
         c = pickle.loads(pickle.dumps(rec, protocol=protocol))
         assert type(c) is type(rec) and c == rec
     assert weakref.ref(rs)() is rs and weakref.ref(rs.metrics_records)() is rs.metrics_records
+
+
+# --------------------------------------------------------------------------
+# Fuzz: hostile list elements and keys that run Python code during validation
+# (the compiled list loops read the list's storage directly, so they must
+# re-read it after every Python call). Same outcome as Flower, and no crash.
+# --------------------------------------------------------------------------
+
+class Hostile:
+    """Pretends to be ``pretend`` (isinstance reads __class__); on its first type check it
+    applies ``action`` to the list it sits in. Idempotent afterwards, so the result does
+    not depend on how many times an implementation looks at __class__."""
+
+    def __init__(self, lst, pretend, action, arg):
+        self.lst, self.pretend, self.action, self.arg, self.done = lst, pretend, action, arg, False
+
+    @property
+    def __class__(self):
+        if not self.done:
+            self.done = True
+            lst, arg = self.lst, self.arg
+            if self.action == "clear":
+                lst.clear()
+            elif self.action == "pop":
+                if lst:
+                    lst.pop()
+            elif self.action == "append":
+                lst.append(arg)
+            elif self.action == "insert0":
+                lst.insert(0, arg)
+            elif self.action == "replace":
+                if lst:
+                    lst[len(lst) // 2] = arg
+            elif self.action == "grow":
+                lst.extend([arg] * 1000)
+            elif self.action == "raise":
+                raise RuntimeError("hostile __class__")
+        return self.pretend
+
+
+plain_elements = st.sampled_from([1, 2.5, True, "s", b"b", None, 2**70])
+ACTIONS = ["clear", "pop", "append", "insert0", "replace", "grow", "raise", "none"]
+SAME_TYPE = {float: [2.5, -1.0], int: [1, 2**70], str: ["s", ""], bytes: [b"b"], bool: [True]}
+
+
+@st.composite
+def element_specs(draw):
+    """Mostly-homogeneous lists (so that validation gets deep) with some hostile elements."""
+    t = draw(st.sampled_from(sorted(SAME_TYPE, key=str)))
+    same = st.sampled_from(SAME_TYPE[t])
+    plain = st.one_of(same, same, same, plain_elements).map(lambda v: ("plain", v))
+    hostile = st.tuples(st.one_of(st.just(t), st.just(t), st.sampled_from([float, int, list])),
+                        st.sampled_from(ACTIONS), st.one_of(same, plain_elements))
+    return draw(st.lists(st.one_of(plain, hostile.map(lambda h: ("hostile",) + h)),
+                         max_size=6))
+
+
+def _build_list(spec):
+    lst = []
+    for e in spec:
+        lst.append(e[1] if e[0] == "plain" else Hostile(lst, *e[1:]))
+    return lst
+
+
+def _snapshot(v):
+    # Hostile objects differ per side: compare them by their (pretend, action, arg).
+    if type(v) is list:
+        return [_snapshot(x) for x in v]
+    if type(v) is Hostile:
+        return ("hostile", v.pretend, v.action, v.arg)
+    return ("plain", v)
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(["metrics", "configs"]), spec=element_specs(),
+       how=st.sampled_from(["init", "setitem", "update"]))
+def test_fuzz_hostile_list_elements_match_flower(kind, spec, how):
+    res = {}
+    for side in SIDES:
+        lst = _build_list(spec)
+        cls = SIDES[side][kind]
+
+        def run():
+            if how == "init":
+                rec = cls({"x": lst})
+            else:
+                rec = cls()
+                if how == "setitem":
+                    rec["x"] = lst
+                else:
+                    rec.update({"x": lst})
+            return _snapshot(list(rec["x"]))
+
+        res[side] = outcome(run)
+        if res[side][0] == "ok":
+            res[side] = ("ok", res[side][1], _snapshot(lst))
+    assert_same_outcome(res["fastrec"], res["flwr"])
+    assert res["fastrec"] == res["flwr"]
+
+
+class HostileKey:
+    """A key whose __class__/__hash__/__eq__ misbehave in one of several ways."""
+
+    def __init__(self, src, mode):
+        self.src, self.mode = src, mode
+
+    @property
+    def __class__(self):
+        if self.mode == "class-deletes":
+            self.src.pop("b", None)
+        elif self.mode == "class-raises":
+            raise KeyError("hostile")
+        return str
+
+    def __hash__(self):
+        if self.mode == "hash-raises":
+            raise ValueError("unhashable today")
+        return hash("a")   # collides with "a": dict lookups call __eq__
+
+    def __eq__(self, other):
+        if self.mode == "eq-raises":
+            raise RuntimeError("hostile __eq__")
+        if self.mode == "eq-mutates":
+            self.src.clear()
+        return self is other
+
+
+@settings(max_examples=100, deadline=None)
+@given(kind=st.sampled_from(KINDS),
+       mode=st.sampled_from(["class-deletes", "class-raises", "hash-raises", "eq-raises",
+                             "eq-mutates"]),
+       keep=st.booleans(), first=st.booleans())
+def test_fuzz_hostile_keys_match_flower(kind, mode, keep, first):
+    res = {}
+    for side in SIDES:
+        src = {}
+        value = side_value(Arr() if kind == "params" else 1.5, side)
+        key = HostileKey(src, "quiet")
+        entries = [("a", value), (key, value), ("b", value)]
+        if first:
+            entries.insert(0, entries.pop(1))
+        for k, v in entries:
+            src[k] = v
+        # Hostile only from now on: a key whose __eq__ clears the dict it is being inserted
+        # into corrupts that dict in CPython 3.11 itself (python/cpython#140551; PyDict_Next
+        # then over-reads), and that is not what this test is about.
+        key.mode = mode
+        res[side] = outcome(lambda: [type(k).__name__ for k in
+                                     SIDES[side][kind](src, keep_input=keep)])
+        res[side] += (len(src),)
+    assert_same_outcome(res["fastrec"], res["flwr"])
+    assert res["fastrec"] == res["flwr"]

@@ -1,9 +1,11 @@
 """Tests of fastrec.sampling: count_non_finite, keys, reservoir, FinalizeThenSample process."""
 
 import collections
+import collections.abc
 import doctest
 import math
 import pickle
+import threading
 import types
 
 import numpy as np
@@ -154,6 +156,19 @@ def brute_force_top(seed, round_, n, k, offset=0):
     return [offset + i for i in order], keys
 
 
+def test_round_sample_with_empty_reservoir_does_not_walk_the_round():
+    # k = 0 keeps nothing; the kernel used to draw all n keys anyway (2**62 here: a hang).
+    result = []
+    t = threading.Thread(target=lambda: result.append(_sampling.round_sample(7, 9, 0, 0, 2**62, 0)),
+                         daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert [len(x) for x in result[0]] == [0, 0, 0]
+    with pytest.raises(ValueError):   # the overflow check still comes first
+        _sampling.round_sample(7, 9, 0, 2**63 - 1, 2, 0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 300), st.integers(0, 40), st.integers(0, 1000), st.integers(0, 10))
 def test_round_sample_is_top_k_of_keys(n, k, offset, round_):
@@ -232,10 +247,18 @@ def test_factory_sample_size_type(bad):
         FinalizeThenSampleFactory(bad)
 
 
-@pytest.mark.parametrize("bad", [0, -5])
+@pytest.mark.parametrize("bad", [0, -5, 2**63, 2**64])
 def test_factory_sample_size_value(bad):
+    # Past int64 the kernels cannot take it: a ValueError up front, not an OverflowError
+    # from the first round.
     with pytest.raises(ValueError):
         FinalizeThenSampleFactory(bad)
+
+
+def test_factory_sample_size_int64_max_is_usable():
+    p = FinalizeThenSampleFactory(2**63 - 1, seed=0).create({"x": lambda v: v},
+                                                            {"x": TensorSpec("float64")})
+    assert p.next(p.initialize(), [{"x": 1.0}, {"x": 2.0}]).state["indices"].size == 2
 
 
 def test_factory_seed_validation():
@@ -778,3 +801,368 @@ def test_context_survives_exception_types_without_message_constructor():
     q = make_process(finalizers={"a": finalize, "b": lambda v: v})
     with pytest.raises(UnicodeDecodeError):
         q.next(q.initialize(), clients_ab(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile inputs: finalizers and values that run Python code mid-round must never make the
+# compiled loops read or write past a container (each of these crashed, or corrupted the heap
+# under AddressSanitizer, before its fix).
+# ----------------------------------------------------------------------------------------------
+
+def test_finalizer_shrinking_the_client_list_sees_the_round_as_passed():
+    spec = {"x": TensorSpec("float64")}
+    clients = [{"x": float(i)} for i in range(50)]
+    ref = FinalizeThenSampleFactory(5, seed=3).create({"x": lambda v: v}, spec)
+    expected = ref.next(ref.initialize(), list(clients))
+
+    def shrink(v):
+        clients.clear()
+        return v
+
+    p = FinalizeThenSampleFactory(5, seed=3).create({"x": shrink}, spec)
+    out = p.next(p.initialize(), clients)
+    assert out.result[0] == expected.result[0]
+    assert out.state["indices"].tolist() == expected.state["indices"].tolist()
+
+
+class _ShiftingMapping(collections.abc.Mapping):
+    """A mapping whose keys change after the first iteration."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __iter__(self):
+        self.calls += 1
+        return iter(["a"] if self.calls == 1 else [f"k{i}" for i in range(200)])
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, key):
+        return math.nan
+
+
+def test_finalized_mapping_is_read_once_even_if_its_keys_change():
+    calls = []
+
+    def finalize(v):
+        calls.append(v)
+        return {"a": 1.0} if len(calls) == 1 else _ShiftingMapping()
+
+    p = make_process(finalizers={"a": finalize, "b": lambda v: v})
+    out = p.next(p.initialize(), clients_ab(4))
+    # Structure and non-finite flags come from one reading of each value: {"a": nan}.
+    assert out.measurements["a"] == {"a": 3}
+
+    def finalize_shifted_first(v):
+        calls.append(v)
+        m = _ShiftingMapping()
+        m.calls = 1   # its first reading already has the 200 other keys
+        return {"a": 1.0} if len(calls) == 5 else m
+
+    q = make_process(finalizers={"a": finalize_shifted_first, "b": lambda v: v})
+    with pytest.raises(ValueError, match="structure of the first client's"):
+        q.next(q.initialize(), clients_ab(2))
+
+
+def test_finalized_mapping_repeating_a_key_is_rejected():
+    class Twice(collections.abc.Mapping):
+        def __iter__(self):
+            return iter(["a", "a"])
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, key):
+            return math.nan
+
+    p = make_process(finalizers={"a": lambda v: Twice(), "b": lambda v: v})
+    with pytest.raises(ValueError, match="key 'a' twice"):
+        p.next(p.initialize(), clients_ab(3))
+
+
+def test_finalizer_reusing_and_growing_one_list_is_rejected():
+    shared = [1.0, 2.0]
+
+    def finalize(v):
+        # The same list object every time, grown after the first client: the template
+        # must be the first client's structure, not an alias of the grown list.
+        if len(shared) < 4 and v != 0.0:
+            shared.append(math.nan)
+        return shared
+
+    p = make_process(k=2, finalizers={"a": finalize, "b": lambda v: v})
+    with pytest.raises(ValueError, match="structure of the first client's"):
+        p.next(p.initialize(), clients_ab(3))
+
+
+class _SneakyInt(int):
+    """An int whose range check (int(v)) runs ``on_int``; the converter hands it over as is."""
+
+    def __new__(cls, value, on_int):
+        self = super().__new__(cls, value)
+        self.on_int = on_int
+        return self
+
+    def __int__(self):
+        self.on_int()
+        return int.__int__(self)
+
+
+def test_struct_value_shrunk_while_its_elements_are_checked():
+    spec = {"x": [TensorSpec("int64")] * 40}
+    value = []
+    value.extend([_SneakyInt(1, value.clear)] + [2] * 39)
+    seen = []
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
+    p.next(p.initialize(), [{"x": value}])
+    # The finalizer got the 40 checked values, not the emptied list.
+    assert value == [] and len(seen) == 1
+    assert len(seen[0]) == 40 and seen[0][0] == 1 and seen[0][1:] == [2] * 39
+
+
+def test_struct_value_changed_while_checked_hands_over_the_checked_values():
+    spec = {"x": [TensorSpec("int8")] * 3}
+    value = [0, None, 0]
+
+    def swap():
+        value[0] = "not a number"
+
+    value[1] = _SneakyInt(1, swap)
+    seen = []
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
+    p.next(p.initialize(), [{"x": value}])
+    assert value[0] == "not a number"
+    assert seen[0] == [0, 1, 0]   # the checked elements, not the swapped-in string
+    untouched = [0, 1, 0]
+    p.next(p.initialize(), [{"x": untouched}])
+    assert seen[1] is untouched   # unchanged values are still handed over as they are
+
+
+def test_finalize_clients_rejects_inconsistent_internal_arguments():
+    leaf = _sampling.CompiledSpec.leaf("f8", ())
+    pos = np.zeros(0, np.int64)
+    with pytest.raises(TypeError):
+        _sampling.finalize_clients([{"x": 1.0}], ("x",), (leaf,), (float,), None, None, 0)
+    with pytest.raises(ValueError, match="specs"):
+        _sampling.finalize_clients([{"x": 1.0, "y": 2.0}], ("x", "y"), (leaf,), (float, float),
+                                   None, pos, 0)
+    with pytest.raises(ValueError, match="finalizers"):
+        _sampling.finalize_clients([{"x": 1.0, "y": 2.0}], ("x", "y"), (leaf, leaf), (float,),
+                                   None, pos, 0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: _sampling.select_top(None, None, None, 1),
+    lambda: _sampling.select_top(np.zeros(1, np.uint64), None, np.zeros(1, np.int64), 1),
+    lambda: _sampling.gather_rows(None, np.zeros(1, np.int64)),
+    lambda: _sampling.gather_rows(np.zeros(3), None),
+])
+def test_kernel_wrappers_reject_none_arrays(call):
+    with pytest.raises(TypeError):
+        call()
+
+
+
+class _ArrayImpostor:
+    """isinstance(x, np.ndarray) is True through __class__, but it is no array."""
+    dtype = np.dtype("f8")
+
+    @property
+    def __class__(self):
+        return np.ndarray
+
+
+class _ScalarImpostor:
+    """Claims to be an np.float64 through __class__, without a dtype."""
+
+    @property
+    def __class__(self):
+        return np.float64
+
+
+class _LyingDtype(np.ndarray):
+    @property
+    def dtype(self):
+        return np.dtype("f8")
+
+    def astype(self, *args, **kwargs):
+        return np.zeros(10**6, np.float64)
+
+
+class _LyingShape(np.ndarray):
+    @property
+    def shape(self):
+        return (self.size, 1000)
+
+
+def test_array_impostors_are_type_errors_not_struct_reads():
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        count_non_finite(_ArrayImpostor())
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        _sampling.count_non_finite_rows(_ArrayImpostor())
+    p = make_process(finalizers={"a": lambda v: _ArrayImpostor(), "b": lambda v: v})
+    with pytest.raises(TypeError, match="finalized value must be a number"):
+        p.next(p.initialize(), clients_ab(2))
+
+
+def test_numpy_scalar_impostor_client_value_is_a_type_error():
+    p = make_process()
+    clients = clients_ab(2)
+    clients[1]["a"] = _ScalarImpostor()
+    with pytest.raises(TypeError, match="client 1, metric 'a'"):
+        p.next(p.initialize(), clients)
+
+
+@pytest.mark.parametrize("order", ["=", ">"])
+def test_ndarray_subclass_attributes_do_not_steer_the_kernels(order):
+    base = np.zeros(1000, np.dtype("f2").newbyteorder(order))
+    base[[3, 500, 999]] = np.nan
+    lying = base.view(_LyingDtype)
+    assert count_non_finite(lying) == 3
+    assert _sampling.count_non_finite_rows(lying.reshape(10, 100).view(_LyingDtype)) == 3
+    rows = np.arange(12, dtype=np.float16).reshape(4, 3)
+    pos = np.array([3, 0, 3], np.int64)
+    for sub in (_LyingDtype, _LyingShape):
+        got = _sampling.gather_rows(rows.view(sub), pos)
+        assert type(got) is np.ndarray and got.dtype == np.float16
+        assert np.array_equal(got, rows[pos])
+
+
+def test_gather_rows_reversed_rows_use_numpy():
+    rows = np.arange(12.0).reshape(4, 3)[:, ::-1]
+    pos = np.array([3, 1], np.int64)
+    assert np.array_equal(_sampling.gather_rows(rows, pos), rows[pos])
+
+
+def test_specs_must_be_compiled_specs():
+    with pytest.raises(TypeError, match="CompiledSpec"):
+        _sampling.CompiledSpec.struct(list, [TensorSpec("float64")])
+    with pytest.raises(TypeError, match="CompiledSpec"):
+        _sampling.finalize_clients([{"x": 1.0}], ("x",), ("not a spec",), (float,), None,
+                                   np.zeros(0, np.int64), 0)
+
+
+class _Trap:
+    """A client value that runs ``action`` whenever it is inspected: posing as ``pretend``
+    through __class__, and through __float__/__index__/__int__/__len__/__getitem__/__array__."""
+
+    def __init__(self, pretend, action):
+        self.pretend, self.action = pretend, action
+
+    @property
+    def __class__(self):
+        self.action()
+        return self.pretend
+
+    def __float__(self):
+        self.action()
+        return 1.0
+
+    def __index__(self):
+        self.action()
+        return 1
+
+    __int__ = __index__
+
+    def __len__(self):
+        self.action()
+        return 2
+
+    def __getitem__(self, i):
+        self.action()
+        if i >= 2:
+            raise IndexError(i)
+        return 1.0
+
+    def __array__(self, dtype=None, copy=None):
+        self.action()
+        return np.array([1.0, math.nan])
+
+
+_PLAIN = [1.0, math.nan, -math.inf, 3, True, "x", None, [1.0, 2.0], np.float32(np.inf),
+          np.array([math.nan, 1.0]), _SneakyInt(2, lambda: None)]
+_ACTIONS = ["none", "clear clients", "grow clients", "clear dict", "refill dict",
+            "clear struct", "refill struct", "raise"]
+_slot = st.one_of(
+    st.just(("keep",)), st.just(("keep",)), st.just(("keep",)),   # so that some rounds pass
+    st.integers(0, len(_PLAIN) - 1).map(lambda i: ("plain", i)),
+    st.tuples(st.just("trap"), st.sampled_from([float, np.float64, list, int] + [np.ndarray] * 4),
+              st.sampled_from(_ACTIONS)),
+)
+hostile_round = st.lists(st.tuples(_slot, _slot, _slot), min_size=1, max_size=8)
+
+
+def _build_hostile_round(desc):
+    """Clients for spec {"a": float64, "b": [float64, (2,) float64]} from a description:
+    per client and slot, keep the valid 0.0, a plain value, or a trap whose action mutates
+    the client list, the client's dict or its struct list when inspected."""
+    clients = [{"a": 0.0, "b": [0.0, [0.0, 0.0]]} for _ in desc]
+    for c, slots in zip(list(clients), desc):
+        struct = c["b"]
+
+        def act(name, c=c, struct=struct):
+            if name == "clear clients":
+                clients.clear()
+            elif name == "grow clients":
+                clients.extend([{"a": 1.0}] * 3)
+            elif name == "clear dict":
+                c.clear()
+            elif name == "refill dict":
+                c.update({"a": "y", "b": "z", "extra": 1})
+            elif name == "clear struct":
+                struct.clear()
+            elif name == "refill struct":
+                struct[:] = ["y", "z", "w"]
+            elif name == "raise":
+                raise RuntimeError("trap")
+
+        for where, slot in zip(("a", 0, 1), slots):
+            if slot[0] == "keep":
+                continue
+            v = _PLAIN[slot[1]] if slot[0] == "plain" else \
+                _Trap(slot[1], lambda name=slot[2], act=act: act(name))
+            if where == "a":
+                c["a"] = v
+            else:
+                struct[where] = v
+    return clients
+
+
+@settings(max_examples=150, deadline=None)
+@given(hostile_round, st.integers(1, 4), st.booleans())
+def test_fuzz_hostile_client_values_never_crash(desc, k, as_tuple):
+    spec = {"a": TensorSpec("float64"), "b": [TensorSpec("float64"), TensorSpec("float64", (2,))]}
+    p = FinalizeThenSampleFactory(k, seed=1).create({"a": lambda v: v, "b": lambda v: v}, spec)
+    clients = _build_hostile_round(desc)
+    n = len(clients)
+    try:
+        out = p.next(p.initialize(), tuple(clients) if as_tuple else clients)
+    except (TypeError, ValueError):
+        return
+    except RuntimeError as e:
+        assert str(e) == "trap"   # the trap's own error propagates unchanged
+        return
+    # Accepted: the round had its n clients, at most k sampled, each sample checked.
+    assert len(out.state["indices"]) == min(n, k)
+    assert all(0 <= i < n for i in out.state["indices"].tolist())
+    for a, b in zip(out.result[0]["a"], out.result[0]["b"]):
+        assert type(a) in (float, int, np.float32, np.float64, _SneakyInt)
+        assert len(b) == 2 and np.shape(b[1]) == (2,) and np.asarray(b[1]).dtype == np.float64
+    assert isinstance(out.measurements["a"], int) and 0 <= out.measurements["a"] <= n
+    assert [type(x) for x in out.measurements["b"]] == [int, int]
+
+
+def test_fuzz_hostile_round_builder_reaches_accepted_rounds():
+    # The fuzz is only useful if some hostile rounds are accepted: check a known one.
+    desc = [(("trap", float, "clear clients"), ("keep",), ("plain", 10)),
+            (("keep",), ("trap", np.ndarray, "refill struct"), ("keep",))]
+    clients = _build_hostile_round(desc)
+    p = FinalizeThenSampleFactory(2, seed=1).create(
+        {"a": lambda v: v, "b": lambda v: v},
+        {"a": TensorSpec("float64"), "b": [TensorSpec("float64"), TensorSpec("float64", (2,))]})
+    with pytest.raises(TypeError):
+        p.next(p.initialize(), clients)   # a float impostor is not a float
+    desc = [(("plain", 10), ("keep",), ("trap", np.ndarray, "clear clients"))] * 3
+    out = p.next(p.initialize(), _build_hostile_round(desc))
+    assert len(out.state["indices"]) == 2 and out.measurements == {"a": 0, "b": [0, 3]}

@@ -15,6 +15,7 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.dict cimport PyDict_Size
+from cpython.list cimport PyList_AsTuple
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.complex cimport PyComplex_Check
@@ -32,6 +33,16 @@ cnp.import_array()
 
 cdef extern from "Python.h":
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
+    ctypedef struct PyTypeObject:
+        pass
+    PyTypeObject PyFloat_Type
+    PyTypeObject PyLong_Type
+    PyTypeObject *_TYPE "Py_TYPE"(PyObject *) nogil
+    # Borrowed pointers, compared by address only (cpython.list's versions return objects).
+    Py_ssize_t PyList_GET_SIZE(object) nogil
+    PyObject *PyList_GET_ITEM(object, Py_ssize_t) nogil
+    Py_ssize_t PyTuple_GET_SIZE(object) nogil
+    PyObject *PyTuple_GET_ITEM(object, Py_ssize_t) nogil
 
 
 # Arrays at least this large are counted with the GIL released; below it
@@ -80,7 +91,9 @@ cdef int _ftype_of(object dt) except -1:
 
 cdef int64_t _count_array(cnp.ndarray a, bint per_row) except -1:
     """Non-finite elements of ``a`` (or, per_row, rows of axis 0 holding any)."""
-    dt = a.dtype
+    # The dtype comes from the array struct, like the shape, strides and data the kernel
+    # reads: an ndarray subclass can override the ``dtype`` attribute (and ``astype``).
+    cdef object dt = a.descr   # numpy.pxd: PyArray_DESCR, not the Python attribute
     kind = dt.kind
     if kind in "biu":
         return 0
@@ -88,7 +101,8 @@ cdef int64_t _count_array(cnp.ndarray a, bint per_row) except -1:
         raise TypeError(f"dtype {dt} is not numeric")
     if not dt.isnative:
         # The bit tests read native-order words; a byte-swapped copy is rare enough to afford.
-        a = a.astype(dt.newbyteorder("="))
+        a = np.asarray(a).astype(dt.newbyteorder("="))
+        dt = a.descr
     cdef int ft = _ftype_of(dt)
     if ft == 0:
         # long double has no portable bit layout: let numpy decide.
@@ -129,14 +143,16 @@ cdef int64_t _count_array(cnp.ndarray a, bint per_row) except -1:
 
 def count_non_finite(a):
     """Number of NaN/±Inf elements of the ndarray ``a`` (see fastrec.count_non_finite)."""
-    if not isinstance(a, np.ndarray):
+    # PyArray_Check, not isinstance: isinstance honours a __class__ property, and the
+    # kernel reads the array struct's fields.
+    if not cnp.PyArray_Check(a):
         raise TypeError(f"count_non_finite expects a numpy.ndarray, got {type(a).__name__}")
     return _count_array(<cnp.ndarray>a, False)
 
 
 def count_non_finite_rows(a):
     """Number of indices along axis 0 whose sub-array holds any NaN/±Inf."""
-    if not isinstance(a, np.ndarray):
+    if not cnp.PyArray_Check(a):
         raise TypeError(f"expected a numpy.ndarray, got {type(a).__name__}")
     if (<cnp.ndarray>a).ndim == 0:
         raise ValueError("expected an array with a leading client axis, got a 0-d array")
@@ -149,11 +165,13 @@ cdef int _leaf_bad(object f) except -1:
         return _double_bad(PyFloat_AS_DOUBLE(f))
     if PyLong_Check(f):  # int and bool can't be non-finite
         return 0
-    if isinstance(f, np.ndarray):
+    # Real type checks (not isinstance, which honours a __class__ property): the array
+    # branch reads the ndarray struct, the scalar branch its dtype.
+    if cnp.PyArray_Check(f):
         return _count_array(<cnp.ndarray>f, False) > 0
     if PyComplex_Check(f):
         return _double_bad(f.real) or _double_bad(f.imag)
-    if isinstance(f, np.generic):
+    if issubclass(type(f), np.generic):
         dt = f.dtype
         if dt.kind in "biu":
             return 0
@@ -171,29 +189,47 @@ cdef inline bint _is_struct(object f):
     return isinstance(f, (list, tuple, dict)) or isinstance(f, Mapping)
 
 
-cdef int _flatten_bad(object f, list out) except -1:
-    """Append the non-finite flag of every leaf of the finalized structure ``f``."""
+cdef object _skeleton(object f, list flags):
+    """``f``'s list/tuple/mapping structure with ``None`` leaves (the shape ``map_leaves``
+    builds), appending each leaf's non-finite flag to ``flags`` in the same walk.
+
+    One walk, into private containers: ``f`` may be user code (a Mapping whose keys change
+    between iterations, a list a finalizer keeps growing), so the structure that is compared
+    and the flags that are counted must come from the same reading of it.
+    """
+    cdef dict d
     if isinstance(f, (list, tuple)):
-        for x in f:
-            _flatten_bad(x, out)
-    elif isinstance(f, Mapping):
+        items = [_skeleton(x, flags) for x in f]
+        return tuple(items) if type(f) is tuple else items
+    if isinstance(f, Mapping):
+        d = {}
         for key in f:
-            _flatten_bad(f[key], out)
-    else:
-        out.append(_leaf_bad(f))
-    return 0
+            if key in d:
+                raise ValueError(f"finalized mapping yields the key {key!r} twice")
+            d[key] = _skeleton(f[key], flags)
+        return d
+    flags.append(_leaf_bad(f))
+    return None
 
 
-cdef bint _same_structure(object a, object b):
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+cdef bint _same_skeleton(object a, object b) except -1:
+    """Whether two skeletons have the same structure (list and tuple interchangeable,
+    mapping keys in the same order)."""
+    if a is None:
+        return b is None
+    if type(a) is dict:
+        if type(b) is not dict or list(<dict>a) != list(<dict>b):
             return False
-        return all(_same_structure(x, y) for x, y in zip(a, b))
-    if isinstance(a, Mapping):
-        if not isinstance(b, Mapping) or list(a) != list(b):
+        for x, y in zip((<dict>a).values(), (<dict>b).values()):
+            if not _same_skeleton(x, y):
+                return False
+        return True
+    if (type(b) is not list and type(b) is not tuple) or len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if not _same_skeleton(x, y):
             return False
-        return all(_same_structure(a[k], b[k]) for k in a)
-    return not _is_struct(b)
+    return True
 
 
 def map_leaves(fn, template):
@@ -225,8 +261,6 @@ cdef class _Acc:
         if not self.started:
             self.started = True
             self.nested = _is_struct(f)
-            if self.nested:
-                self.template = f
         if not self.nested:
             if PyFloat_Check(f):  # the common case, kept free of any type dispatch
                 self.count += _double_bad(PyFloat_AS_DOUBLE(f))
@@ -238,13 +272,17 @@ cdef class _Acc:
                                  f"client's was a single value")
             self.count += _leaf_bad(f)
         else:
-            if not _same_structure(self.template, f):
+            del self.flags[:]
+            skeleton = _skeleton(f, self.flags)
+            if self.counts is None:
+                self.template = skeleton
+                self.counts = [0] * len(self.flags)
+            elif not _same_skeleton(self.template, skeleton):
                 raise ValueError("finalized value does not have the structure of the first "
                                  "client's")
-            del self.flags[:]
-            _flatten_bad(f, self.flags)
-            if self.counts is None:
-                self.counts = [0] * len(self.flags)
+            if len(self.flags) != len(self.counts):  # same skeleton, same leaves: cannot happen
+                raise ValueError("finalized value does not have the structure of the first "
+                                 "client's")
             for j in range(len(self.flags)):
                 self.counts[j] += self.flags[j]
         if slot >= 0:
@@ -286,8 +324,9 @@ cdef class CompiledSpec:
     cdef readonly tuple shape
     cdef object lo, hi
     cdef str accepts
-    cdef readonly list children
+    cdef readonly tuple children
     cdef object container
+    cdef bint scalar_children  # every child is a scalar leaf (see _convert's in-place path)
 
     @staticmethod
     def leaf(dtype, tuple shape):
@@ -308,7 +347,12 @@ cdef class CompiledSpec:
         cdef CompiledSpec s = CompiledSpec.__new__(CompiledSpec)
         s.tag = T_STRUCT
         s.container = container
-        s.children = children
+        s.children = tuple(children)
+        s.scalar_children = True
+        for c in s.children:   # _convert casts them without a check
+            if not isinstance(c, CompiledSpec):
+                raise TypeError(f"struct children must be CompiledSpec, got {type(c).__name__}")
+            s.scalar_children &= (<CompiledSpec>c).tag == T_SCALAR
         return s
 
 
@@ -360,7 +404,7 @@ cdef object _convert_scalar(CompiledSpec s, object v):
             if s.kind == K_INT:
                 return _check_int_range(s, v)
             return v
-    elif isinstance(v, np.generic) and not isinstance(v, (np.str_, np.bytes_, np.void)):
+    elif issubclass(type(v), np.generic) and not issubclass(type(v), (np.str_, np.bytes_, np.void)):
         k = v.dtype.kind
         if k in s.accepts:
             if s.kind == K_INT:
@@ -403,26 +447,81 @@ cdef object _convert(CompiledSpec s, object v):
         return _convert_scalar(s, v)
     if s.tag == T_ARRAY:
         return _convert_array(s, v)
-    cdef Py_ssize_t j, n = len(s.children)
+    cdef tuple children = s.children
+    cdef Py_ssize_t j, n = len(children)
     if not isinstance(v, (list, tuple)):
         raise TypeError(f"expected a list or tuple of {n} values, got {_describe(v)}")
-    if len(v) != n:
-        raise ValueError(f"expected a list or tuple of {n} values, got {len(v)}")
+    # Converting an element may run Python code (__class__, __index__, __array__...) that
+    # mutates a list value: check a snapshot of it, and hand over the list itself only if
+    # it still holds exactly the checked elements.
+    cdef tuple items
+    if type(v) is list and s.scalar_children and _exact_numbers(v, n):
+        return _convert_numbers_in_place(s, v, n)
+    if isinstance(v, tuple):
+        items = <tuple>v   # immutable storage, also for tuple subclasses (namedtuples)
+    else:
+        items = PyList_AsTuple(v)
+    if len(items) != n:
+        raise ValueError(f"expected a list or tuple of {n} values, got {len(items)}")
     out = None
     j = 0
     try:
         for j in range(n):
-            x = v[j]
-            y = _convert(<CompiledSpec>s.children[j], x)
+            x = items[j]
+            y = _convert(<CompiledSpec>children[j], x)
             if y is not x and out is None:
-                out = list(v[:j])
+                out = list(items[:j])
             if out is not None:
                 out.append(y)
     except (TypeError, ValueError) as e:
         raise with_context(e, f"element {j}") from None
-    if out is None:
+    if out is not None:
+        return s.container(out)
+    if v is items or _holds_exactly(v, items):
         return v
-    return s.container(out)
+    return s.container(list(items))
+
+
+cdef bint _exact_numbers(object v, Py_ssize_t n) noexcept:
+    """Whether the list ``v`` holds exactly ``n`` items, all exact floats or ints."""
+    cdef Py_ssize_t j
+    cdef PyObject *x
+    if PyList_GET_SIZE(v) != n:
+        return False
+    for j in range(n):
+        x = PyList_GET_ITEM(v, j)
+        if _TYPE(x) != &PyFloat_Type and _TYPE(x) != &PyLong_Type:
+            return False
+    return True
+
+
+cdef object _convert_numbers_in_place(CompiledSpec s, list v, Py_ssize_t n):
+    """_convert for a list of exact floats/ints against scalar specs, the common case. Their
+    conversion runs no Python code (float/int fast paths, C comparisons), so the list cannot
+    change while it is read in place, and each value converts to itself or raises."""
+    cdef tuple children = s.children
+    cdef Py_ssize_t j = 0
+    try:
+        for j in range(n):
+            x = <object>PyList_GET_ITEM(v, j)
+            if _convert_scalar(<CompiledSpec>children[j], x) is not x:
+                raise AssertionError("an exact number converted to another object")
+    except (TypeError, ValueError) as e:
+        raise with_context(e, f"element {j}") from None
+    return v
+
+
+cdef bint _holds_exactly(object v, tuple items) noexcept:
+    """Whether the list ``v`` holds the objects of ``items``, in order (identity)."""
+    cdef Py_ssize_t j, n = PyTuple_GET_SIZE(items)
+    if PyList_GET_SIZE(v) != n:
+        return False
+    for j in range(n):
+        # Reads the list's storage and compares addresses: no Python code runs, so the
+        # size read above still holds.
+        if PyList_GET_ITEM(v, j) != PyTuple_GET_ITEM(items, j):
+            return False
+    return True
 
 
 def convert_value(CompiledSpec s, v):
@@ -458,15 +557,26 @@ cdef inline object _context(BaseException e, Py_ssize_t i, object name):
 
 
 def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
-                     cnp.ndarray positions, Py_ssize_t nsample):
+                     cnp.ndarray positions not None, Py_ssize_t nsample):
     """Finalize every client, count non-finite leaves, keep the sampled clients' values.
 
     ``positions[r]`` is the batch position of the client with rank r in the round's sample.
     Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set.
     Returns (finalized names, per-name sample lists in rank order, per-name measurements).
     """
+    # The round was sampled over the clients as they are now; finalizers and value
+    # conversions run Python code that may mutate the caller's list, so read a snapshot.
+    if type(clients) is not tuple:
+        clients = tuple(clients)
     cdef Py_ssize_t n = len(clients)
     cdef Py_ssize_t m = len(names)
+    if len(specs) != m:
+        raise ValueError(f"{len(specs)} specs for {m} metric names")
+    for spec in specs:   # cast without a check in the loop below
+        if not isinstance(spec, CompiledSpec):
+            raise TypeError(f"specs must be CompiledSpec, got {type(spec).__name__}")
+    if functional is None and (type(finalizers) is not tuple or len(finalizers) != m):
+        raise ValueError(f"finalizers must be a tuple of {m} callables")
     cdef Py_ssize_t i, j, r
     cdef int64_t *slot = <int64_t *>malloc((n if n > 0 else 1) * sizeof(int64_t))
     if slot == NULL:
@@ -612,7 +722,8 @@ def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, 
     return keys, idx, pos
 
 
-def select_top(cnp.ndarray keys, cnp.ndarray rounds, cnp.ndarray indices, int64_t k):
+def select_top(cnp.ndarray keys not None, cnp.ndarray rounds not None, cnp.ndarray indices not None,
+               int64_t k):
     """Positions of the best ``k`` distinct clients among parallel (key, round, index) arrays.
 
     Best first; a client listed twice (same round and index) is kept once.
@@ -652,7 +763,7 @@ def select_top(cnp.ndarray keys, cnp.ndarray rounds, cnp.ndarray indices, int64_
     return out
 
 
-def gather_rows(cnp.ndarray a, cnp.ndarray positions):
+def gather_rows(cnp.ndarray a not None, cnp.ndarray positions not None):
     """``a[positions]`` for a 1-d int64 ``positions``, rows copied by the C gather."""
     if a.ndim == 0:
         raise ValueError("expected an array with a leading client axis, got a 0-d array")
@@ -661,17 +772,24 @@ def gather_rows(cnp.ndarray a, cnp.ndarray positions):
     positions = np.ascontiguousarray(positions, dtype=np.int64)
     cdef int64_t npos = positions.shape[0]
     cdef int64_t nrows = a.shape[0]
-    row = a[0] if nrows > 0 else None
-    # The kernel copies whole rows as bytes; rows that are not contiguous (or object rows,
-    # which hold references) go through numpy instead.
-    if a.dtype.hasobject or (row is not None and isinstance(row, np.ndarray)
-                             and not row.flags.c_contiguous):
-        return a[positions]
-    inner = tuple((<object>a).shape[1:])
-    out = np.empty((npos,) + inner, dtype=a.dtype)
-    cdef int64_t row_bytes = a.dtype.itemsize
-    for d in inner:
-        row_bytes *= d
+    # Dtype, shape and strides all come from the array struct the kernel reads (an ndarray
+    # subclass can override the Python attributes). The kernel copies whole rows as bytes;
+    # rows that are not C-contiguous (or object rows, which hold references) go through
+    # numpy instead.
+    cdef object dt = a.descr   # numpy.pxd: PyArray_DESCR, not the Python attribute
+    cdef int d, ndim = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *astrides = cnp.PyArray_STRIDES(a)
+    cdef int64_t row_bytes = cnp.PyArray_ITEMSIZE(a)
+    cdef bint rows_contiguous = True
+    for d in range(ndim - 1, 0, -1):
+        if dims[d] != 1 and astrides[d] != row_bytes:
+            rows_contiguous = False
+        row_bytes *= dims[d]
+    if dt.hasobject or not rows_contiguous:
+        return np.asarray(a)[positions]
+    inner = tuple([dims[d] for d in range(1, ndim)])
+    out = np.empty((npos,) + inner, dtype=dt)
     cdef fr_status st
     cdef const char *src = <const char *>cnp.PyArray_DATA(a)
     cdef int64_t stride = a.strides[0]

@@ -227,7 +227,7 @@ class FinalizeThenSampleFactory:
     """
 
     def __init__(self, sample_size: int = 100, seed: int | None = None):
-        self._sample_size = _check_int(sample_size, "sample_size", 1)
+        self._sample_size = _check_int(sample_size, "sample_size", 1, _INT64_MAX)
         self._seed = None if seed is None else _check_int(seed, "seed", 0)
 
     @property
