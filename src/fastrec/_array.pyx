@@ -286,7 +286,11 @@ cdef class Array:
                 base = data
             else:
                 base = memoryview(data)   # holds the export while the view lives
-            PyObject_GetBuffer(base, &view, PyBUF_SIMPLE)
+            try:
+                PyObject_GetBuffer(base, &view, PyBUF_SIMPLE)
+            except BufferError as e:
+                # e.g. a strided memoryview: bad input, so a ValueError like every other
+                raise ValueError(f"Array.data must be a contiguous bytes-like object: {e}") from e
             have_view = True
             buf = <const uint8_t *>view.buf
             n = view.len
@@ -351,13 +355,13 @@ cdef object _new_array(object dt, int ndim, cnp.npy_intp *dims, int fortran,
                        const uint8_t *src, Py_ssize_t nbytes, bint copy, object base):
     cdef cnp.ndarray arr
     cdef int i
+    if copy and (<cnp.dtype>dt).itemsize == 0:
+        # PyArray_NewFromDescr turns an unsized 'U0'/'S0'/'V0' into size 1
+        # when it allocates; the ndarray constructor keeps it, as numpy.load does.
+        return np.ndarray(tuple([dims[i] for i in range(ndim)]), dtype=dt,
+                          order="F" if fortran else "C")
     Py_INCREF(dt)   # stolen by PyArray_NewFromDescr
     if copy:
-        if (<cnp.dtype>dt).itemsize == 0:
-            # PyArray_NewFromDescr turns an unsized 'U0'/'S0'/'V0' into size 1
-            # when it allocates; the ndarray constructor keeps it, as numpy.load does.
-            return np.ndarray(tuple([dims[i] for i in range(ndim)]), dtype=dt,
-                              order="F" if fortran else "C")
         arr = _np_new_from_descr(&PyArray_Type, <cnp.PyArray_Descr *>dt, ndim, dims, NULL, NULL,
                                  fortran, NULL)
         if nbytes >= NOGIL_BYTES:
