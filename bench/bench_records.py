@@ -57,6 +57,17 @@ def _params_row_in_child(warm: bool) -> dict:
     return row
 
 
+NOTES = """
+The ParametersRecord rows allocate 4 MB of fresh `bytes` per call. In a fresh process glibc
+returns the freed heap to the kernel after every call, so both sides pay about 1000 page
+faults per call and the row mostly measures the kernel: there fastrec is ~2× faster, short
+of the 5× target. Once a process has freed any buffer above glibc's initial 128 KB mmap
+threshold — the steady state of anything that handles model weights — glibc keeps the heap
+and the row measures the work itself (the "steady state" row). Each row runs in its own
+interpreter so the allocator's history is controlled.
+"""
+
+
 def run() -> list[dict]:
     rows = []
     F = "flwr 1.15.2"

@@ -181,6 +181,15 @@ def case_count_non_finite(nbytes=40_000_000):
     return rows
 
 
+NOTES = """
+The NumPy baseline is included in bench/bench_sampling.py (finalize each client in Python,
+`np.isfinite(v).all()` per leaf, uint64 `rng.integers` keys, `np.argpartition`); both sides'
+measurements are asserted equal before timing. For scale (TensorFlow is not a dependency, so
+not measured here): TFF 0.87 took about 5.7 s per round on the N=10,000 per-client workload;
+the aim is ≤ 5.7 ms per round, i.e. ≥ 1000× TFF.
+"""
+
+
 def run() -> list[dict]:
     rows = [case_per_client(), case_metrics_record(), case_columnar()]
     rows += case_count_non_finite()

@@ -47,6 +47,9 @@ def main(argv: list[str]) -> None:
         mod = importlib.import_module(f"bench_{name}")
         rows = mod.run()
         section = [f"## {title}", "", f"`python bench/bench_{name}.py`", "", table(rows), ""]
+        notes = getattr(mod, "NOTES", "").strip()
+        if notes:
+            section += [notes, ""]
         print("\n".join(section), flush=True)
         out += section
     if not argv:

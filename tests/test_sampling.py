@@ -1166,3 +1166,50 @@ def test_fuzz_hostile_round_builder_reaches_accepted_rounds():
     desc = [(("plain", 10), ("keep",), ("trap", np.ndarray, "clear clients"))] * 3
     out = p.next(p.initialize(), _build_hostile_round(desc))
     assert len(out.state["indices"]) == 2 and out.measurements == {"a": 0, "b": [0, 3]}
+
+
+# -- columnar rounds drawn on two threads ---------------------------------------------------------
+
+def _two_thread_case(monkeypatch, threshold):
+    from fastrec import sampling
+    monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", threshold)
+    rng = np.random.default_rng(5)
+    n = 5_000
+    col = rng.standard_normal(n)
+    col[rng.random(n) < 0.05] = np.nan
+    batch = {"x": col, "y": [rng.integers(0, 9, n), rng.random(n)]}
+    spec = {"x": fastrec.TensorSpec("float64"),
+            "y": [fastrec.TensorSpec("int64"), fastrec.TensorSpec("float64")]}
+    fins = {"x": fastrec.vectorized(lambda c: c * 2),
+            "y": fastrec.vectorized(lambda c: [c[0], c[1]])}
+    proc = fastrec.FinalizeThenSampleFactory(37, seed=11).create(fins, spec)
+    state = proc.next_columnar(proc.initialize(), batch, client_offset=3).state
+    return proc.next_columnar(state, batch, client_offset=3)
+
+
+@pytest.mark.parametrize("threshold", [1, 4_000])
+def test_columnar_keys_on_a_second_thread_give_the_one_thread_result(monkeypatch, threshold):
+    serial = _two_thread_case(monkeypatch, 10**12)
+    split = _two_thread_case(monkeypatch, threshold)
+    assert split.measurements == serial.measurements
+    for a, b in ((split.state, serial.state),):
+        np.testing.assert_array_equal(a["keys"], b["keys"])
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+        np.testing.assert_array_equal(a["rounds"], b["rounds"])
+    assert repr(split.result) == repr(serial.result)
+
+
+def test_columnar_finalizer_error_with_keys_on_a_second_thread(monkeypatch):
+    import threading
+    from fastrec import sampling
+    monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", 1)
+
+    def boom(col):
+        raise RuntimeError("finalizer failed")
+
+    proc = fastrec.FinalizeThenSampleFactory(3, seed=0).create(
+        {"x": fastrec.vectorized(boom)}, {"x": fastrec.TensorSpec("float64")})
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="finalizer failed"):
+        proc.next_columnar(proc.initialize(), {"x": np.ones(1000)})
+    assert threading.active_count() == before  # the key thread was joined

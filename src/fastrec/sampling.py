@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -202,6 +203,41 @@ class MeasuredProcessOutput(NamedTuple):
 
 
 _INT64_MAX = (1 << 63) - 1
+
+# Columnar rounds at least this large draw their keys on a second thread while the
+# finalizers and non-finite counts run: the key loop releases the GIL, and at this size
+# it outweighs the ~0.1 ms a thread costs to start. The calling thread also draws a share
+# of the keys after its own work (finalizers, non-finite counts), so both finish together.
+_OVERLAP_MIN_CLIENTS = 200_000
+_MAIN_THREAD_KEY_SHARE = 0.3
+
+
+class _Background:
+    """Run ``fn(*args)`` on a fresh thread; :meth:`result` joins it and re-raises its error.
+
+    A fresh thread per call, not a pool: a pool's worker does not survive ``fork``.
+    """
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                        name="fastrec-keys")
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to the caller in result()
+            self._error = e
+
+    def join(self):
+        self._thread.join()
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _check_int(value, what, minimum, maximum=None):
@@ -402,24 +438,48 @@ class AggregationProcess:
         if not self._vectorized:
             rows = [{name: _row(cols[name], i) for name in self._spec_names} for i in range(n)]
             return self.next(state, rows, client_offset=offset)
-        if self._functional is None:
-            finalized = {}
-            for name, fin in zip(self._names, self._fins):
-                finalized[name] = _call_finalizer(fin.fn, cols[name], name)
-        else:
-            finalized = _call_finalizer(self._functional.fn, cols, None)
-            if not isinstance(finalized, Mapping):
-                raise TypeError("the vectorized metric finalizer must return a mapping of metric "
-                                f"name to column, got {type(finalized).__name__}")
-        s0, s1 = state["seed"]
-        keys, indices, positions = _sampling.round_sample(s0, s1, state["round"], offset, n,
-                                                          self._k)
-        samples, measurements = {}, {}
-        for name, value in finalized.items():
-            leaves: list[np.ndarray] = []
-            structure = map_leaves(lambda x: _finalized_column(x, n, name, leaves), value)
-            measurements[name] = map_leaves(lambda i: count_non_finite_rows(leaves[i]), structure)
-            picked = [_sampling.gather_rows(leaf, positions) for leaf in leaves]
+        # Keys depend only on (seed, round, index), not on the values. In a large round a
+        # second thread draws most of them while this one runs the finalizers and counts
+        # non-finite rows, then draws the rest; the two reservoirs merge into the round's.
+        s0, s1, rnd = state["seed"][0], state["seed"][1], state["round"]
+        split = int(n * _MAIN_THREAD_KEY_SHARE) if n >= _OVERLAP_MIN_CLIENTS else 0
+        background = (_Background(_sampling.round_sample, s0, s1, rnd, offset + split, n - split,
+                                  self._k) if split else None)
+        try:
+            if self._functional is None:
+                finalized = {}
+                for name, fin in zip(self._names, self._fins):
+                    finalized[name] = _call_finalizer(fin.fn, cols[name], name)
+            else:
+                finalized = _call_finalizer(self._functional.fn, cols, None)
+                if not isinstance(finalized, Mapping):
+                    raise TypeError("the vectorized metric finalizer must return a mapping of "
+                                    f"metric name to column, got {type(finalized).__name__}")
+            structures, leaves_of, measurements = {}, {}, {}
+            for name, value in finalized.items():
+                leaves: list[np.ndarray] = []
+                structure = map_leaves(lambda x: _finalized_column(x, n, name, leaves), value)
+                structures[name], leaves_of[name] = structure, leaves
+                measurements[name] = map_leaves(lambda i: count_non_finite_rows(leaves[i]),
+                                                structure)
+            if background is None:
+                keys, indices, positions = _sampling.round_sample(s0, s1, rnd, offset, n, self._k)
+            else:
+                keys, indices, positions = _sampling.round_sample(s0, s1, rnd, offset, split,
+                                                                  self._k)
+        finally:
+            if background is not None:
+                background.join()
+        if background is not None:
+            b_keys, b_indices, b_positions = background.result()
+            keys = np.concatenate([keys, b_keys])
+            indices = np.concatenate([indices, b_indices])
+            positions = np.concatenate([positions, b_positions + split])
+            top = _sampling.select_top(keys, np.zeros(len(keys), np.int64), indices, self._k)
+            keys, indices, positions = keys[top], indices[top], positions[top]
+        samples = {}
+        for name, structure in structures.items():
+            picked = [_sampling.gather_rows(leaf, positions) for leaf in leaves_of[name]]
             if isinstance(structure, int):  # a single column: its rows are the samples
                 samples[name] = list(picked[0])
             else:
