@@ -150,6 +150,29 @@ def test_client_keys_bits_are_uniform():
     assert ((cells - exp) ** 2 / exp).sum() < 53.0
 
 
+def _top_nibble_chi_square(keys):
+    cells = np.bincount((keys >> np.uint64(60)).astype(np.int64), minlength=16)
+    exp = len(keys) / 16
+    return ((cells - exp) ** 2 / exp).sum()
+
+
+def test_client_keys_are_uniform_across_rounds_and_unordered_along_a_stream():
+    # One client's key over 8192 rounds: uniform (chi-square, 15 dof, 1e-6 critical value 53).
+    across = np.array([_sampling.client_keys(5, 6, r, 7, 1)[0] for r in range(8192)])
+    assert _top_nibble_chi_square(across) < 53.0
+    # Along a stream, a key exceeds its predecessor half the time (a Weyl sequence's
+    # regularity would show here): binomial sd = 128 at n = 65536, bound at 6 sd.
+    keys = _sampling.client_keys(5, 6, 0, 0, 1 << 16)
+    ups = int(np.count_nonzero(keys[1:] > keys[:-1]))
+    assert abs(ups - (len(keys) - 1) / 2) < 6 * 128
+    # Neighbouring clients' top nibbles are independent: 256-cell joint chi-square,
+    # 255 dof, 1e-6 critical value 377.
+    hi = (keys >> np.uint64(60)).astype(np.int64)
+    joint = np.bincount(hi[:-1] * 16 + hi[1:], minlength=256)
+    exp = (len(keys) - 1) / 256
+    assert ((joint - exp) ** 2 / exp).sum() < 377.0
+
+
 def brute_force_top(seed, round_, n, k, offset=0):
     keys = _sampling.client_keys(seed[0], seed[1], round_, offset, n)
     order = sorted(range(n), key=lambda i: (-int(keys[i]), i))[:k]

@@ -6,7 +6,7 @@ finalized metrics of at most ``sample_size`` clients chosen uniformly at random,
 round and over all rounds so far.
 
 Sampling is reservoir sampling by random keys: client ``i`` of round ``r`` gets the 64-bit key
-``F(seed, r, i)`` of a counter-based generator (SplitMix64, csrc/keys.h), and a sample is the
+``F(seed, r, i)`` of a counter-based generator (wyrand, csrc/keys.h), and a sample is the
 ``sample_size`` clients with the largest keys (equal keys: earlier round, then lower index).
 Since keys depend only on (seed, round, index), a worker that processes clients [a, b) of a
 round with ``client_offset=a`` draws the keys one machine would, and
@@ -209,7 +209,7 @@ _INT64_MAX = (1 << 63) - 1
 # it outweighs the ~0.1 ms a thread costs to start. The calling thread also draws a share
 # of the keys after its own work (finalizers, non-finite counts), so both finish together.
 _OVERLAP_MIN_CLIENTS = 200_000
-_MAIN_THREAD_KEY_SHARE = 0.3
+_MAIN_THREAD_KEY_SHARE = 0.15
 
 
 class _Background:
