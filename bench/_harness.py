@@ -65,3 +65,45 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['case']} | {r['baseline']} | {fmt_time(r['baseline_s'])} | "
                      f"{fmt_time(r['fastrec_s'])} | {r['ratio']:.2f}× | {r['target']} |")
     return "\n".join(lines)
+
+
+def warm_allocator() -> None:
+    """Allocate and free one 16 MB buffer, as any process that has handled a model-sized
+    array has: glibc then raises its dynamic mmap threshold to that size (and its trim
+    threshold to twice it) and stops returning freed heap to the kernel after every call, so
+    temporaries up to that size no longer page-fault."""
+    import numpy as np
+
+    np.ones(1 << 22, dtype=np.float32).sum()
+
+
+def row_in_child(script: str, case: str, warm: bool) -> dict:
+    """Run ``script --row CASE fresh|warm`` in a new interpreter and return the row it prints.
+
+    A fresh interpreter controls the allocator's history, which decides whether rows that
+    allocate megabytes per call measure the work or the kernel's page faults.
+    """
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, script, "--row", case, "warm" if warm else "fresh"],
+                         capture_output=True, text=True, check=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["case"] += (" — steady state (process has freed one 16 MB buffer)" if warm else
+                    " — fresh process")
+    return row
+
+
+def child_main(rows: dict) -> bool:
+    """If invoked as ``--row CASE fresh|warm``, print that row as JSON and return True."""
+    import json
+    import sys
+
+    if sys.argv[1:2] != ["--row"]:
+        return False
+    case, regime = sys.argv[2], sys.argv[3]
+    if regime == "warm":
+        warm_allocator()
+    print(json.dumps(rows[case]()))
+    return True

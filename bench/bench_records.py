@@ -5,15 +5,13 @@ Run: python bench/bench_records.py
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import compare, table  # noqa: E402
+from _harness import child_main, compare, row_in_child, table  # noqa: E402
 
 import flwr.common as fc  # noqa: E402
 
@@ -35,26 +33,10 @@ def _params_builders():
     return f_params, o_params
 
 
-def _params_row(warm: bool) -> dict:
-    if warm:
-        # Allocate and free one 4 MB buffer, as any process that has handled a model-sized
-        # array has done: glibc then raises its dynamic mmap/trim thresholds and stops
-        # returning the freed heap to the kernel after every call.
-        np.ones(1 << 20, dtype=np.float32).sum()
+def _params_row() -> dict:
     f_params, o_params = _params_builders()
     return compare("ParametersRecord of 100 × 10k float32 via array_from_numpy", "flwr 1.15.2",
                    f_params, o_params, "≥ 5×")
-
-
-def _params_row_in_child(warm: bool) -> dict:
-    """The params row in a fresh interpreter, so the allocator's history is controlled."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--params-row",
-                          "warm" if warm else "fresh"],
-                         capture_output=True, text=True, check=True)
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["case"] += (" — steady state (process has freed one 4 MB buffer)" if warm else
-                    " — fresh process (glibc trims the heap after every call)")
-    return row
 
 
 NOTES = """
@@ -115,8 +97,8 @@ def run() -> list[dict]:
     # the row measures the kernel. Once the process has freed any buffer above glibc's
     # initial 128 KB mmap threshold (the steady state of a process handling model weights),
     # the heap is kept and the row measures the work itself. Both regimes are shown.
-    rows.append(_params_row_in_child(warm=False))
-    rows.append(_params_row_in_child(warm=True))
+    for warm in (False, True):
+        rows.append(row_in_child(__file__, "params", warm))
     f_params, o_params = _params_builders()
 
     # Informational rows (no target).
@@ -140,7 +122,5 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--params-row"]:
-        print(json.dumps(_params_row(warm=sys.argv[2:] == ["warm"])))
-    else:
+    if not child_main({"params": _params_row}):
         print(table(run()))
