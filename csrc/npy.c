@@ -912,43 +912,26 @@ fr_status fr_npy_write_header(uint8_t *dst, size_t cap, const char *descr_lit, s
 /* ------------------------------------------------------------------ */
 
 /* The common widths, four independent loads per step: the loads of a
- * strided row miss cache, and independent ones overlap their latency. */
-static void copy_row4(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride)
+ * strided row miss cache, and independent ones overlap their latency.
+ * Called with a constant w (4 or 8), so each call inlines into a loop of
+ * fixed-size moves. */
+static inline void copy_row_x4(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride,
+                               size_t w)
 {
     int64_t k = 0;
-    for (; k + 4 <= n; k += 4, src += 4 * stride, dst += 16) {
-        uint32_t a, b, c, d;
-        memcpy(&a, src, 4);
-        memcpy(&b, src + stride, 4);
-        memcpy(&c, src + 2 * stride, 4);
-        memcpy(&d, src + 3 * stride, 4);
-        memcpy(dst, &a, 4);
-        memcpy(dst + 4, &b, 4);
-        memcpy(dst + 8, &c, 4);
-        memcpy(dst + 12, &d, 4);
+    for (; k + 4 <= n; k += 4, src += 4 * stride, dst += 4 * w) {
+        uint8_t a[8], b[8], c[8], d[8];
+        memcpy(a, src, w);
+        memcpy(b, src + stride, w);
+        memcpy(c, src + 2 * stride, w);
+        memcpy(d, src + 3 * stride, w);
+        memcpy(dst, a, w);
+        memcpy(dst + w, b, w);
+        memcpy(dst + 2 * w, c, w);
+        memcpy(dst + 3 * w, d, w);
     }
-    for (; k < n; k++, src += stride, dst += 4) {
-        memcpy(dst, src, 4);
-    }
-}
-
-static void copy_row8(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride)
-{
-    int64_t k = 0;
-    for (; k + 4 <= n; k += 4, src += 4 * stride, dst += 32) {
-        uint64_t a, b, c, d;
-        memcpy(&a, src, 8);
-        memcpy(&b, src + stride, 8);
-        memcpy(&c, src + 2 * stride, 8);
-        memcpy(&d, src + 3 * stride, 8);
-        memcpy(dst, &a, 8);
-        memcpy(dst + 8, &b, 8);
-        memcpy(dst + 16, &c, 8);
-        memcpy(dst + 24, &d, 8);
-    }
-    for (; k < n; k++, src += stride, dst += 8) {
-        memcpy(dst, src, 8);
-    }
+    for (; k < n; k++, src += stride, dst += w)
+        memcpy(dst, src, w);
 }
 
 static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride,
@@ -967,10 +950,10 @@ static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride
         for (int64_t k = 0; k < n; k++, src += stride, dst += 2) memcpy(dst, src, 2);
         break;
     case 4:
-        copy_row4(dst, src, n, stride);
+        copy_row_x4(dst, src, n, stride, 4);
         break;
     case 8:
-        copy_row8(dst, src, n, stride);
+        copy_row_x4(dst, src, n, stride, 8);
         break;
     case 16:
         for (int64_t k = 0; k < n; k++, src += stride, dst += 16) memcpy(dst, src, 16);

@@ -17,6 +17,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
 from fastrec._npy cimport *
+from fastrec._status cimport *
 
 cnp.import_array()
 

@@ -1,15 +1,7 @@
 # C declarations of the sampling kernels in csrc/ (see the headers for contracts).
 from libc.stdint cimport int64_t, uint64_t
 
-
-cdef extern from "fastrec_status.h" nogil:
-    ctypedef enum fr_status:
-        FR_OK
-        FR_ERR_VALUE
-        FR_ERR_TYPE
-        FR_ERR_OVERFLOW
-        FR_ERR_NOMEM
-    const char *fr_status_name(fr_status s)
+from fastrec._status cimport fr_status
 
 
 cdef extern from "nonfinite.h" nogil:

@@ -1,15 +1,10 @@
 # Cython declarations of the C .npy kernels in csrc/npy.h.
 from libc.stdint cimport int64_t, uint8_t
 
+from fastrec._status cimport fr_status
+
 
 cdef extern from "npy.h" nogil:
-    ctypedef enum fr_status:
-        FR_OK
-        FR_ERR_VALUE
-        FR_ERR_TYPE
-        FR_ERR_OVERFLOW
-        FR_ERR_NOMEM
-
     enum:
         FR_NPY_MAXDIMS
         FR_NPY_DESCR_STR

@@ -25,9 +25,10 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from fastrec._kernels cimport (
-    FR_ERR_NOMEM, FR_ERR_TYPE, FR_FT_COMPLEX64, FR_FT_COMPLEX128, FR_FT_FLOAT16, FR_FT_FLOAT32,
-    FR_FT_FLOAT64, FR_OK, fr_client_keys, fr_count_nonfinite, fr_entry, fr_ftype, fr_gather_rows,
-    fr_round_sample, fr_select_top, fr_status, fr_status_name)
+    FR_FT_COMPLEX64, FR_FT_COMPLEX128, FR_FT_FLOAT16, FR_FT_FLOAT32, FR_FT_FLOAT64,
+    fr_client_keys, fr_count_nonfinite, fr_entry, fr_ftype, fr_gather_rows, fr_round_sample,
+    fr_select_top)
+from fastrec._status cimport FR_ERR_NOMEM, FR_ERR_TYPE, FR_OK, fr_status, fr_status_name
 
 cnp.import_array()
 
