@@ -43,6 +43,18 @@ def test_module_entry_point_subprocess():
     assert "[" in proc.stderr and "clients/s" in proc.stderr
 
 
+def test_closed_stdout_pipe_stops_quietly():
+    # `python -m fastrec demo | head -1`: the reader leaves early. Here it has left before
+    # the first line, so the demo's first write fails for sure: no traceback, status 1.
+    proc = subprocess.Popen([sys.executable, "-m", "fastrec", "demo", "--rounds", "2",
+                             "--clients", "200", "--seed", "0", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err, err
+
+
 def test_cli_errors(capsys):
     assert cli.main([]) == 2
     assert cli.main(["nope"]) == 2

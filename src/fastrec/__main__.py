@@ -6,6 +6,7 @@ Commands:
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -30,4 +31,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+        sys.stdout.flush()  # a buffered stdout meets the closed pipe here, inside the try
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, like other command-line tools.
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(status)
