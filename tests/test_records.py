@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
 
@@ -459,14 +460,28 @@ def test_mapping_abc_and_protocols():
         hash(r)
     with pytest.raises(TypeError):
         reversed(r)
-    match r:
-        case {"a": x}:
-            assert x == 1.0
-        case _:
-            pytest.fail("records are mappings for pattern matching")
     assert dict(r) == {"a": 1.0}
     r.note = "attributes work as on Flower's records"
     assert r.note.startswith("attributes")
+
+
+# Compiled from text so this file still parses on Python 3.9 (no ``match`` there).
+_MATCH_MAPPING = """
+def matched(r):
+    match r:
+        case {"a": x}:
+            return x
+        case _:
+            return None
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="match statements need Python 3.10")
+def test_records_match_mapping_patterns():
+    namespace = {}
+    exec(compile(_MATCH_MAPPING, "<match>", "exec"), namespace)
+    assert namespace["matched"](MetricsRecord({"a": 1.0})) == 1.0, \
+        "records are mappings for pattern matching"
 
 
 def test_popitem_takes_first_key_like_mutablemapping():
