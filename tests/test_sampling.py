@@ -1236,3 +1236,78 @@ def test_columnar_finalizer_error_with_keys_on_a_second_thread(monkeypatch):
     with pytest.raises(RuntimeError, match="finalizer failed"):
         proc.next_columnar(proc.initialize(), {"x": np.ones(1000)})
     assert threading.active_count() == before  # the key thread was joined
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed rounds: round_start, client_offset, merge
+# ----------------------------------------------------------------------------------------------
+
+def assert_tree_equal(a, b):
+    """Equal nested structures (dict/list/tuple) with array leaves compared by value."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            assert_tree_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_equal(x, y)
+    else:
+        assert np.shape(a) == np.shape(b) and np.array_equal(a, b, equal_nan=True), (a, b)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_round_start_partitions_merge_to_the_one_machine_round(functional):
+    fins = (lambda m: {"a": m["a"], "b": m["b"]}) if functional else IDENT
+    p = make_process(k=5, seed=11, finalizers=fins)
+    state = p.initialize()
+    rng = np.random.default_rng(0)
+    for r, n in enumerate([13, 0, 40, 7, 25]):
+        clients = clients_ab(n, start=100 * r)
+        cuts = sorted(rng.integers(0, n + 1, 3).tolist()) if n else []
+        bounds = [0] + cuts + [n]
+        start = p.round_start(state)
+        assert start["seed"] == state["seed"] and start["round"] == state["round"]
+        assert start["keys"].size == 0 and all(len(v) == 0 for v in start["samples"].values())
+        parts = [p.next(start, clients[a:b], client_offset=a).state
+                 for a, b in zip(bounds, bounds[1:])]
+        one = p.next(state, clients)
+        if n == 0:
+            assert one.state is state
+            continue
+        round_reservoir = parts[0]
+        for part in parts[1:]:
+            round_reservoir = p.merge(round_reservoir, part)
+        assert_tree_equal(round_reservoir["samples"], one.result[0])
+        merged = p.merge(state, round_reservoir)
+        for key in ("keys", "rounds", "indices"):
+            assert np.array_equal(merged[key], one.state[key])
+        assert_tree_equal(merged["samples"], one.state["samples"])
+        assert merged["round"] == one.state["round"] == state["round"] + 1
+        state = merged
+
+
+def test_round_start_validates_state():
+    p = make_process()
+    with pytest.raises(TypeError):
+        p.round_start({"seed": (1, 2)})
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_errors_name_the_global_client_index(functional):
+    fins = (lambda m: {"a": m["a"], "b": m["b"]}) if functional else IDENT
+    p = make_process(finalizers=fins)
+    clients = clients_ab(6)
+    clients[2] = {"a": "bad", "b": [1.0, 2.0]}
+    clients[4] = {"a": 1.0}
+    with pytest.raises(TypeError, match=r"client 102\b"):
+        p.next(p.initialize(), clients, client_offset=100)
+    with pytest.raises(ValueError, match=r"client 104\b"):
+        p.next(p.initialize(), clients[3:], client_offset=103)
+
+    def boom(v):
+        raise ZeroDivisionError("boom")
+    q = make_process(finalizers={"a": boom, "b": lambda v: v})
+    with pytest.raises(ZeroDivisionError) as info:
+        q.next(q.initialize(), clients_ab(3), client_offset=7)
+    assert "client 7" in " ".join(getattr(info.value, "__notes__", []))

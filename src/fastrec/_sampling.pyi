@@ -40,6 +40,7 @@ def finalize_clients(
     functional: Callable[[dict[str, Any]], Mapping[str, Any]] | None,
     positions: npt.NDArray[np.int64],
     nsample: int,
+    offset: int = ...,
 ) -> tuple[list[str], list[list[Any]], list[Any]]: ...
 def client_keys(seed0: int, seed1: int, round: int, offset: int, n: int) -> npt.NDArray[np.uint64]: ...
 def round_sample(

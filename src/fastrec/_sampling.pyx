@@ -534,7 +534,7 @@ def convert_value(CompiledSpec s, v):
 # Per-client round: convert, finalize, measure, keep the sampled
 # ----------------------------------------------------------------------------------------------
 
-cdef object _key_error(Py_ssize_t i, object cv, tuple names):
+cdef object _key_error(int64_t i, object cv, tuple names):
     have = list(cv.keys())
     missing = [x for x in names if x not in cv]
     extra = [x for x in have if x not in names]
@@ -553,17 +553,19 @@ cdef enum:
     _STAGE_MEASURE = 3
 
 
-cdef inline object _context(BaseException e, Py_ssize_t i, object name):
+cdef inline object _context(BaseException e, int64_t i, object name):
     return with_context(e, f"client {i}, metric {name!r}")
 
 
 def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
-                     cnp.ndarray positions not None, Py_ssize_t nsample):
+                     cnp.ndarray positions not None, Py_ssize_t nsample, int64_t offset=0):
     """Finalize every client, count non-finite leaves, keep the sampled clients' values.
 
     ``positions[r]`` is the batch position of the client with rank r in the round's sample.
     Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set.
     Returns (finalized names, per-name sample lists in rank order, per-name measurements).
+    Errors name the client by its index in the round, ``offset`` + batch position: with
+    clients in batch order, the first failing client (the lowest index) is the one reported.
     """
     # The round was sampled over the clients as they are now; finalizers and value
     # conversions run Python code that may mutate the caller's list, so read a snapshot.
@@ -605,18 +607,19 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
             out_names = list(names)
         for i in range(n):
             cv = clients[i]
+            gi = offset + i
             # Exact dict and OrderedDict (no __getitem__ override) are read with the C API;
             # other mappings are copied through items() once, which for records that wrap a
             # dict (Flower's MetricsRecord) is one call instead of one per metric.
             if type(cv) is not dict and type(cv) is not OrderedDict:
                 if type(cv) is not mapping_type:  # the ABC check is slow: once per type
                     if not isinstance(cv, Mapping):
-                        raise TypeError(f"client {i}: expected a mapping of metric name to "
+                        raise TypeError(f"client {gi}: expected a mapping of metric name to "
                                         f"value, got {type(cv).__name__}")
                     mapping_type = type(cv)
                 cv = dict(cv.items())
             if PyDict_Size(cv) != m:
-                raise _key_error(i, cv, names)
+                raise _key_error(gi, cv, names)
             if functional is not None:
                 unfin = {}
             # One try per client, not per value: `stage` and `ctx_name` say what failed.
@@ -627,7 +630,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                     stage = _STAGE_KEYS
                     p = PyDict_GetItemWithError(cv, ctx_name)
                     if p == NULL:
-                        raise _key_error(i, cv, names)
+                        raise _key_error(gi, cv, names)
                     raw = <object>p
                     stage = _STAGE_CONVERT
                     val = _convert(<CompiledSpec>specs[j], raw)
@@ -644,15 +647,16 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                     out = functional(unfin)
                     stage = _STAGE_KEYS
                     if not isinstance(out, Mapping):
-                        raise TypeError(f"client {i}: the metric finalizer must return a mapping "
+                        raise TypeError(f"client {gi}: the metric finalizer must return a mapping "
                                         f"of metric name to finalized value, got "
                                         f"{type(out).__name__}")
                     if accs is None:
                         out_names = list(out)
                         accs = [_Acc(nsample) for _ in out_names]
                     elif len(out) != len(out_names) or any(x not in out for x in out_names):
-                        raise ValueError(f"client {i}: the finalizer returned metrics "
-                                         f"{list(out)}, but for client 0 it returned {out_names}")
+                        raise ValueError(f"client {gi}: the finalizer returned metrics "
+                                         f"{list(out)}, but for client {offset} it returned "
+                                         f"{out_names}")
                     stage = _STAGE_MEASURE
                     for j in range(len(out_names)):
                         ctx_name = out_names[j]
@@ -660,10 +664,10 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
             except Exception as e:
                 if stage == _STAGE_FINALIZE:
                     where = "the metrics" if ctx_name is None else f"metric {ctx_name!r}"
-                    e.add_note(f"(while finalizing {where} of client {i})")
+                    e.add_note(f"(while finalizing {where} of client {gi})")
                     raise
                 if stage != _STAGE_KEYS and isinstance(e, (TypeError, ValueError)):
-                    raise _context(e, i, ctx_name) from None
+                    raise _context(e, gi, ctx_name) from None
                 raise
     finally:
         free(slot)

@@ -373,6 +373,33 @@ class AggregationProcess:
                 "rounds": np.empty(0, np.int64), "indices": np.empty(0, np.int64),
                 "samples": {n: [] for n in names}}
 
+    def round_start(self, state: dict) -> dict:
+        """The start state of a worker that processes a partition of ``state``'s next round.
+
+        Same seed and round as ``state``, empty reservoir. Workers each run
+        ``next(round_start(state), slice, client_offset=a)`` on their slice of the round's
+        clients (``a`` = the slice's first client index); :meth:`merge` of their states is the
+        round's own reservoir (its samples are the round's current sample), and
+        ``merge(state, round_reservoir)`` is the state after the round, as one machine computes
+        it with ``next(state, all_clients)``.
+
+        >>> p = FinalizeThenSampleFactory(2, seed=0).create({"x": float}, {"x": TensorSpec("int64")})
+        >>> state = p.next(p.initialize(), [{"x": i} for i in range(5)]).state  # round 0
+        >>> clients = [{"x": 10 + i} for i in range(6)]                         # round 1
+        >>> start = p.round_start(state)
+        >>> parts = [p.next(start, clients[a:a + 3], client_offset=a).state for a in (0, 3)]
+        >>> round_reservoir = p.merge(*parts)
+        >>> one = p.next(state, clients)
+        >>> round_reservoir["samples"] == one.result[0]
+        True
+        >>> p.merge(state, round_reservoir)["samples"] == one.state["samples"]
+        True
+        """
+        _check_state(state)
+        empty = self.initialize()
+        empty["seed"], empty["round"] = state["seed"], state["round"]
+        return empty
+
     # -- per-client rounds -------------------------------------------------------------------
 
     def next(self, state: dict, client_values, *, client_offset: int = 0) -> MeasuredProcessOutput:
@@ -397,7 +424,7 @@ class AggregationProcess:
                                                           len(clients), self._k)
         names, samples, measurements = _sampling.finalize_clients(
             clients, self._names, self._ordered_specs, self._fins, self._functional, positions,
-            len(positions))
+            len(positions), offset)
         return self._finish(state, keys, indices, dict(zip(names, samples)),
                             dict(zip(names, measurements)))
 
