@@ -136,6 +136,28 @@ def test_argument_errors():
         fd.next_columnar(p, p.initialize(), [1, 2])
 
 
+def test_demo_on_a_dask_cluster():
+    # Its own LocalCluster (created and closed by the demo), before the module's cluster exists.
+    import io
+
+    from fastrec import demo
+    assert demo.build_parser().parse_args(["--dask-workers", "2"]).dask_workers == 2
+    args = dict(rounds=2, clients=700, sample_size=5, seed=3, chunk=200, progress=False)
+    with_out, without_out = io.StringIO(), io.StringIO()
+    with_dask = demo.run(out=with_out, dask_workers=1, **args)
+    without = demo.run(out=without_out, **args)
+    with pytest.raises(ValueError):
+        distributed.default_client()  # closed again
+    same(with_dask["state"], without["state"])
+    same(with_dask["measurements"], without["measurements"])
+    text = with_out.getvalue()
+    assert "dask: 1 worker processes; per stage: simulate" in text
+
+    def summary(t):
+        return [line for line in t.splitlines() if not line.startswith(("throughput:", "dask:"))]
+    assert summary(text) == summary(without_out.getvalue())
+
+
 # -- on a LocalCluster -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
