@@ -444,3 +444,21 @@ def test_header_checks_like_flower(children, length):
     assert (o[0] == "ok") == (t[0] == "ok"), (content, o, t)
     if o[0] != "ok":
         assert issubclass(o[0], ValueError)
+
+
+@needs_next
+def test_interop_round_trip_with_flower_app():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    rd = app.RecordDict({"p": app.ArrayRecord({"w": app.Array(x)}),
+                         "m": app.MetricRecord({"acc": 0.9, "l": [1, 2]}),
+                         "c": app.ConfigRecord({"s": "x", "b": b"\x00", "f": [True]})})
+    f = fastrec.to_flwr(rd)
+    assert type(f) is fa.RecordDict and type(f["p"]["w"]) is fa.Array
+    assert f.deflate() == rd.deflate()
+    back = fastrec.from_flwr(f)
+    assert type(back) is app.RecordDict and back.deflate() == rd.deflate()
+    assert type(fastrec.from_flwr(fa.Array(x))) is app.Array
+    with pytest.raises(TypeError, match="fastrec.app"):
+        fastrec.to_flwr(fastrec.MetricsRecord({"a": 1}))
+    with pytest.raises(TypeError, match="flwr.app"):
+        fastrec.from_flwr(object())

@@ -23,6 +23,8 @@
 # key/value of an item wins; strings must be UTF-8. An item without a value is
 # rejected (Flower fails on it too). Errors are ValueError with the byte offset.
 
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+
 cdef extern from "string.h":
     void* memmove(void*, const void*, size_t)
 
@@ -523,8 +525,20 @@ cdef int _get_list(_Rd* r, Py_ssize_t end, int kind, list out, int depth) except
     return 0
 
 
-cdef int _get_value(_Rd* r, Py_ssize_t end, bint config, list state, int depth) except -1:
-    """Parse a Value message up to `end` into state = [case, value] (merging)."""
+cdef struct _VState:
+    int case           # the oneof member set so far (0: none)
+    PyObject* value    # owned reference, or NULL
+
+
+cdef inline void _vset(_VState* st, int case, object v) noexcept:
+    Py_INCREF(v)
+    Py_XDECREF(st.value)
+    st.value = <PyObject*>v
+    st.case = case
+
+
+cdef int _get_value(_Rd* r, Py_ssize_t end, bint config, _VState* st, int depth) except -1:
+    """Parse a Value message up to `end` into st (merging, like protobuf's parser)."""
     cdef Py_ssize_t saved = r.end, n
     cdef uint32_t f
     cdef int wt, kind
@@ -544,25 +558,22 @@ cdef int _get_value(_Rd* r, Py_ssize_t end, bint config, list state, int depth) 
                 if wt != 1:
                     _skip(r, f, wt, depth)
                     continue
-                state[0] = kind
-                state[1] = _get_double(r)
+                _vset(st, kind, _get_double(r))
             elif kind <= V_BOOL:
                 if wt != 0:
                     _skip(r, f, wt, depth)
                     continue
                 _get_varint(r, &v)
-                state[0] = kind
-                state[1] = _scalar_of(r, kind, v)
+                _vset(st, kind, _scalar_of(r, kind, v))
             elif kind <= V_BYTES:
                 if wt != 2:
                     _skip(r, f, wt, depth)
                     continue
                 _get_len(r, &n)
-                state[0] = kind
                 if kind == V_STR:
-                    state[1] = _get_str(r, n)
+                    _vset(st, kind, _get_str(r, n))
                 else:
-                    state[1] = PyBytes_FromStringAndSize(<const char*>r.p + r.pos, n)
+                    _vset(st, kind, PyBytes_FromStringAndSize(<const char*>r.p + r.pos, n))
                     r.pos += n
             else:
                 if wt != 2:
@@ -571,13 +582,15 @@ cdef int _get_value(_Rd* r, Py_ssize_t end, bint config, list state, int depth) 
                 _get_len(r, &n)
                 if depth + 1 >= _MAX_DEPTH:
                     raise _perr(r, "messages nest too deeply")
-                if state[0] != kind:
-                    state[0] = kind
-                    state[1] = []
-                _get_list(r, r.pos + n, kind - V_LIST, state[1], depth + 1)
+                if st.case != kind:
+                    _vset(st, kind, [])
+                _get_list(r, r.pos + n, kind - V_LIST, <list>st.value, depth + 1)
     finally:
         r.end = saved
     return 0
+
+
+cdef object _NOVALUE = object()
 
 
 cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
@@ -587,10 +600,11 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
     r.end = n
     cdef uint32_t f, f2
     cdef int wt, wt2
-    cdef Py_ssize_t ln, item_end, vn
+    cdef Py_ssize_t ln, item_end, vn, saved
     cdef dict out = {}
-    cdef list state
+    cdef _VState st
     cdef object key
+    cdef bint missing = False
     while r.pos < r.end:
         _get_tag(&r, &f, &wt)
         if f != 1 or wt != 2:
@@ -599,25 +613,34 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
         _get_len(&r, &ln)
         item_end = r.pos + ln
         key = ""
-        state = [0, None]
+        st.case = 0
+        st.value = NULL
         saved = r.end
         r.end = item_end
-        while r.pos < r.end:
-            _get_tag(&r, &f2, &wt2)
-            if f2 == 1 and wt2 == 2:
-                _get_len(&r, &vn)
-                key = _get_str(&r, vn)
-            elif f2 == 2 and wt2 == 2:
-                _get_len(&r, &vn)
-                _get_value(&r, r.pos + vn, config, state, 3)
+        try:
+            while r.pos < r.end:
+                _get_tag(&r, &f2, &wt2)
+                if f2 == 1 and wt2 == 2:
+                    _get_len(&r, &vn)
+                    key = _get_str(&r, vn)
+                elif f2 == 2 and wt2 == 2:
+                    _get_len(&r, &vn)
+                    _get_value(&r, r.pos + vn, config, &st, 3)
+                else:
+                    _skip(&r, f2, wt2, 2)
+            if st.case == 0:
+                out[key] = _NOVALUE
+                missing = True
             else:
-                _skip(&r, f2, wt2, 2)
+                out[key] = <object>st.value
+        finally:
+            Py_XDECREF(st.value)
+            st.value = NULL
         r.end = saved
-        out[key] = state
-    for k, st in out.items():
-        if (<list>st)[0] == 0:
-            raise ValueError(f"Item {k!r} of the record has no value")
-        out[k] = (<list>st)[1]
+    if missing:
+        for k, v in out.items():
+            if v is _NOVALUE:
+                raise ValueError(f"Item {k!r} of the record has no value")
     return out
 
 
