@@ -41,8 +41,9 @@ def _flwr_app():
         return None
     if (major, minor) < (1, 19):
         return None
-    import flwr.app as fa
-    return fa
+    # By name: mypy checks this module with whichever Flower is installed (1.15 has no flwr.app).
+    import importlib
+    return importlib.import_module("flwr.app")
 
 
 _APP_SUPPORTED = "RecordDict, ArrayRecord, MetricRecord, ConfigRecord or Array"
