@@ -325,10 +325,12 @@ cdef object _from_elements(_DType d, object v):
     a uint64 or float64 spec each element fits."""
     try:
         obj = np.array(v, dtype=object)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RuntimeError) as e:   # RuntimeError: > 32 dimensions
         raise ValueError(f"expected a {d.dtype} array, got a value numpy cannot convert "
                          f"({e})") from None
-    for x in obj.flat:
+    if obj.ndim > 32:   # NumPy's iterators stop at 32 dimensions
+        raise ValueError(f"expected a {d.dtype} array, got lists nested {obj.ndim} deep")
+    for x in obj.reshape(-1):
         k = _number_kind(type(x))
         if k is None:
             if isinstance(x, (list, tuple)) or cnp.PyArray_Check(x):
@@ -355,7 +357,7 @@ cdef object _as_array(_DType d, object v, tuple shape, bint lists):
             # ndarray subclasses become plain views: their Python attributes (dtype, shape,
             # astype) may lie about the struct.
             a = np.asarray(v)
-        except (OverflowError, ValueError, TypeError) as e:
+        except (OverflowError, ValueError, TypeError, RuntimeError) as e:
             if not lists:
                 raise ValueError(f"expected a {d.dtype} array of shape {shape}, got a value "
                                  f"numpy cannot convert ({e})") from None
