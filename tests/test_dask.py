@@ -343,6 +343,39 @@ def test_structure_disagreement_between_partitions(where):
             and "client 50" in str(got), got
 
 
+def test_partition_runs_that_disagree_name_the_metric_and_both_clients():
+    # The core probes the finalized structure at create(), so through the public API every
+    # partition agrees; the reduction still checks, for states that reach it otherwise (here:
+    # partitions finalized by different processes). Its ValueErrors name the metric and both
+    # first clients, never an internal TypeError.
+    spec = {"x": TensorSpec("int64")}
+
+    def run(finalizers, a, n):
+        p = FinalizeThenSampleFactory(3, seed=0).create(finalizers, spec)
+        o = p.next(p.round_start(p.initialize()), [{"x": i} for i in range(a, a + n)],
+                   client_offset=a)
+        return fd._Run(o.state, o.measurements, a)
+
+    base = FinalizeThenSampleFactory(3, seed=0).create({"x": float}, spec)
+    cases = [({"x": lambda v: [float(v), 1.0]}, "metric 'x'"),      # structure
+             ({"x": lambda v: np.int32(v)}, "metric 'x'"),          # leaf dtype
+             (lambda m: {"y": float(m["x"])}, "['y'] for client 10")]  # metric names
+    for finalizers, named in cases:
+        out = fd._combine(base, [run({"x": float}, 0, 10), fd._Run(), run(finalizers, 10, 5)])
+        assert isinstance(out.failure, ValueError) and out.state is None
+        message = str(out.failure)
+        assert named in message and "client 0" in message and "client 10" in message, message
+
+
+def test_unpicklable_process_is_a_clear_error(client):
+    lock = threading.Lock()
+    p = create(3, 0, {"x": lambda v: (lock, float(v))[1]}, {"x": TensorSpec("int64")})
+    with pytest.raises(TypeError, match="the process must pickle"):
+        fd.next(p, p.initialize(), db.from_sequence([{"x": 1}, {"x": 2}]))
+    with dask.config.set(scheduler="threads"):  # one process: nothing to ship
+        assert fd.next(p, p.initialize(), db.from_sequence([{"x": 1}])).measurements == {"x": 0}
+
+
 # -- columns -----------------------------------------------------------------------------------
 
 CSPEC = {"loss": [TensorSpec("float32"), TensorSpec("float32")], "hist": TensorSpec("int64", (3,))}
