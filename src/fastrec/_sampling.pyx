@@ -860,10 +860,15 @@ cdef class _Acc:
     cdef list flat
     cdef int64_t *counts
     cdef Py_ssize_t nleaves
+    cdef _DType d0          # the first leaf's dtype and scalar type: the one-leaf fast path
+    cdef object scalar0     # exact numpy scalar type of a shape-() first leaf, else None
 
     def __cinit__(self, Layout layout, Py_ssize_t nsample):
         self.layout = layout
         self.dts = layout._dts
+        self.d0 = layout._dts[0] if layout._dts else None
+        self.scalar0 = (self.d0.scalar_type if self.d0 is not None and layout.shapes[0] == ()
+                        else None)
         self.shapes = layout.shapes
         self.nleaves = len(layout.shapes)
         self.outs = [np.empty((nsample,) + s, d) for d, s in zip(layout.dtypes, layout.shapes)]
@@ -902,7 +907,12 @@ cdef class _Acc:
     cdef int add(self, object v, int64_t slot) except -1:
         cdef Py_ssize_t j
         if self.layout.single:
-            if not PyFloat_Check(v) and type(v) is not (<_DType>self.dts[0]).scalar_type:
+            if type(v) is self.scalar0:   # the common case: a numpy scalar of the probe's type
+                self.counts[0] += _scalar_bad(self.d0, v) if self.d0.kind >= K_FLOAT else 0
+                if slot >= 0:
+                    self.outs[0][slot] = v
+                return 0
+            if not PyFloat_Check(v):
                 if isinstance(v, (list, tuple)) or (isinstance(v, Mapping)
                                                     and not cnp.PyArray_Check(v)):
                     raise ValueError(f"finalized value is a {type(v).__name__}, but at "
