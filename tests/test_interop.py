@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import flwr.common as fc
+from _optional import OptionalModule
 
 import fastrec
 from fastrec import ConfigsRecord, MetricsRecord, ParametersRecord, RecordSet
+
+# Every test here compares with flwr 1.15.2 and is skipped with the reason without it.
+fc = OptionalModule("flwr.common")
+
+
+@pytest.fixture(autouse=True)
+def _needs_flwr():
+    pytest.importorskip("flwr", reason="fastrec.to_flwr/from_flwr convert to flwr 1.15.2")
 
 HYP = settings(max_examples=60, deadline=None)
 

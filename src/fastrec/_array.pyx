@@ -44,6 +44,35 @@ cdef enum:
 cdef str _NUMPY_STYPE = "numpy.ndarray"
 
 
+# numpy.save's warnings for headers that need format 2.0 or 3.0, in the installed numpy's own
+# words: their text changed between releases (2.5 put the missing space into "can only be read"),
+# so they are read from numpy once, on first use, rather than copied from one version.
+cdef dict _FORMAT_WARNINGS = {}
+
+
+cdef str _format_warning(int major):
+    cdef str text = _FORMAT_WARNINGS.get(major)
+    if text is not None:
+        return text
+    text = (f"Stored array in format {major}.0. It can only be read by NumPy >= "
+            + ("1.9" if major == 2 else "1.17"))
+    try:
+        try:  # numpy >= 2
+            from numpy.lib._format_impl import _wrap_header_guess_version
+        except ImportError:  # numpy 1.x
+            from numpy.lib.format import _wrap_header_guess_version
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # a header too long for format 1.0 needs 2.0; one that is not latin-1 needs 3.0
+            _wrap_header_guess_version(("x" * 70000) if major == 2 else "\u4e2d")
+        if len(caught) == 1 and f"format {major}.0" in str(caught[0].message):
+            text = str(caught[0].message)
+    except Exception:  # a numpy without that private helper: keep the documented text
+        pass
+    _FORMAT_WARNINGS[major] = text
+    return text
+
+
 # ---------------------------------------------------------------------------
 # Per-dtype facts for the encoder, cached on the dtype object's address. The
 # entry keeps a strong reference to the dtype, so the address cannot be
@@ -435,12 +464,8 @@ def array_from_numpy(ndarray):
     finally:
         if hdr != stack_hdr:
             free(hdr)
-    if major == 2:
-        warnings.warn("Stored array in format 2.0. It can only be"
-                      "read by NumPy >= 1.9", UserWarning, stacklevel=2)
-    elif major == 3:
-        warnings.warn("Stored array in format 3.0. It can only be "
-                      "read by NumPy >= 1.17", UserWarning, stacklevel=2)
+    if major != 1:
+        warnings.warn(_format_warning(major), UserWarning, stacklevel=2)
     cdef const uint8_t *src = <const uint8_t *>cnp.PyArray_DATA(arr)
     dst += hlen
     if nbytes >= NOGIL_BYTES:

@@ -37,3 +37,13 @@ cdef class ConfigsRecord(TypedDict):
 
 cdef class ParametersRecord(TypedDict):
     pass
+
+cdef class RecordSet:
+    cdef TypedDict _params
+    cdef TypedDict _metrics
+    cdef TypedDict _configs
+    cdef dict __dict__
+    cdef object __weakref__
+
+# For the wire decoder: a RecordSet that takes over three dicts of records.
+cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs)

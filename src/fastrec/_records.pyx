@@ -736,12 +736,6 @@ cdef class RecordSet:
     RecordSet(parameters_records={}, metrics_records={'m': {'acc': 0.9}}, configs_records={'c': {'lr': 0.1}})
     """
 
-    cdef TypedDict _params
-    cdef TypedDict _metrics
-    cdef TypedDict _configs
-    cdef dict __dict__
-    cdef object __weakref__
-
     __hash__ = None
 
     def __init__(self, parameters_records=None, metrics_records=None, configs_records=None):
@@ -809,6 +803,18 @@ cdef class RecordSet:
         self._params, self._metrics, self._configs = state[0], state[1], state[2]
         if state[3]:
             getattr(self, "__dict__").update(state[3])
+
+
+cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs):
+    """A RecordSet holding these dicts (taken over, not copied), whose values
+    the caller guarantees are records of the right type (the wire decoder)."""
+    cdef RecordSet rs = RecordSet.__new__(RecordSet)
+    cdef TypedDict p = _recordset_dict(K_RS_PARAMS)
+    cdef TypedDict m = _recordset_dict(K_RS_METRICS)
+    cdef TypedDict c = _recordset_dict(K_RS_CONFIGS)
+    p._data, m._data, c._data = params, metrics, configs
+    rs._params, rs._metrics, rs._configs = p, m, c
+    return rs
 
 
 MutableMapping.register(TypedDict)
