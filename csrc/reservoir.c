@@ -8,14 +8,7 @@ int fr_entry_better(const fr_entry *a, const fr_entry *b)
 {
     if (a->key != b->key)
         return a->key > b->key;
-    if (a->round != b->round)
-        return a->round < b->round;
-    return a->index < b->index;
-}
-
-static int same_client(const fr_entry *a, const fr_entry *b)
-{
-    return a->round == b->round && a->index == b->index;
+    return a->src < b->src;
 }
 
 /* A binary heap whose root is the *worst* entry: the one to evict first. */
@@ -93,14 +86,7 @@ fr_status fr_select_top(fr_entry *items, int64_t n, int64_t k, int64_t *out_coun
     if (n < 0 || k < 0)
         return FR_ERR_VALUE;
     sort_best_first(items, n);
-    /* The same client always has the same key, so its copies are adjacent. */
-    int64_t m = 0;
-    for (int64_t i = 0; i < n && m < k; i++) {
-        if (m > 0 && same_client(&items[m - 1], &items[i]))
-            continue;
-        items[m++] = items[i];
-    }
-    *out_count = m;
+    *out_count = k < n ? k : n;
     return FR_OK;
 }
 

@@ -11,8 +11,9 @@
 
 #include "fastrec_status.h"
 
-/* One sampled client.  (round, index) identifies the client; `src` is a
- * caller-defined tag carried along (e.g. where the client's values live). */
+/* One sampled client.  (round, index) identifies the client; `src` is its
+ * position in the caller's input (the batch, or the concatenation of the
+ * reservoirs being merged): it breaks ties between equal keys. */
 typedef struct {
     uint64_t key;
     int64_t round;
@@ -21,7 +22,9 @@ typedef struct {
 } fr_entry;
 
 /* Priority order: larger key first; equal keys fall back to the earlier
- * (round, index), so the order is total and the result deterministic. */
+ * position `src`, as TFF's top-k keeps the first of tied values: within a
+ * round that is the lower client index, in a merge the first reservoir's
+ * entries.  With distinct positions the order is total. */
 int fr_entry_better(const fr_entry *a, const fr_entry *b);
 
 /* Sample one round: clients offset .. offset+n-1 of `round` get keys from
@@ -33,9 +36,9 @@ int fr_entry_better(const fr_entry *a, const fr_entry *b);
 fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
                           int64_t n, int64_t k, fr_entry *out, int64_t *out_count);
 
-/* Merge reservoirs: sorts items[0..n) best-first in place, drops repeats of
- * the same (round, index) (a client kept in both inputs), and sets
- * *out_count to the number of leading items that form the top k. */
+/* Merge reservoirs: sorts items[0..n) best-first in place and sets
+ * *out_count = min(n, k), the number of leading items that form the top k.
+ * FR_ERR_VALUE for negative n or k. */
 fr_status fr_select_top(fr_entry *items, int64_t n, int64_t k, int64_t *out_count);
 
 /* dst[j] = row pos[j] of src, for j < npos: rows are row_bytes contiguous

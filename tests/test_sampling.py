@@ -31,6 +31,20 @@ def reference_count(a):
     return int(np.count_nonzero(~np.isfinite(a)))
 
 
+def assert_tree_equal(a, b):
+    """Equal nested structures (dict/list/tuple) with array leaves compared by value."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            assert_tree_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_equal(x, y)
+    else:
+        assert np.shape(a) == np.shape(b) and np.array_equal(a, b, equal_nan=True), (a, b)
+
+
 def test_docstrings():
     assert doctest.testmod(fastrec.sampling, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
@@ -202,17 +216,16 @@ def test_round_sample_is_top_k_of_keys(n, k, offset, round_):
     assert np.array_equal(got_keys, keys[got_pos])
 
 
-def test_select_top_ties_and_duplicates():
+def test_select_top_ties_keep_the_first_position():
     keys = np.array([5, 9, 5, 5, 9], np.uint64)
-    rounds = np.array([1, 2, 0, 1, 2], np.int64)
-    indices = np.array([3, 4, 8, 2, 4], np.int64)  # positions 1 and 4 are one client
-    order = _sampling.select_top(keys, rounds, indices, 10).tolist()
-    assert len(order) == 4 and order[0] in (1, 4)
-    # Equal keys: earlier round first, then lower index.
-    assert order[1:] == [2, 3, 0]
-    assert len(_sampling.select_top(keys, rounds, indices, 2)) == 2
+    # Larger key first; equal keys in position order (TFF's top_k keeps the first of ties).
+    assert _sampling.select_top(keys, 10).tolist() == [1, 4, 0, 2, 3]
+    assert _sampling.select_top(keys, 3).tolist() == [1, 4, 0]
+    assert _sampling.select_top(keys, 0).tolist() == []
     with pytest.raises(ValueError):
-        _sampling.select_top(keys, rounds[:2], indices, 2)
+        _sampling.select_top(keys.reshape(5, 1), 2)
+    with pytest.raises(ValueError):
+        _sampling.select_top(keys, -1)
 
 
 def test_gather_rows():
@@ -227,7 +240,7 @@ def test_gather_rows():
     with pytest.raises(ValueError):
         _sampling.gather_rows(a, np.array([[1, 2]]))
     with pytest.raises(ValueError):
-        _sampling.select_top(np.array(1, np.uint64), np.array(1), np.array(1), 1)
+        _sampling.select_top(np.array(1, np.uint64), 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +337,18 @@ def test_create_rejects_bad_metrics_type(bad):
 # The process
 # ----------------------------------------------------------------------------------------------
 
+def fails_after_probe(exc, then=lambda v: v):
+    """A finalizer that works on create()'s example of ones and raises ``exc`` afterwards."""
+    calls = []
+
+    def fin(v):
+        calls.append(1)
+        if len(calls) > 1:
+            raise exc("boom")
+        return then(v)
+    return fin
+
+
 def make_process(k=3, seed=0, finalizers=None, spec=None):
     return FinalizeThenSampleFactory(k, seed=seed).create(finalizers or IDENT, spec or SPEC)
 
@@ -342,7 +367,8 @@ def test_tff_docstring_example():
     assert isinstance(out, MeasuredProcessOutput)
     assert out.measurements == {"a": 1, "b": 2}
     current, total = out.result
-    assert len(current["a"]) == 2 and current == total
+    assert current["a"].shape == (2, 2) and current["a"].dtype == np.float32
+    assert_tree_equal(current, total)
 
 
 def test_next_samples_top_keys_and_pairs_metrics():
@@ -353,12 +379,15 @@ def test_next_samples_top_keys_and_pairs_metrics():
         out = p.next(state, clients_ab(n))
         expected, keys = brute_force_top(state["seed"], r, n, 4)
         current, total = out.result
-        assert [int(x) for x in current["a"]] == expected
+        # Arrival order: the top keys' clients by index.
+        assert current["a"].tolist() == sorted(expected)
+        assert current["a"].dtype == np.float32 and current["b"].shape == (len(expected), 2)
         # Same client at the same position in every metric.
         for a, b in zip(current["a"], current["b"]):
             assert np.array_equal(b, np.array([a, 2 * a], np.float32))
         all_keys += [(int(keys[i]), r, i) for i in range(n)]
-        best = sorted(all_keys, key=lambda t: (-t[0], t[1], t[2]))[:4]
+        best = sorted(sorted(all_keys, key=lambda t: (-t[0], t[1], t[2]))[:4],
+                      key=lambda t: (t[1], t[2]))
         assert out.state["indices"].tolist() == [t[2] for t in best]
         assert out.state["rounds"].tolist() == [t[1] for t in best]
         assert [int(x) for x in total["a"]] == [t[2] for t in best]
@@ -369,7 +398,7 @@ def test_next_samples_top_keys_and_pairs_metrics():
 def test_sample_size_larger_than_round_keeps_everyone():
     p = make_process(k=50)
     out = p.next(p.initialize(), clients_ab(7))
-    assert sorted(out.result[0]["a"]) == list(range(7))
+    assert out.result[0]["a"].tolist() == list(range(7))   # every client, in order
 
 
 def test_seed_reproducible_and_entropy_when_unseeded():
@@ -378,9 +407,13 @@ def test_seed_reproducible_and_entropy_when_unseeded():
     def run(process):
         return process.next(process.initialize(), clients).result[0]["a"]
 
-    assert run(make_process(seed=42)) == run(make_process(seed=42))
-    assert run(make_process(seed=42)) != run(make_process(seed=43))
-    assert run(make_process(seed=None)) != run(make_process(seed=None))
+    assert run(make_process(seed=42)).tolist() == run(make_process(seed=42)).tolist()
+    assert run(make_process(seed=42)).tolist() != run(make_process(seed=43)).tolist()
+    assert run(make_process(seed=None)).tolist() != run(make_process(seed=None)).tolist()
+    # Unseeded: fresh entropy per initialize(), not per process.
+    p = make_process(seed=None)
+    assert len({run(p).tobytes() for _ in range(5)}) > 1
+    assert len({p.initialize()["seed"] for _ in range(20)}) == 20
 
 
 def test_empty_round_leaves_state_unchanged():
@@ -388,8 +421,10 @@ def test_empty_round_leaves_state_unchanged():
     state = p.next(p.initialize(), clients_ab(5)).state
     out = p.next(state, [])
     assert out.state is state
-    assert out.result[0] == {"a": [], "b": []}
-    assert out.result[1]["a"] == state["samples"]["a"]
+    assert_tree_equal(out.result[0], {"a": np.zeros(0, np.float32),
+                                      "b": np.zeros((0, 2), np.float32)})
+    assert out.result[0]["b"].dtype == np.float32
+    assert_tree_equal(out.result[1], state["samples"])
     assert out.measurements == {"a": 0, "b": 0}
     assert p.next(state, iter([])).state is state
 
@@ -400,7 +435,7 @@ def test_state_is_picklable_and_resumable():
     s1b = pickle.loads(pickle.dumps(s1))
     o1 = p.next(s1, clients_ab(20, 100))
     o2 = p.next(s1b, clients_ab(20, 100))
-    assert o1.result[1]["a"] == o2.result[1]["a"]
+    assert_tree_equal(o1.result[1], o2.result[1])
     assert np.array_equal(o1.state["keys"], o2.state["keys"])
 
 
@@ -410,7 +445,7 @@ def test_state_is_picklable_and_resumable():
     (lambda s: s.__setitem__("round", -1), ValueError),
     (lambda s: s.__setitem__("keys", s["keys"].astype(np.int64)), ValueError),
     (lambda s: s.__setitem__("indices", s["indices"][:1]), ValueError),
-    (lambda s: s["samples"]["a"].pop(), ValueError),
+    (lambda s: s["samples"].__setitem__("a", s["samples"]["a"][:-1]), ValueError),
 ])
 def test_bad_state(mutate, exc):
     p = make_process()
@@ -431,7 +466,7 @@ def test_partitioned_workers_merge_to_one_machine_state():
     merged = p.merge(p.merge(parts[0].state, parts[1].state), parts[2].state)
     for key in ("keys", "rounds", "indices"):
         assert np.array_equal(merged[key], whole.state[key])
-    assert merged["samples"]["a"] == whole.state["samples"]["a"]
+    assert_tree_equal(merged["samples"], whole.state["samples"])
     assert merged["round"] == whole.state["round"]
     # Measurements of the parts add up.
     assert sum(o.measurements["a"] for o in parts) == whole.measurements["a"]
@@ -454,7 +489,7 @@ def test_merge_property(round_sizes, k, data):
         b = p.next(state, clients[cut:], client_offset=cut)
         merged = p.merge(b.state, a.state)
         assert np.array_equal(merged["indices"], whole.state["indices"])
-        assert merged["samples"]["a"] == whole.state["samples"]["a"]
+        assert_tree_equal(merged["samples"], whole.state["samples"])
         state = whole.state
 
 
@@ -496,8 +531,9 @@ def test_int_and_struct_specs():
     p = make_process(k=10, finalizers=fins, spec=spec)
     ok = {"n": np.int16(3), "pair": (2.5, 4), "flag": np.bool_(True), "u": [1, 2, 255]}
     out = p.next(p.initialize(), [ok, dict(ok, u=[])])
-    assert sorted(out.result[0]["pair"]) == [10.0, 10.0]
-    assert sorted(out.result[0]["u"]) == [0, 258]
+    assert out.result[0]["pair"].tolist() == [10.0, 10.0]
+    assert out.result[0]["u"].tolist() == [258, 0]
+    assert out.result[0]["n"].dtype == np.int32 and out.result[0]["u"].dtype == np.uint64
     class Count(int):
         pass
 
@@ -506,7 +542,7 @@ def test_int_and_struct_specs():
 
     subclassed = dict(ok, n=Count(5), pair=[Real(0.5), np.uint8(4)])
     out = p.next(p.initialize(), [subclassed])
-    assert out.result[0]["n"] == [5] and out.result[0]["pair"] == [2.0]
+    assert out.result[0]["n"].tolist() == [5] and out.result[0]["pair"].tolist() == [2.0]
     for bad, exc in [({"n": 2**31}, ValueError), ({"n": 1.0}, TypeError),
                      ({"n": Real(1.0)}, TypeError), ({"n": np.float64(1.0)}, TypeError),
                      ({"pair": (complex(1, 0), 1)}, TypeError),
@@ -523,11 +559,11 @@ def test_flwr_metrics_record_clients_match_dicts():
     p = make_process(k=5, seed=2)
     expected = p.next(p.initialize(), clients_ab(40))
     got = p.next(p.initialize(), records)
-    assert got.result[0]["a"] == expected.result[0]["a"]
+    assert_tree_equal(got.result, expected.result)
     assert got.measurements == expected.measurements
     proxies = [types.MappingProxyType(c) for c in clients_ab(40)]
     mixed = [proxies[i] if i % 3 else records[i] for i in range(40)]
-    assert p.next(p.initialize(), mixed).result[0]["a"] == expected.result[0]["a"]
+    assert_tree_equal(p.next(p.initialize(), mixed).result, expected.result)
     bad = records[:3] + [FlwrMetricsRecord({"a": 1.0})]
     with pytest.raises(ValueError, match="client 3.*missing"):
         p.next(p.initialize(), bad)
@@ -539,8 +575,8 @@ def test_fastrec_metrics_record_if_available():
         pytest.skip("fastrec.MetricsRecord is not in this build")
     p = make_process(k=5, seed=2)
     records = [record_cls({"a": float(i), "b": [float(i), 2.0 * i]}) for i in range(40)]
-    assert p.next(p.initialize(), records).result[0]["a"] == \
-        p.next(p.initialize(), clients_ab(40)).result[0]["a"]
+    assert_tree_equal(p.next(p.initialize(), records).result,
+                      p.next(p.initialize(), clients_ab(40)).result)
 
 
 def test_non_finite_measurements_over_all_clients():
@@ -574,8 +610,9 @@ def test_nested_finalized_values():
     assert out.measurements == {"a": [0, {"inv": 1}], "b": (0, 0)}
     assert p.next(out.state, []).measurements == {"a": [0, {"inv": 0}], "b": (0, 0)}
     bad = {"a": lambda v: [v] if v else v, "b": lambda v: 0}
-    with pytest.raises(ValueError, match="client 1, metric 'a'.*first client"):
-        make_process(finalizers=bad).next(make_process().initialize(), clients_ab(3))
+    q = make_process(finalizers=bad)
+    with pytest.raises(ValueError, match=r"client 0, metric 'a'.*create\(\)"):
+        q.next(q.initialize(), clients_ab(3))
 
 
 def test_non_numeric_finalized_value_names_client_and_metric():
@@ -585,7 +622,7 @@ def test_non_numeric_finalized_value_names_client_and_metric():
 
 
 def test_finalizer_exception_propagates_with_note():
-    p = make_process(finalizers={"a": lambda v: 1 / 0, "b": lambda v: 0})
+    p = make_process(finalizers={"a": fails_after_probe(ZeroDivisionError), "b": lambda v: 0})
     with pytest.raises(ZeroDivisionError) as info:
         p.next(p.initialize(), clients_ab(2))
     assert "metric 'a' of client 0" in "".join(info.value.__notes__)
@@ -597,18 +634,19 @@ def test_functional_finalizer():
 
     p = make_process(k=3, seed=6, finalizers=finalize)
     q = make_process(k=3, seed=6)
-    assert p.initialize()["samples"] == {}
+    assert list(p.initialize()["samples"]) == ["mean_b", "a"]
     out = p.next(p.initialize(), clients_ab(10))
     ref = q.next(q.initialize(), clients_ab(10))
     assert list(out.result[0]) == ["mean_b", "a"]
-    assert out.result[0]["a"] == ref.result[0]["a"]
-    assert out.result[0]["mean_b"] == [1.5 * a for a in ref.result[0]["a"]]
+    assert_tree_equal(out.result[0]["a"], ref.result[0]["a"])
+    assert out.result[0]["mean_b"].dtype == np.float64
+    assert out.result[0]["mean_b"].tolist() == [1.5 * a for a in ref.result[0]["a"].tolist()]
     assert out.measurements == {"mean_b": 0, "a": 0}
     with pytest.raises(TypeError, match="mapping"):
-        make_process(finalizers=lambda m: 3).next(p.initialize(), clients_ab(2))
-    flaky = make_process(finalizers=lambda m: {"x": 1} if m["a"] else {"y": 1})
-    with pytest.raises(ValueError, match="client 1"):
-        flaky.next(flaky.initialize(), clients_ab(2))
+        make_process(finalizers=lambda m: 3)
+    flaky = make_process(finalizers=lambda m: {"x": 1} if m["a"] < 1.5 else {"y": 1})
+    with pytest.raises(ValueError, match="client 2"):
+        flaky.next(flaky.initialize(), clients_ab(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,8 +710,9 @@ def test_columnar_functional_vectorized_and_offset():
     merged = p.merge(a.state, b.state)
     assert np.array_equal(merged["indices"], whole.state["indices"])
     assert whole.measurements["both"] == [0, int((~np.isfinite(batch["hist"])).any(axis=1).sum())]
-    sample = whole.result[0]["both"][0]
-    assert isinstance(sample, list) and sample[1].shape == (3,)
+    both = whole.result[0]["both"]   # per leaf: the n column, then the hist rows
+    assert isinstance(both, list) and both[0].shape == (4,) and both[1].shape == (4, 3)
+    assert both[0].dtype == np.int64 and both[1].dtype == np.float64
     # The same vectorized finalizer also runs per client.
     per_client = p.next(p.initialize(), batch_rows(batch))
     np.testing.assert_allclose(per_client.result[0]["ratio"], whole.result[0]["ratio"])
@@ -788,7 +827,7 @@ def test_client_offset_validation_and_ordered_dict_clients():
         p.next(s, {"a": [1.0], "b": [[1.0, 2.0]]})
     ordered = [collections.OrderedDict(c) for c in clients_ab(9)]
     got, ref = p.next(s, ordered), p.next(s, clients_ab(9))
-    assert got.result[1]["a"] == ref.result[1]["a"]
+    assert_tree_equal(got.result, ref.result)
     assert np.array_equal(got.state["keys"], ref.state["keys"])
 
 
@@ -803,10 +842,13 @@ def test_process_matches_reference_for_any_round(values, k, seed):
     state = p.initialize()
     clients = [{"a": a, "b": b} for a, b in values]
     out = p.next(state, clients)
-    assert out.measurements == {
-        "a": sum(not math.isfinite(a) for a, _ in values),
-        "b": sum(not all(math.isfinite(x) for x in b) for _, b in values)}
+    # Values are cast to the spec's float32 first: 1e308 becomes inf, as in TFF.
+    with np.errstate(over="ignore"):
+        assert out.measurements == {
+            "a": sum(not np.isfinite(np.float32(a)) for a, _ in values),
+            "b": sum(not all(math.isfinite(x) for x in b) for _, b in values)}
     expected, _ = brute_force_top(state["seed"], 0, len(values), k)
+    expected = sorted(expected)   # arrival order
     assert out.state["indices"].tolist() == expected
     assert [np.asarray(x).tobytes() for x in out.result[0]["b"]] == \
         [np.asarray(values[i][1], np.float32).tobytes() for i in expected]
@@ -817,11 +859,11 @@ def test_context_survives_exception_types_without_message_constructor():
     wrapped = _sampling.with_context(err, "client 3, metric 'a'")
     assert isinstance(wrapped, ValueError) and "client 3, metric 'a'" in str(wrapped)
 
-    def finalize(v):
+    def raise_err(v):
         raise err
 
     # An exception raised by a finalizer itself propagates unchanged (with a note).
-    q = make_process(finalizers={"a": finalize, "b": lambda v: v})
+    q = make_process(finalizers={"a": fails_after_probe(lambda _: err), "b": lambda v: v})
     with pytest.raises(UnicodeDecodeError):
         q.next(q.initialize(), clients_ab(2))
 
@@ -838,13 +880,17 @@ def test_finalizer_shrinking_the_client_list_sees_the_round_as_passed():
     ref = FinalizeThenSampleFactory(5, seed=3).create({"x": lambda v: v}, spec)
     expected = ref.next(ref.initialize(), list(clients))
 
+    armed = []
+
     def shrink(v):
-        clients.clear()
+        if armed:
+            clients.clear()
         return v
 
     p = FinalizeThenSampleFactory(5, seed=3).create({"x": shrink}, spec)
+    armed.append(True)
     out = p.next(p.initialize(), clients)
-    assert out.result[0] == expected.result[0]
+    assert_tree_equal(out.result[0], expected.result[0])
     assert out.state["indices"].tolist() == expected.state["indices"].tolist()
 
 
@@ -872,19 +918,20 @@ def test_finalized_mapping_is_read_once_even_if_its_keys_change():
         calls.append(v)
         return {"a": 1.0} if len(calls) == 1 else _ShiftingMapping()
 
-    p = make_process(finalizers={"a": finalize, "b": lambda v: v})
+    p = make_process(finalizers={"a": finalize, "b": lambda v: v})   # probe: {"a": 1.0}
     out = p.next(p.initialize(), clients_ab(4))
     # Structure and non-finite flags come from one reading of each value: {"a": nan}.
-    assert out.measurements["a"] == {"a": 3}
+    assert out.measurements["a"] == {"a": 4}
+    assert out.result[0]["a"]["a"].shape == (3,)
 
     def finalize_shifted_first(v):
         calls.append(v)
         m = _ShiftingMapping()
         m.calls = 1   # its first reading already has the 200 other keys
-        return {"a": 1.0} if len(calls) == 5 else m
+        return {"a": 1.0} if len(calls) == 6 else m
 
     q = make_process(finalizers={"a": finalize_shifted_first, "b": lambda v: v})
-    with pytest.raises(ValueError, match="structure of the first client's"):
+    with pytest.raises(ValueError, match=r"client 0, metric 'a'.*create\(\)"):
         q.next(q.initialize(), clients_ab(2))
 
 
@@ -899,8 +946,13 @@ def test_finalized_mapping_repeating_a_key_is_rejected():
         def __getitem__(self, key):
             return math.nan
 
-    p = make_process(finalizers={"a": lambda v: Twice(), "b": lambda v: v})
-    with pytest.raises(ValueError, match="key 'a' twice"):
+    with pytest.raises(TypeError, match="key 'a' twice"):
+        make_process(finalizers={"a": lambda v: Twice(), "b": lambda v: v})
+    calls = []
+    p = make_process(finalizers={"a": lambda v: calls.append(v) or ({"a": 1.0} if len(calls) == 1
+                                                                     else Twice()),
+                                 "b": lambda v: v})
+    with pytest.raises(ValueError, match="client 0, metric 'a'.*key 'a' twice"):
         p.next(p.initialize(), clients_ab(3))
 
 
@@ -915,7 +967,7 @@ def test_finalizer_reusing_and_growing_one_list_is_rejected():
         return shared
 
     p = make_process(k=2, finalizers={"a": finalize, "b": lambda v: v})
-    with pytest.raises(ValueError, match="structure of the first client's"):
+    with pytest.raises(ValueError, match=r"client 1, metric 'a'.*create\(\)"):
         p.next(p.initialize(), clients_ab(3))
 
 
@@ -939,9 +991,9 @@ def test_struct_value_shrunk_while_its_elements_are_checked():
     seen = []
     p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
     p.next(p.initialize(), [{"x": value}])
-    # The finalizer got the 40 checked values, not the emptied list.
-    assert value == [] and len(seen) == 1
-    assert len(seen[0]) == 40 and seen[0][0] == 1 and seen[0][1:] == [2] * 39
+    # The finalizer got the 40 checked values, not the emptied list (seen[0]: the probe).
+    assert value == [] and len(seen) == 2
+    assert len(seen[1]) == 40 and seen[1][0] == 1 and seen[1][1:] == [2] * 39
 
 
 def test_struct_value_changed_while_checked_hands_over_the_checked_values():
@@ -956,28 +1008,33 @@ def test_struct_value_changed_while_checked_hands_over_the_checked_values():
     p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
     p.next(p.initialize(), [{"x": value}])
     assert value[0] == "not a number"
-    assert seen[0] == [0, 1, 0]   # the checked elements, not the swapped-in string
-    untouched = [0, 1, 0]
-    p.next(p.initialize(), [{"x": untouched}])
-    assert seen[1] is untouched   # unchanged values are still handed over as they are
+    assert seen[1] == [0, 1, 0]   # the checked elements, not the swapped-in string
+    assert all(type(x) is np.int8 for x in seen[1])   # cast to the spec's dtype
 
 
 def test_finalize_clients_rejects_inconsistent_internal_arguments():
     leaf = _sampling.CompiledSpec.leaf("f8", ())
+    lay = _sampling.Layout.of(1.0)
     pos = np.zeros(0, np.int64)
     with pytest.raises(TypeError):
-        _sampling.finalize_clients([{"x": 1.0}], ("x",), (leaf,), (float,), None, None, 0)
+        _sampling.finalize_clients([{"x": 1.0}], ("x",), (leaf,), (float,), None, ("x",),
+                                   (lay,), None)
     with pytest.raises(ValueError, match="specs"):
         _sampling.finalize_clients([{"x": 1.0, "y": 2.0}], ("x", "y"), (leaf,), (float, float),
-                                   None, pos, 0)
+                                   None, ("x", "y"), (lay, lay), pos)
     with pytest.raises(ValueError, match="finalizers"):
         _sampling.finalize_clients([{"x": 1.0, "y": 2.0}], ("x", "y"), (leaf, leaf), (float,),
-                                   None, pos, 0)
+                                   None, ("x", "y"), (lay, lay), pos)
+    with pytest.raises(TypeError, match="Layout"):
+        _sampling.finalize_clients([{"x": 1.0}], ("x",), (leaf,), (float,), None, ("x",),
+                                   ("not a layout",), pos)
+    with pytest.raises(ValueError, match="ascending"):
+        _sampling.finalize_clients([{"x": 1.0}] * 3, ("x",), (leaf,), (float,), None, ("x",),
+                                   (lay,), np.array([2, 1], np.int64))
 
 
 @pytest.mark.parametrize("call", [
-    lambda: _sampling.select_top(None, None, None, 1),
-    lambda: _sampling.select_top(np.zeros(1, np.uint64), None, np.zeros(1, np.int64), 1),
+    lambda: _sampling.select_top(None, 1),
     lambda: _sampling.gather_rows(None, np.zeros(1, np.int64)),
     lambda: _sampling.gather_rows(np.zeros(3), None),
 ])
@@ -1024,8 +1081,11 @@ def test_array_impostors_are_type_errors_not_struct_reads():
         count_non_finite(_ArrayImpostor())
     with pytest.raises(TypeError, match="numpy.ndarray"):
         _sampling.count_non_finite_rows(_ArrayImpostor())
-    p = make_process(finalizers={"a": lambda v: _ArrayImpostor(), "b": lambda v: v})
     with pytest.raises(TypeError, match="finalized value must be a number"):
+        make_process(finalizers={"a": lambda v: _ArrayImpostor(), "b": lambda v: v})
+    p = make_process(finalizers={"a": lambda v: _ArrayImpostor() if v == 0 else v,
+                                 "b": lambda v: v})
+    with pytest.raises(TypeError, match="client 0, metric 'a'.*finalized value must be a number"):
         p.next(p.initialize(), clients_ab(2))
 
 
@@ -1063,7 +1123,7 @@ def test_specs_must_be_compiled_specs():
         _sampling.CompiledSpec.struct(list, [TensorSpec("float64")])
     with pytest.raises(TypeError, match="CompiledSpec"):
         _sampling.finalize_clients([{"x": 1.0}], ("x",), ("not a spec",), (float,), None,
-                                   np.zeros(0, np.int64), 0)
+                                   ("x",), (_sampling.Layout.of(1.0),), np.zeros(0, np.int64))
 
 
 class _Trap:
@@ -1169,9 +1229,11 @@ def test_fuzz_hostile_client_values_never_crash(desc, k, as_tuple):
     # Accepted: the round had its n clients, at most k sampled, each sample checked.
     assert len(out.state["indices"]) == min(n, k)
     assert all(0 <= i < n for i in out.state["indices"].tolist())
-    for a, b in zip(out.result[0]["a"], out.result[0]["b"]):
-        assert type(a) in (float, int, np.float32, np.float64, _SneakyInt)
-        assert len(b) == 2 and np.shape(b[1]) == (2,) and np.asarray(b[1]).dtype == np.float64
+    a, b = out.result[0]["a"], out.result[0]["b"]
+    m = min(n, k)
+    assert a.shape == (m,) and a.dtype == np.float64
+    assert len(b) == 2 and b[0].shape == (m,) and b[1].shape == (m, 2)
+    assert b[0].dtype == b[1].dtype == np.float64
     assert isinstance(out.measurements["a"], int) and 0 <= out.measurements["a"] <= n
     assert [type(x) for x in out.measurements["b"]] == [int, int]
 
@@ -1227,12 +1289,70 @@ def test_columnar_finalizer_error_with_keys_on_a_second_thread(monkeypatch):
     from fastrec import sampling
     monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", 1)
 
-    def boom(col):
-        raise RuntimeError("finalizer failed")
+    boom = fails_after_probe(RuntimeError)
 
     proc = fastrec.FinalizeThenSampleFactory(3, seed=0).create(
         {"x": fastrec.vectorized(boom)}, {"x": fastrec.TensorSpec("float64")})
     before = threading.active_count()
-    with pytest.raises(RuntimeError, match="finalizer failed"):
+    with pytest.raises(RuntimeError, match="boom"):
         proc.next_columnar(proc.initialize(), {"x": np.ones(1000)})
     assert threading.active_count() == before  # the key thread was joined
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed rounds: round_start, client_offset, merge
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_round_start_partitions_merge_to_the_one_machine_round(functional):
+    fins = (lambda m: {"a": m["a"], "b": m["b"]}) if functional else IDENT
+    p = make_process(k=5, seed=11, finalizers=fins)
+    state = p.initialize()
+    rng = np.random.default_rng(0)
+    for r, n in enumerate([13, 0, 40, 7, 25]):
+        clients = clients_ab(n, start=100 * r)
+        cuts = sorted(rng.integers(0, n + 1, 3).tolist()) if n else []
+        bounds = [0] + cuts + [n]
+        start = p.round_start(state)
+        assert start["seed"] == state["seed"] and start["round"] == state["round"]
+        assert start["keys"].size == 0 and all(len(v) == 0 for v in start["samples"].values())
+        parts = [p.next(start, clients[a:b], client_offset=a).state
+                 for a, b in zip(bounds, bounds[1:])]
+        one = p.next(state, clients)
+        if n == 0:
+            assert one.state is state
+            continue
+        round_reservoir = parts[0]
+        for part in parts[1:]:
+            round_reservoir = p.merge(round_reservoir, part)
+        assert_tree_equal(round_reservoir["samples"], one.result[0])
+        merged = p.merge(state, round_reservoir)
+        for key in ("keys", "rounds", "indices"):
+            assert np.array_equal(merged[key], one.state[key])
+        assert_tree_equal(merged["samples"], one.state["samples"])
+        assert merged["round"] == one.state["round"] == state["round"] + 1
+        state = merged
+
+
+def test_round_start_validates_state():
+    p = make_process()
+    with pytest.raises(TypeError):
+        p.round_start({"seed": (1, 2)})
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_errors_name_the_global_client_index(functional):
+    fins = (lambda m: {"a": m["a"], "b": m["b"]}) if functional else IDENT
+    p = make_process(finalizers=fins)
+    clients = clients_ab(6)
+    clients[2] = {"a": "bad", "b": [1.0, 2.0]}
+    clients[4] = {"a": 1.0}
+    with pytest.raises(TypeError, match=r"client 102\b"):
+        p.next(p.initialize(), clients, client_offset=100)
+    with pytest.raises(ValueError, match=r"client 104\b"):
+        p.next(p.initialize(), clients[3:], client_offset=103)
+
+    q = make_process(finalizers={"a": fails_after_probe(ZeroDivisionError), "b": lambda v: v})
+    with pytest.raises(ZeroDivisionError) as info:
+        q.next(q.initialize(), clients_ab(3), client_offset=7)
+    assert "client 7" in " ".join(getattr(info.value, "__notes__", []))

@@ -20,8 +20,8 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.complex cimport PyComplex_Check
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 from fastrec._kernels cimport (
@@ -160,201 +160,57 @@ def count_non_finite_rows(a):
     return _count_array(<cnp.ndarray>a, True)
 
 
-cdef int _leaf_bad(object f) except -1:
-    """1 if the finalized leaf ``f`` holds a non-finite number, else 0; TypeError if not numeric."""
-    if PyFloat_Check(f):  # float and np.float64
-        return _double_bad(PyFloat_AS_DOUBLE(f))
-    if PyLong_Check(f):  # int and bool can't be non-finite
-        return 0
-    # Real type checks (not isinstance, which honours a __class__ property): the array
-    # branch reads the ndarray struct, the scalar branch its dtype.
-    if cnp.PyArray_Check(f):
-        return _count_array(<cnp.ndarray>f, False) > 0
-    if PyComplex_Check(f):
-        return _double_bad(f.real) or _double_bad(f.imag)
-    if issubclass(type(f), np.generic):
-        dt = f.dtype
-        if dt.kind in "biu":
-            return 0
-        if dt.kind == "f" and dt.itemsize <= 8:
-            return _double_bad(float(f))
-        return _count_array(np.asarray(f), False) > 0
-    raise TypeError(f"finalized value must be a number, a numpy array, or a list, tuple or "
-                    f"mapping of them; got {type(f).__name__}")
+
+# ----------------------------------------------------------------------------------------------
+# Bounded walks and exception notes
+# ----------------------------------------------------------------------------------------------
+
+# Every recursive walk over a user structure stops here: Cython functions do not check
+# Python's recursion limit, so an unbounded walk of a cyclic or 100k-deep value would
+# overflow the C stack. Metric structures are a few levels deep.
+MAX_DEPTH = 64
+cdef int _MAX_DEPTH = MAX_DEPTH
 
 
-cdef inline bint _is_struct(object f):
-    # Numbers and arrays first: the Mapping ABC check is slow for them.
-    if PyFloat_Check(f) or PyLong_Check(f) or isinstance(f, (np.ndarray, np.generic)):
-        return False
-    return isinstance(f, (list, tuple, dict)) or isinstance(f, Mapping)
+cdef int _check_depth(int depth, str what) except -1:
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{what} is nested deeper than {MAX_DEPTH} levels (a cyclic value?)")
+    return 0
 
 
-cdef object _skeleton(object f, list flags):
-    """``f``'s list/tuple/mapping structure with ``None`` leaves (the shape ``map_leaves``
-    builds), appending each leaf's non-finite flag to ``flags`` in the same walk.
-
-    One walk, into private containers: ``f`` may be user code (a Mapping whose keys change
-    between iterations, a list a finalizer keeps growing), so the structure that is compared
-    and the flags that are counted must come from the same reading of it.
-    """
-    cdef dict d
-    if isinstance(f, (list, tuple)):
-        items = [_skeleton(x, flags) for x in f]
-        return tuple(items) if type(f) is tuple else items
-    if isinstance(f, Mapping):
-        d = {}
-        for key in f:
-            if key in d:
-                raise ValueError(f"finalized mapping yields the key {key!r} twice")
-            d[key] = _skeleton(f[key], flags)
-        return d
-    flags.append(_leaf_bad(f))
-    return None
+def add_note(BaseException e, str note):
+    """``e.add_note(note)``; before Python 3.11 (no add_note) the note is appended to
+    ``e.__notes__`` by hand, which the exceptiongroup backport and pytest display."""
+    adder = getattr(e, "add_note", None)
+    if adder is not None:
+        adder(note)
+        return
+    try:
+        notes = getattr(e, "__notes__", None)
+        e.__notes__ = (list(notes) if isinstance(notes, list) else []) + [note]
+    except Exception:   # an exception type without an instance dict: keep it as it is
+        pass
 
 
-cdef bint _same_skeleton(object a, object b) except -1:
-    """Whether two skeletons have the same structure (list and tuple interchangeable,
-    mapping keys in the same order)."""
-    if a is None:
-        return b is None
-    if type(a) is dict:
-        if type(b) is not dict or list(<dict>a) != list(<dict>b):
-            return False
-        for x, y in zip((<dict>a).values(), (<dict>b).values()):
-            if not _same_skeleton(x, y):
-                return False
-        return True
-    if (type(b) is not list and type(b) is not tuple) or len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if not _same_skeleton(x, y):
-            return False
-    return True
-
-
-def map_leaves(fn, template):
+def map_leaves(fn, template, int _depth=0):
     """``template``'s list/tuple/mapping structure with every leaf ``x`` replaced by fn(x)."""
+    _check_depth(_depth, "value")
     if isinstance(template, (list, tuple)):
-        items = [map_leaves(fn, x) for x in template]
+        items = [map_leaves(fn, x, _depth + 1) for x in template]
         return tuple(items) if type(template) is tuple else items
-    if isinstance(template, Mapping):
-        return {k: map_leaves(fn, template[k]) for k in template}
+    if isinstance(template, Mapping) and not cnp.PyArray_Check(template):
+        return {k: map_leaves(fn, template[k], _depth + 1) for k in template}
     return fn(template)
 
 
-cdef class _Acc:
-    """Measurement and samples of one finalized metric over a round's clients."""
-    cdef bint nested
-    cdef bint started
-    cdef object template
-    cdef int64_t count
-    cdef list counts
-    cdef list flags
-    cdef public list samples
-
-    def __cinit__(self, Py_ssize_t nsample):
-        self.samples = [None] * nsample
-        self.flags = []
-
-    cdef int add(self, object f, int64_t slot) except -1:
-        cdef Py_ssize_t j
-        if not self.started:
-            self.started = True
-            self.nested = _is_struct(f)
-        if not self.nested:
-            if PyFloat_Check(f):  # the common case, kept free of any type dispatch
-                self.count += _double_bad(PyFloat_AS_DOUBLE(f))
-                if slot >= 0:
-                    self.samples[slot] = f
-                return 0
-            if _is_struct(f):
-                raise ValueError(f"finalized value is a {type(f).__name__}, but the first "
-                                 f"client's was a single value")
-            self.count += _leaf_bad(f)
-        else:
-            del self.flags[:]
-            skeleton = _skeleton(f, self.flags)
-            if self.counts is None:
-                self.template = skeleton
-                self.counts = [0] * len(self.flags)
-            elif not _same_skeleton(self.template, skeleton):
-                raise ValueError("finalized value does not have the structure of the first "
-                                 "client's")
-            if len(self.flags) != len(self.counts):  # same skeleton, same leaves: cannot happen
-                raise ValueError("finalized value does not have the structure of the first "
-                                 "client's")
-            for j in range(len(self.flags)):
-                self.counts[j] += self.flags[j]
-        if slot >= 0:
-            self.samples[slot] = f
-        return 0
-
-    def measurement(self):
-        if not self.nested:
-            return int(self.count)
-        it = iter(self.counts)
-        return map_leaves(lambda _: next(it), self.template)
-
-
-# ----------------------------------------------------------------------------------------------
-# Unfinalized metric specs and client value conversion
-# ----------------------------------------------------------------------------------------------
-
-cdef enum:
-    T_SCALAR = 1
-    T_ARRAY = 2
-    T_STRUCT = 3
-
-cdef enum:
-    K_BOOL = 1
-    K_INT = 2
-    K_FLOAT = 3
-    K_COMPLEX = 4
-
-# Value kinds (numpy dtype.kind letters) each spec kind accepts; bool is not a number here,
-# as in TFF, so it only matches a bool spec.
-_ACCEPTS = {K_BOOL: "b", K_INT: "iu", K_FLOAT: "iuf", K_COMPLEX: "iufc"}
-
-
-cdef class CompiledSpec:
-    """A checked, pre-digested TensorSpec (leaf) or list/tuple of them (struct)."""
-    cdef int tag
-    cdef int kind
-    cdef readonly object dtype
-    cdef readonly tuple shape
-    cdef object lo, hi
-    cdef str accepts
-    cdef readonly tuple children
-    cdef object container
-    cdef bint scalar_children  # every child is a scalar leaf (see _convert's in-place path)
-
-    @staticmethod
-    def leaf(dtype, tuple shape):
-        cdef CompiledSpec s = CompiledSpec.__new__(CompiledSpec)
-        s.dtype = np.dtype(dtype)
-        s.shape = shape
-        s.tag = T_SCALAR if shape == () else T_ARRAY
-        k = s.dtype.kind
-        s.kind = {"b": K_BOOL, "i": K_INT, "u": K_INT, "f": K_FLOAT, "c": K_COMPLEX}[k]
-        s.accepts = _ACCEPTS[s.kind]
-        if k in "iu":
-            info = np.iinfo(s.dtype)
-            s.lo, s.hi = int(info.min), int(info.max)
-        return s
-
-    @staticmethod
-    def struct(container, list children):
-        cdef CompiledSpec s = CompiledSpec.__new__(CompiledSpec)
-        s.tag = T_STRUCT
-        s.container = container
-        s.children = tuple(children)
-        s.scalar_children = True
-        for c in s.children:   # _convert casts them without a check
-            if not isinstance(c, CompiledSpec):
-                raise TypeError(f"struct children must be CompiledSpec, got {type(c).__name__}")
-            s.scalar_children &= (<CompiledSpec>c).tag == T_SCALAR
-        return s
+cdef str _describe(object v):
+    try:
+        r = repr(v)
+    except Exception:
+        r = "<unprintable>"
+    if len(r) > 40:
+        r = r[:37] + "..."
+    return f"{type(v).__name__} {r}"
 
 
 def with_context(e, str prefix):
@@ -367,162 +223,302 @@ def with_context(e, str prefix):
         return (TypeError if isinstance(e, TypeError) else ValueError)(msg)
 
 
-cdef str _describe(object v):
-    r = repr(v)
-    if len(r) > 40:
-        r = r[:37] + "..."
-    return f"{type(v).__name__} {r}"
+cdef dict _read_mapping(object v):
+    """A private dict of the mapping ``v``, read once (keys, then one lookup each); a key
+    yielded twice is a ValueError."""
+    cdef dict d
+    if type(v) is dict:
+        return <dict>v
+    d = {}
+    for key in v:
+        if key in d:
+            raise ValueError(f"mapping yields the key {key!r} twice")
+        d[key] = v[key]
+    return d
 
 
-cdef object _check_int_range(CompiledSpec s, object v):
+# ----------------------------------------------------------------------------------------------
+# Dtypes: what each kind of value may be cast to
+# ----------------------------------------------------------------------------------------------
+
+cdef enum:
+    K_BOOL = 1
+    K_INT = 2
+    K_FLOAT = 3
+    K_COMPLEX = 4
+
+# Value kinds (numpy dtype.kind letters) each unfinalized spec kind accepts; bool is not a
+# number here, as in TFF, so it only matches a bool spec.
+_ACCEPTS = {K_BOOL: "b", K_INT: "iu", K_FLOAT: "iuf", K_COMPLEX: "iufc"}
+# Finalized leaves are cast to the dtype the probe returned: any number widens or narrows
+# within its family, bool counts as an integer.
+_FINAL_ACCEPTS = {K_BOOL: "b", K_INT: "biu", K_FLOAT: "biuf", K_COMPLEX: "biufc"}
+_KIND = {"b": K_BOOL, "i": K_INT, "u": K_INT, "f": K_FLOAT, "c": K_COMPLEX}
+
+
+cdef class _DType:
+    """A numeric dtype, pre-digested for the per-value checks."""
+    cdef readonly object dtype
+    cdef cnp.dtype descr
+    cdef object scalar_type
+    cdef int kind
+    cdef int ftype
+    cdef Py_ssize_t itemsize
+    cdef object lo, hi
+    cdef str accepts
+
+    def __cinit__(self, dtype, str accepts_table="spec"):
+        dt = np.dtype(dtype)
+        if not dt.isnative:
+            dt = dt.newbyteorder("=")
+        if dt.kind not in "biufc":
+            raise TypeError(f"dtype {dt} is not numeric (bool, int, float, complex)")
+        self.dtype = dt
+        self.descr = <cnp.dtype>dt
+        self.scalar_type = dt.type
+        self.kind = _KIND[dt.kind]
+        self.ftype = _ftype_of(dt)
+        self.itemsize = dt.itemsize
+        self.accepts = (_ACCEPTS if accepts_table == "spec" else _FINAL_ACCEPTS)[self.kind]
+        if dt.kind in "iu":
+            info = np.iinfo(dt)
+            self.lo, self.hi = int(info.min), int(info.max)
+
+
+cdef object _check_int_range(_DType d, object v):
     iv = int(v)
-    if iv < s.lo or iv > s.hi:
-        raise ValueError(f"{iv} is out of range for {s.dtype}")
-    return v
+    if iv < d.lo or iv > d.hi:
+        raise ValueError(f"{iv} is out of range for {d.dtype}")
+    return iv
 
 
-cdef object _convert_scalar(CompiledSpec s, object v):
-    t = type(v)
-    # Fast paths: the plain Python numbers metrics usually are, passed through unchanged.
-    if t is float:
-        if s.kind >= K_FLOAT:
-            return v
-    elif t is int:
-        if s.kind == K_INT:
-            return _check_int_range(s, v)
-        if s.kind >= K_FLOAT:
-            return v
-    elif t is bool:
-        if s.kind == K_BOOL:
-            return v
-    elif t is complex:
-        if s.kind == K_COMPLEX:
-            return v
-    elif isinstance(v, (int, float, complex)):  # subclasses, np.float64 and np.complex128
-        k = ("b" if isinstance(v, bool) else "i" if isinstance(v, int)
-             else "f" if isinstance(v, float) else "c")
-        if k in s.accepts:
-            if s.kind == K_INT:
-                return _check_int_range(s, v)
-            return v
-    elif issubclass(type(v), np.generic) and not issubclass(type(v), (np.str_, np.bytes_, np.void)):
-        k = v.dtype.kind
-        if k in s.accepts:
-            if s.kind == K_INT:
-                return _check_int_range(s, v)
-            return v
-    elif isinstance(v, (np.ndarray, list, tuple)):
-        return _convert_array(s, v)
-    else:
-        raise TypeError(f"expected a {s.dtype} scalar, got non-numeric {_describe(v)}")
-    raise TypeError(f"expected a {s.dtype} scalar, got {_describe(v)}")
-
-
-cdef object _convert_array(CompiledSpec s, object v):
-    if isinstance(v, (str, bytes)):
-        raise TypeError(f"expected a {s.dtype} array, got non-numeric {_describe(v)}")
-    try:
-        a = np.asarray(v)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"expected a {s.dtype} array of shape {s.shape}, got a value numpy "
-                         f"cannot convert ({e})") from None
-    k = a.dtype.kind
-    if k not in "biufc":
-        raise TypeError(f"expected a {s.dtype} array, got non-numeric values (dtype {a.dtype})")
-    if a.ndim != len(s.shape) or any(w is not None and w != d for w, d in zip(s.shape, a.shape)):
-        raise ValueError(f"expected shape {s.shape}, got shape {a.shape}")
-    if a.size == 0:
-        return a.astype(s.dtype)
-    if k not in s.accepts:
-        raise TypeError(f"expected {s.dtype} values, got dtype {a.dtype}")
-    if s.kind == K_INT and a.dtype != s.dtype:
+cdef object _array_in_range(_DType d, object a):
+    """``a`` (an integer or bool array) cast to ``d``, if every value fits."""
+    if a.dtype != d.dtype and a.size and a.dtype.kind in "iu":
         lo, hi = int(a.min()), int(a.max())
-        if lo < s.lo or hi > s.hi:
-            raise ValueError(f"values in [{lo}, {hi}] are out of range for {s.dtype}")
-    return a.astype(s.dtype, copy=False)
+        if lo < d.lo or hi > d.hi:
+            raise ValueError(f"values in [{lo}, {hi}] are out of range for {d.dtype}")
+    return a.astype(d.dtype, copy=False)
+
+
+cdef object _number_kind(type t):
+    """The dtype kind letter of a number type, None if ``t`` is not one. Real types, not
+    isinstance, which honours a ``__class__`` property."""
+    if t is float:
+        return "f"
+    if t is int:
+        return "i"
+    if t is bool or issubclass(t, (bool, np.bool_)):
+        return "b"
+    if issubclass(t, (int, np.integer)):
+        return "i"
+    if issubclass(t, (float, np.floating)):
+        return "f"
+    if issubclass(t, (complex, np.complexfloating)):
+        return "c"
+    return None
+
+
+cdef object _from_elements(_DType d, object v):
+    """``v`` (nested lists of numbers) as a ``d`` array, typed element by element: NumPy's
+    own inference types ``[2**63, 1]`` as float64 and ``[2**64]`` as object, although under
+    a uint64 or float64 spec each element fits."""
+    try:
+        obj = np.array(v, dtype=object)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"expected a {d.dtype} array, got a value numpy cannot convert "
+                         f"({e})") from None
+    for x in obj.flat:
+        k = _number_kind(type(x))
+        if k is None:
+            if isinstance(x, (list, tuple)) or cnp.PyArray_Check(x):
+                raise ValueError(f"expected a {d.dtype} array, got a ragged nested list")
+            raise TypeError(f"expected {d.dtype} values, got non-numeric {_describe(x)}")
+        if k not in d.accepts:
+            raise TypeError(f"expected {d.dtype} values, got {_describe(x)}")
+        if d.kind == K_INT:
+            _check_int_range(d, x)
+    try:
+        return np.asarray(obj, dtype=d.dtype)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise ValueError(f"values do not fit {d.dtype} ({e})") from None
+
+
+cdef object _as_array(_DType d, object v, tuple shape, bint lists):
+    """``v`` as an ndarray of ``d``'s dtype, checked against ``shape`` (None: any size)."""
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"expected a {d.dtype} array, got non-numeric {_describe(v)}")
+    if cnp.PyArray_CheckExact(v):
+        a = v
+    else:
+        try:
+            # ndarray subclasses become plain views: their Python attributes (dtype, shape,
+            # astype) may lie about the struct.
+            a = np.asarray(v)
+        except (OverflowError, ValueError, TypeError) as e:
+            if not lists:
+                raise ValueError(f"expected a {d.dtype} array of shape {shape}, got a value "
+                                 f"numpy cannot convert ({e})") from None
+            a = _from_elements(d, v)
+    k = a.dtype.kind
+    if lists and not cnp.PyArray_Check(v) and (k == "O" or (k == "f" and d.kind == K_INT)):
+        a = _from_elements(d, v)
+        k = a.dtype.kind
+    if k not in "biufc":
+        raise TypeError(f"expected a {d.dtype} array, got non-numeric values (dtype {a.dtype})")
+    if a.ndim != len(shape) or any(w is not None and w != s for w, s in zip(shape, a.shape)):
+        raise ValueError(f"expected shape {shape}, got shape {a.shape}")
+    if a.dtype == d.dtype:
+        return a
+    if a.size == 0:
+        return a.astype(d.dtype)
+    if k not in d.accepts:
+        raise TypeError(f"expected {d.dtype} values, got dtype {a.dtype}")
+    if d.kind == K_INT:
+        return _array_in_range(d, a)
+    return a.astype(d.dtype)
+
+
+cdef extern from "numpy/arrayobject.h":
+    object PyArray_Scalar(void *data, cnp.dtype descr, object base)
+
+
+cdef object _to_scalar(_DType d, object v):
+    """The ``d`` numpy scalar for the number ``v`` (TFF casts to the spec's dtype)."""
+    cdef double x
+    cdef float f
+    cdef int64_t i
+    t = type(v)
+    if t is d.scalar_type:
+        return v
+    k = _number_kind(t)
+    if k is None:
+        if cnp.PyArray_Check(v) or isinstance(v, (list, tuple)):
+            return _as_array(d, v, (), True)[()]
+        raise TypeError(f"expected a {d.dtype} scalar, got non-numeric {_describe(v)}")
+    if k not in d.accepts:
+        raise TypeError(f"expected a {d.dtype} scalar, got {_describe(v)}")
+    if d.kind == K_INT:
+        i_obj = _check_int_range(d, v)
+        if d.ftype == 0 and d.itemsize == 8 and d.dtype.kind == "i":
+            i = i_obj
+            return PyArray_Scalar(&i, d.descr, None)
+        return d.scalar_type(i_obj)
+    if d.kind == K_FLOAT and (t is float or t is int):
+        try:
+            x = v   # int -> double: OverflowError past 1.8e308
+        except OverflowError:
+            raise ValueError(f"{v} does not fit {d.dtype}") from None
+        if d.itemsize == 8:
+            return PyArray_Scalar(&x, d.descr, None)
+        if d.itemsize == 4:
+            f = <float>x
+            return PyArray_Scalar(&f, d.descr, None)
+    try:
+        return d.scalar_type(v)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise ValueError(f"{_describe(v)} does not fit {d.dtype} ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Unfinalized metric specs and client value conversion
+# ----------------------------------------------------------------------------------------------
+
+cdef enum:
+    T_SCALAR = 1
+    T_ARRAY = 2
+    T_SEQ = 3
+    T_MAP = 4
+
+
+cdef class CompiledSpec:
+    """A checked TensorSpec (leaf), list/tuple of specs (struct) or mapping of them."""
+    cdef int tag
+    cdef _DType dt
+    cdef readonly object dtype
+    cdef readonly tuple shape
+    cdef readonly tuple children
+    cdef readonly tuple keys
+    cdef object container
+
+    @staticmethod
+    def leaf(dtype, tuple shape):
+        cdef CompiledSpec s = CompiledSpec.__new__(CompiledSpec)
+        s.dt = _DType(dtype)
+        s.dtype = s.dt.dtype
+        s.shape = shape
+        s.tag = T_SCALAR if shape == () else T_ARRAY
+        return s
+
+    @staticmethod
+    def struct(container, list children):
+        cdef CompiledSpec s = CompiledSpec.__new__(CompiledSpec)
+        s.tag = T_SEQ
+        s.container = container
+        s.children = tuple(children)
+        for c in s.children:   # _convert casts them without a check
+            if not isinstance(c, CompiledSpec):
+                raise TypeError(f"struct children must be CompiledSpec, got {type(c).__name__}")
+        return s
+
+    @staticmethod
+    def mapping(container, list keys, list children):
+        cdef CompiledSpec s = CompiledSpec.struct(container, children)
+        s.tag = T_MAP
+        s.keys = tuple(keys)
+        if len(s.keys) != len(s.children):
+            raise ValueError("a mapping spec needs one child per key")
+        return s
+
+    def example(self):
+        """A value of ones in this spec's dtypes and shapes (``None`` dimensions of size 1)."""
+        if self.tag == T_SCALAR:
+            return self.dt.scalar_type(1)
+        if self.tag == T_ARRAY:
+            return np.ones(tuple(1 if d is None else d for d in self.shape), self.dtype)
+        items = [(<CompiledSpec>c).example() for c in self.children]
+        if self.tag == T_MAP:
+            return self.container(zip(self.keys, items))
+        return self.container(items)
 
 
 cdef object _convert(CompiledSpec s, object v):
-    """The value handed to the finalizer for ``v`` under spec ``s`` (``v`` itself if possible)."""
+    """The value handed to the finalizer for ``v`` under spec ``s``: numbers become numpy
+    scalars of the spec's dtype, arrays and lists ndarrays of it, structures new containers."""
     if s.tag == T_SCALAR:
-        return _convert_scalar(s, v)
+        return _to_scalar(s.dt, v)
     if s.tag == T_ARRAY:
-        return _convert_array(s, v)
+        return _as_array(s.dt, v, s.shape, True)
     cdef tuple children = s.children
     cdef Py_ssize_t j, n = len(children)
-    if not isinstance(v, (list, tuple)):
-        raise TypeError(f"expected a list or tuple of {n} values, got {_describe(v)}")
-    # Converting an element may run Python code (__class__, __index__, __array__...) that
-    # mutates a list value: check a snapshot of it, and hand over the list itself only if
-    # it still holds exactly the checked elements.
     cdef tuple items
-    if type(v) is list and s.scalar_children and _exact_numbers(v, n):
-        return _convert_numbers_in_place(s, v, n)
-    if isinstance(v, tuple):
-        items = <tuple>v   # immutable storage, also for tuple subclasses (namedtuples)
+    cdef dict d
+    cdef list out
+    if s.tag == T_MAP:
+        if not isinstance(v, Mapping):
+            raise TypeError(f"expected a mapping with keys {list(s.keys)}, got {_describe(v)}")
+        d = _read_mapping(v)
+        if len(d) != n or any(k not in d for k in s.keys):
+            raise ValueError(f"expected a mapping with keys {list(s.keys)}, got keys {list(d)}")
+        items = tuple([d[k] for k in s.keys])
     else:
-        items = PyList_AsTuple(v)
-    if len(items) != n:
-        raise ValueError(f"expected a list or tuple of {n} values, got {len(items)}")
-    out = None
+        if not isinstance(v, (list, tuple)):
+            raise TypeError(f"expected a list or tuple of {n} values, got {_describe(v)}")
+        # A snapshot: converting an element may run Python code that mutates a list.
+        items = <tuple>v if isinstance(v, tuple) else PyList_AsTuple(v)
+        if len(items) != n:
+            raise ValueError(f"expected a list or tuple of {n} values, got {len(items)}")
+    out = []
     j = 0
     try:
         for j in range(n):
-            x = items[j]
-            y = _convert(<CompiledSpec>children[j], x)
-            if y is not x and out is None:
-                out = list(items[:j])
-            if out is not None:
-                out.append(y)
+            out.append(_convert(<CompiledSpec>children[j], items[j]))
     except (TypeError, ValueError) as e:
-        raise with_context(e, f"element {j}") from None
-    if out is not None:
-        return s.container(out)
-    if v is items or _holds_exactly(v, items):
-        return v
-    return s.container(list(items))
-
-
-cdef bint _exact_numbers(object v, Py_ssize_t n) noexcept:
-    """Whether the list ``v`` holds exactly ``n`` items, all exact floats or ints."""
-    cdef Py_ssize_t j
-    cdef PyObject *x
-    if PyList_GET_SIZE(v) != n:
-        return False
-    for j in range(n):
-        x = PyList_GET_ITEM(v, j)
-        if _TYPE(x) != &PyFloat_Type and _TYPE(x) != &PyLong_Type:
-            return False
-    return True
-
-
-cdef object _convert_numbers_in_place(CompiledSpec s, list v, Py_ssize_t n):
-    """_convert for a list of exact floats/ints against scalar specs, the common case. Their
-    conversion runs no Python code (float/int fast paths, C comparisons), so the list cannot
-    change while it is read in place, and each value converts to itself or raises."""
-    cdef tuple children = s.children
-    cdef Py_ssize_t j = 0
-    try:
-        for j in range(n):
-            x = <object>PyList_GET_ITEM(v, j)
-            if _convert_scalar(<CompiledSpec>children[j], x) is not x:
-                raise AssertionError("an exact number converted to another object")
-    except (TypeError, ValueError) as e:
-        raise with_context(e, f"element {j}") from None
-    return v
-
-
-cdef bint _holds_exactly(object v, tuple items) noexcept:
-    """Whether the list ``v`` holds the objects of ``items``, in order (identity)."""
-    cdef Py_ssize_t j, n = PyTuple_GET_SIZE(items)
-    if PyList_GET_SIZE(v) != n:
-        return False
-    for j in range(n):
-        # Reads the list's storage and compares addresses: no Python code runs, so the
-        # size read above still holds.
-        if PyList_GET_ITEM(v, j) != PyTuple_GET_ITEM(items, j):
-            return False
-    return True
+        where = f"key {s.keys[j]!r}" if s.tag == T_MAP else f"element {j}"
+        raise with_context(e, where) from None
+    if s.tag == T_MAP:
+        return s.container(zip(s.keys, out))
+    return s.container(out)
 
 
 def convert_value(CompiledSpec s, v):
@@ -531,10 +527,303 @@ def convert_value(CompiledSpec s, v):
 
 
 # ----------------------------------------------------------------------------------------------
+# Finalized structure: learned from the probe at create(), then every client must match it
+# ----------------------------------------------------------------------------------------------
+
+cdef enum:
+    L_LEAF = 1
+    L_LIST = 2
+    L_TUPLE = 3
+    L_MAP = 4
+
+
+cdef class _Node:
+    cdef int tag
+    cdef Py_ssize_t leaf
+    cdef tuple children
+    cdef tuple keys
+
+
+cdef str _describe_node(_Node node):
+    if node.tag == L_LEAF:
+        return "a number or array"
+    if node.tag == L_MAP:
+        return f"a mapping with keys {list(node.keys)}"
+    return f"a list or tuple of {len(node.children)} values"
+
+
+cdef _Node _build_node(object v, list leaves, int depth):
+    _check_depth(depth, "finalized value")
+    cdef _Node node = _Node.__new__(_Node)
+    cdef dict d
+    if isinstance(v, (list, tuple)):
+        node.tag = L_TUPLE if isinstance(v, tuple) else L_LIST
+        node.children = tuple([_build_node(x, leaves, depth + 1) for x in tuple(v)])
+    elif isinstance(v, Mapping) and not cnp.PyArray_Check(v):
+        node.tag = L_MAP
+        d = _read_mapping(v)
+        node.keys = tuple(d)
+        node.children = tuple([_build_node(d[k], leaves, depth + 1) for k in node.keys])
+    else:
+        a = _leaf_value(v)
+        node.tag = L_LEAF
+        node.leaf = len(leaves)
+        leaves.append((_DType(a.dtype, "final"), a.shape))
+    return node
+
+
+cdef object _leaf_value(object v):
+    """A finalized leaf as an ndarray (numbers, numpy scalars and arrays only)."""
+    if not (PyFloat_Check(v) or PyLong_Check(v) or PyComplex_Check(v) or cnp.PyArray_Check(v)
+            or issubclass(type(v), np.generic)):
+        raise TypeError(f"finalized value must be a number, a numpy array, or a list, tuple or "
+                        f"mapping of them; got {type(v).__name__}")
+    try:
+        a = np.asarray(v)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise TypeError(f"finalized value {_describe(v)} is not numeric ({e})") from None
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"finalized value is not numeric (dtype {a.dtype})")
+    return a
+
+
+cdef int _flatten(_Node node, object v, list out) except -1:
+    """Append ``v``'s leaves to ``out`` in the layout's order; ValueError if ``v``'s structure
+    is not the layout's. The walk follows the layout, so its depth is the layout's."""
+    cdef tuple items
+    cdef dict d
+    cdef Py_ssize_t j
+    if node.tag == L_LEAF:
+        if isinstance(v, (list, tuple)) or (isinstance(v, Mapping) and not cnp.PyArray_Check(v)):
+            raise ValueError(f"finalized value is a {type(v).__name__}, but at create() the "
+                             f"finalizer returned a number or array there")
+        out.append(v)
+        return 0
+    if node.tag == L_MAP:
+        if not isinstance(v, Mapping) or cnp.PyArray_Check(v):
+            raise ValueError(f"finalized value is a {type(v).__name__}, but at create() the "
+                             f"finalizer returned {_describe_node(node)}")
+        d = _read_mapping(v)
+        if len(d) != len(node.keys) or any(k not in d for k in node.keys):
+            raise ValueError(f"finalized value has keys {list(d)}, but at create() the "
+                             f"finalizer returned keys {list(node.keys)}")
+        for j in range(len(node.keys)):
+            _flatten(<_Node>node.children[j], d[node.keys[j]], out)
+        return 0
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"finalized value is a {type(v).__name__}, but at create() the "
+                         f"finalizer returned {_describe_node(node)}")
+    items = <tuple>v if isinstance(v, tuple) else PyList_AsTuple(v)
+    if len(items) != len(node.children):
+        raise ValueError(f"finalized value has {len(items)} elements, but at create() the "
+                         f"finalizer returned {len(node.children)}")
+    for j in range(len(items)):
+        _flatten(<_Node>node.children[j], items[j], out)
+    return 0
+
+
+cdef object _rebuild(_Node node, list leaves):
+    if node.tag == L_LEAF:
+        return leaves[node.leaf]
+    items = [_rebuild(<_Node>c, leaves) for c in node.children]
+    if node.tag == L_MAP:
+        return dict(zip(node.keys, items))
+    return tuple(items) if node.tag == L_TUPLE else items
+
+
+cdef object _final_leaf(_DType d, tuple shape, object v):
+    """A finalized leaf cast to the probe's dtype, checked against the probe's shape."""
+    a = _leaf_value(v)
+    if a.shape != shape:
+        raise ValueError(f"finalized value has shape {a.shape}, but at create() the finalizer "
+                         f"returned shape {shape}")
+    if a.dtype == d.dtype:
+        return a
+    if a.dtype.kind not in d.accepts:
+        raise TypeError(f"finalized value has dtype {a.dtype}, but at create() the finalizer "
+                        f"returned {d.dtype}")
+    if d.kind == K_INT:
+        return _array_in_range(d, a)
+    return a.astype(d.dtype)
+
+
+cdef class Layout:
+    """The structure, dtypes and shapes of one metric's finalized value (from the probe)."""
+    cdef _Node root
+    cdef readonly tuple dtypes
+    cdef readonly tuple shapes
+    cdef tuple _dts
+    cdef bint single
+
+    @staticmethod
+    def of(value):
+        """The layout of ``value``: TypeError for a non-numeric leaf, ValueError if too deep."""
+        cdef Layout lay = Layout.__new__(Layout)
+        cdef list leaves = []
+        lay.root = _build_node(value, leaves, 0)
+        lay._dts = tuple([x[0] for x in leaves])
+        lay.dtypes = tuple([(<_DType>x[0]).dtype for x in leaves])
+        lay.shapes = tuple([x[1] for x in leaves])
+        lay.single = lay.root.tag == L_LEAF
+        return lay
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def flatten(self, value):
+        """``value``'s leaves in layout order (ValueError if its structure differs)."""
+        cdef list out = []
+        _flatten(self.root, value, out)
+        return out
+
+    def build(self, leaves):
+        """The layout's structure holding ``leaves`` (a sequence in layout order)."""
+        return _rebuild(self.root, list(leaves))
+
+    def empty(self, Py_ssize_t n=0):
+        """The structure holding an empty ``(n,) + shape`` array per leaf."""
+        return self.build([np.empty((n,) + s, d) for d, s in zip(self.dtypes, self.shapes)])
+
+    def zeros(self):
+        """The structure holding 0 per leaf (an empty round's measurement)."""
+        return self.build([0] * len(self.shapes))
+
+    def columns(self, value, Py_ssize_t n):
+        """A vectorized finalizer's result as leaf columns, each ``(n,) + shape`` in the
+        layout's dtype."""
+        cdef list flat = self.flatten(value)
+        cdef list out = []
+        for j in range(len(flat)):
+            col = flat[j]
+            shape = np.shape(col) if cnp.PyArray_Check(col) or issubclass(type(col), np.generic) \
+                else None
+            if shape is None:
+                col = _leaf_value(col)
+                shape = col.shape
+            if len(shape) == 0 or shape[0] != n:
+                raise ValueError(f"a vectorized finalizer must return columns with a leading "
+                                 f"axis of {n} clients, got shape {tuple(shape)}")
+            out.append(_final_leaf(<_DType>self._dts[j], (n,) + self.shapes[j], col))
+        return out
+
+    def check_samples(self, value, Py_ssize_t m):
+        """``value`` (a state's samples of this metric) checked: the layout's structure with an
+        ndarray of exactly the leaf's dtype and shape ``(m,) + shape`` per leaf. Returns the
+        leaves."""
+        cdef list flat = self.flatten(value)
+        for j in range(len(flat)):
+            a = flat[j]
+            want = (m,) + self.shapes[j]
+            if not cnp.PyArray_Check(a) or a.dtype != self.dtypes[j] or a.shape != want:
+                got = (f"dtype {a.dtype}, shape {a.shape}" if cnp.PyArray_Check(a)
+                       else type(a).__name__)
+                raise ValueError(f"expected a {self.dtypes[j]} array of shape {want}, got {got}")
+            flat[j] = np.asarray(a)
+        return flat
+
+
+cdef inline bint _float_bad(float x) noexcept nogil:
+    cdef uint32_t b
+    memcpy(&b, &x, 4)
+    return (b & 0x7F800000U) == 0x7F800000U
+
+
+cdef int _scalar_bad(_DType d, object x) except -1:
+    """Non-finite flag of the numpy scalar ``x`` of exactly ``d``'s type."""
+    cdef float f[2]
+    cdef double g[2]
+    if d.ftype == FR_FT_FLOAT32:
+        cnp.PyArray_ScalarAsCtype(x, f)
+        return _float_bad(f[0])
+    if d.ftype == FR_FT_FLOAT64:
+        cnp.PyArray_ScalarAsCtype(x, g)
+        return _double_bad(g[0])
+    if d.ftype == FR_FT_COMPLEX64:
+        cnp.PyArray_ScalarAsCtype(x, f)
+        return _float_bad(f[0]) or _float_bad(f[1])
+    if d.ftype == FR_FT_COMPLEX128:
+        cnp.PyArray_ScalarAsCtype(x, g)
+        return _double_bad(g[0]) or _double_bad(g[1])
+    if d.kind <= K_INT:
+        return 0
+    return _count_array(np.asarray(x), False) > 0
+
+
+cdef class _Acc:
+    """Non-finite counts and sampled rows of one finalized metric over a round's clients."""
+    cdef Layout layout
+    cdef tuple dts
+    cdef tuple shapes
+    cdef list outs
+    cdef list flat
+    cdef int64_t *counts
+    cdef Py_ssize_t nleaves
+
+    def __cinit__(self, Layout layout, Py_ssize_t nsample):
+        self.layout = layout
+        self.dts = layout._dts
+        self.shapes = layout.shapes
+        self.nleaves = len(layout.shapes)
+        self.outs = [np.empty((nsample,) + s, d) for d, s in zip(layout.dtypes, layout.shapes)]
+        self.flat = []
+        self.counts = <int64_t *>calloc(self.nleaves if self.nleaves else 1, sizeof(int64_t))
+        if self.counts == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.counts)
+
+    cdef int take_leaf(self, Py_ssize_t j, object x, int64_t slot) except -1:
+        cdef _DType d = <_DType>self.dts[j]
+        cdef tuple shape = <tuple>self.shapes[j]
+        cdef int bad
+        cdef double g
+        cdef float f
+        t = type(x)
+        if t is d.scalar_type and not shape:
+            bad = _scalar_bad(d, x) if d.kind >= K_FLOAT else 0
+        elif t is float and not shape and d.kind == K_FLOAT and d.itemsize >= 4:
+            g = PyFloat_AS_DOUBLE(x)
+            if d.itemsize == 8:
+                bad = _double_bad(g)
+            else:
+                f = <float>g   # stored as the probe's float32: the cast decides
+                bad = _float_bad(f)
+        else:
+            x = _final_leaf(d, shape, x)
+            bad = _count_array(<cnp.ndarray>x, False) > 0 if d.kind >= K_FLOAT else 0
+        self.counts[j] += bad
+        if slot >= 0:
+            self.outs[j][slot] = x
+        return 0
+
+    cdef int add(self, object v, int64_t slot) except -1:
+        cdef Py_ssize_t j
+        if self.layout.single:
+            if not PyFloat_Check(v) and type(v) is not (<_DType>self.dts[0]).scalar_type:
+                if isinstance(v, (list, tuple)) or (isinstance(v, Mapping)
+                                                    and not cnp.PyArray_Check(v)):
+                    raise ValueError(f"finalized value is a {type(v).__name__}, but at "
+                                     f"create() the finalizer returned a number or array")
+            return self.take_leaf(0, v, slot)
+        del self.flat[:]
+        _flatten(self.layout.root, v, self.flat)
+        for j in range(self.nleaves):
+            self.take_leaf(j, self.flat[j], slot)
+        return 0
+
+    def samples(self):
+        return self.layout.build(self.outs)
+
+    def measurement(self):
+        return self.layout.build([int(self.counts[j]) for j in range(self.nleaves)])
+
+
+# ----------------------------------------------------------------------------------------------
 # Per-client round: convert, finalize, measure, keep the sampled
 # ----------------------------------------------------------------------------------------------
 
-cdef object _key_error(Py_ssize_t i, object cv, tuple names):
+cdef object _key_error(int64_t i, object cv, tuple names):
     have = list(cv.keys())
     missing = [x for x in names if x not in cv]
     extra = [x for x in have if x not in names]
@@ -553,17 +842,22 @@ cdef enum:
     _STAGE_MEASURE = 3
 
 
-cdef inline object _context(BaseException e, Py_ssize_t i, object name):
+cdef inline object _context(BaseException e, int64_t i, object name):
     return with_context(e, f"client {i}, metric {name!r}")
 
 
 def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
-                     cnp.ndarray positions not None, Py_ssize_t nsample):
+                     tuple out_names, tuple layouts, cnp.ndarray positions not None,
+                     int64_t offset=0):
     """Finalize every client, count non-finite leaves, keep the sampled clients' values.
 
-    ``positions[r]`` is the batch position of the client with rank r in the round's sample.
-    Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set.
-    Returns (finalized names, per-name sample lists in rank order, per-name measurements).
+    ``positions`` (ascending) are the batch positions of the round's sampled clients.
+    Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set;
+    ``layouts`` (parallel to ``out_names``) are the finalized layouts from the probe.
+    Returns (per-metric samples, per-metric measurements), parallel to ``out_names``, each
+    in its layout's structure. Errors name the client by its index in the round, ``offset``
+    + batch position: clients run in batch order, so the first failing client (the lowest
+    index) is the one reported.
     """
     # The round was sampled over the clients as they are now; finalizers and value
     # conversions run Python code that may mutate the caller's list, so read a snapshot.
@@ -571,66 +865,70 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         clients = tuple(clients)
     cdef Py_ssize_t n = len(clients)
     cdef Py_ssize_t m = len(names)
-    if len(specs) != m:
-        raise ValueError(f"{len(specs)} specs for {m} metric names")
+    cdef Py_ssize_t q = len(out_names)
+    cdef Py_ssize_t nsample = positions.shape[0] if positions.ndim == 1 else -1
+    if len(specs) != m or len(layouts) != q:
+        raise ValueError("specs must match names, and layouts out_names")
     for spec in specs:   # cast without a check in the loop below
         if not isinstance(spec, CompiledSpec):
             raise TypeError(f"specs must be CompiledSpec, got {type(spec).__name__}")
-    if functional is None and (type(finalizers) is not tuple or len(finalizers) != m):
-        raise ValueError(f"finalizers must be a tuple of {m} callables")
+    for lay in layouts:
+        if not isinstance(lay, Layout):
+            raise TypeError(f"layouts must be Layout, got {type(lay).__name__}")
+    if functional is None and (type(finalizers) is not tuple or len(finalizers) != m
+                               or out_names != names):
+        raise ValueError(f"finalizers must be a tuple of {m} callables, one per name")
+    if positions.dtype != np.int64 or not positions.flags.c_contiguous or nsample < 0:
+        raise ValueError("positions must be a contiguous 1-d int64 array")
     cdef Py_ssize_t i, j, r
+    cdef int64_t gi
     cdef int64_t *slot = <int64_t *>malloc((n if n > 0 else 1) * sizeof(int64_t))
     if slot == NULL:
         raise MemoryError()
     cdef const int64_t *pos = <const int64_t *>cnp.PyArray_DATA(positions)
-    cdef list accs = None
+    cdef list accs = [_Acc(<Layout>lay, nsample) for lay in layouts]
     cdef PyObject *p
     cdef int stage
     cdef dict unfin
-    cdef list out_names
+    cdef dict outd
     cdef tuple fins = finalizers if functional is None else None
     mapping_type = None
     try:
-        if positions.dtype != np.int64 or not positions.flags.c_contiguous \
-                or positions.shape[0] != nsample:
-            raise ValueError("positions must be a contiguous int64 array of length nsample")
         for i in range(n):
             slot[i] = -1
         for r in range(nsample):
-            if pos[r] < 0 or pos[r] >= n:
-                raise ValueError("sample position out of range")
+            if pos[r] < 0 or pos[r] >= n or (r and pos[r] <= pos[r - 1]):
+                raise ValueError("sample positions must be ascending and inside the batch")
             slot[pos[r]] = r
-        if functional is None:
-            accs = [_Acc(nsample) for _ in names]
-            out_names = list(names)
         for i in range(n):
             cv = clients[i]
+            gi = offset + i
             # Exact dict and OrderedDict (no __getitem__ override) are read with the C API;
             # other mappings are copied through items() once, which for records that wrap a
             # dict (Flower's MetricsRecord) is one call instead of one per metric.
             if type(cv) is not dict and type(cv) is not OrderedDict:
                 if type(cv) is not mapping_type:  # the ABC check is slow: once per type
                     if not isinstance(cv, Mapping):
-                        raise TypeError(f"client {i}: expected a mapping of metric name to "
+                        raise TypeError(f"client {gi}: expected a mapping of metric name to "
                                         f"value, got {type(cv).__name__}")
                     mapping_type = type(cv)
                 cv = dict(cv.items())
             if PyDict_Size(cv) != m:
-                raise _key_error(i, cv, names)
+                raise _key_error(gi, cv, names)
             if functional is not None:
                 unfin = {}
             # One try per client, not per value: `stage` and `ctx_name` say what failed.
             stage = _STAGE_KEYS
+            ctx_name = None
             try:
                 for j in range(m):
                     ctx_name = names[j]
                     stage = _STAGE_KEYS
                     p = PyDict_GetItemWithError(cv, ctx_name)
                     if p == NULL:
-                        raise _key_error(i, cv, names)
-                    raw = <object>p
+                        raise _key_error(gi, cv, names)
                     stage = _STAGE_CONVERT
-                    val = _convert(<CompiledSpec>specs[j], raw)
+                    val = _convert(<CompiledSpec>specs[j], <object>p)
                     if functional is not None:
                         unfin[ctx_name] = val
                         continue
@@ -644,33 +942,29 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                     out = functional(unfin)
                     stage = _STAGE_KEYS
                     if not isinstance(out, Mapping):
-                        raise TypeError(f"client {i}: the metric finalizer must return a mapping "
-                                        f"of metric name to finalized value, got "
+                        raise TypeError(f"client {gi}: the metric finalizer must return a "
+                                        f"mapping of metric name to finalized value, got "
                                         f"{type(out).__name__}")
-                    if accs is None:
-                        out_names = list(out)
-                        accs = [_Acc(nsample) for _ in out_names]
-                    elif len(out) != len(out_names) or any(x not in out for x in out_names):
-                        raise ValueError(f"client {i}: the finalizer returned metrics "
-                                         f"{list(out)}, but for client 0 it returned {out_names}")
+                    outd = _read_mapping(out)
+                    if len(outd) != q or any(x not in outd for x in out_names):
+                        raise ValueError(f"client {gi}: the finalizer returned metrics "
+                                         f"{list(outd)}, but at create() it returned "
+                                         f"{list(out_names)}")
                     stage = _STAGE_MEASURE
-                    for j in range(len(out_names)):
+                    for j in range(q):
                         ctx_name = out_names[j]
-                        (<_Acc>accs[j]).add(out[ctx_name], slot[i])
+                        (<_Acc>accs[j]).add(outd[ctx_name], slot[i])
             except Exception as e:
                 if stage == _STAGE_FINALIZE:
                     where = "the metrics" if ctx_name is None else f"metric {ctx_name!r}"
-                    e.add_note(f"(while finalizing {where} of client {i})")
+                    add_note(e, f"(while finalizing {where} of client {gi})")
                     raise
                 if stage != _STAGE_KEYS and isinstance(e, (TypeError, ValueError)):
-                    raise _context(e, i, ctx_name) from None
+                    raise _context(e, gi, ctx_name) from None
                 raise
     finally:
         free(slot)
-    if accs is None:
-        return [], [], []
-    return (out_names, [(<_Acc>a).samples for a in accs],
-            [(<_Acc>a).measurement() for a in accs])
+    return ([(<_Acc>a).samples() for a in accs], [(<_Acc>a).measurement() for a in accs])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,18 +1017,12 @@ def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, 
     return keys, idx, pos
 
 
-def select_top(cnp.ndarray keys not None, cnp.ndarray rounds not None, cnp.ndarray indices not None,
-               int64_t k):
-    """Positions of the best ``k`` distinct clients among parallel (key, round, index) arrays.
-
-    Best first; a client listed twice (same round and index) is kept once.
-    """
-    if keys.ndim != 1 or rounds.ndim != 1 or indices.ndim != 1 \
-            or not keys.shape[0] == rounds.shape[0] == indices.shape[0]:
-        raise ValueError("keys, rounds and indices must be 1-d arrays of one length")
+def select_top(cnp.ndarray keys not None, int64_t k):
+    """Positions of the best ``k`` entries of the 1-d ``keys``, best first: larger key first,
+    equal keys in position order (TFF's top-k keeps the first of tied values)."""
+    if keys.ndim != 1:
+        raise ValueError("keys must be a 1-d array")
     keys = np.ascontiguousarray(keys, dtype=np.uint64)
-    rounds = np.ascontiguousarray(rounds, dtype=np.int64)
-    indices = np.ascontiguousarray(indices, dtype=np.int64)
     cdef int64_t n = keys.shape[0], i, count = 0
     cdef int64_t *op
     if k < 0:
@@ -743,14 +1031,12 @@ def select_top(cnp.ndarray keys not None, cnp.ndarray rounds not None, cnp.ndarr
     if buf == NULL:
         raise MemoryError()
     cdef const uint64_t *kp = <const uint64_t *>cnp.PyArray_DATA(keys)
-    cdef const int64_t *rp = <const int64_t *>cnp.PyArray_DATA(rounds)
-    cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(indices)
     cdef fr_status st
     try:
         for i in range(n):
             buf[i].key = kp[i]
-            buf[i].round = rp[i]
-            buf[i].index = ip[i]
+            buf[i].round = 0
+            buf[i].index = i
             buf[i].src = i
         with nogil:
             st = fr_select_top(buf, n, k, &count)
@@ -800,3 +1086,4 @@ def gather_rows(cnp.ndarray a not None, cnp.ndarray positions not None):
         st = fr_gather_rows(src, nrows, stride, row_bytes, pp, npos, dst)
     _check(st, "gather_rows")
     return out
+

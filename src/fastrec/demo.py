@@ -92,11 +92,6 @@ class Progress:
             self.stream.flush()
 
 
-def _empty_round_state(process, state):
-    """A reservoir with no clients, positioned at ``state``'s round (for per-round merges)."""
-    return dict(process.initialize(), round=state["round"])
-
-
 def _describe(values) -> str:
     a = np.asarray(values, dtype=float)
     finite = a[np.isfinite(a)]
@@ -122,7 +117,7 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
     for r in range(rounds):
         # Every chunk starts from the same empty reservoir at this round, as separate workers
         # would; merging their reservoirs gives the round's sample.
-        start = _empty_round_state(process, state)
+        start = process.round_start(state)
         round_state = start
         non_finite = dict.fromkeys(FINALIZERS, 0)
         for a in range(0, clients, chunk):
@@ -159,7 +154,7 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
         # state["rounds"] is 0-based; the table above numbers rounds from 1.
         picks = ", ".join(f"r{r + 1}/c{i}" for r, i in
                           zip(state["rounds"][:5].tolist(), state["indices"][:5].tolist()))
-        print(f"  highest-key sampled clients (round/client): {picks}", file=out)
+        print(f"  first sampled clients, in arrival order (round/client): {picks}", file=out)
     rate = total_clients / sampling_s if sampling_s > 0 else float("inf")
     print(f"\nthroughput: {total_clients:,} clients finalized and sampled in {sampling_s:.3f} s "
           f"({rate:,.0f} clients/s, excluding the simulation of their records)", file=out)

@@ -1,35 +1,57 @@
 """Finalize-then-sample metrics aggregation: TFF's ``FinalizeThenSampleFactory`` without TensorFlow.
 
-Each round, every client's unfinalized metrics are checked against a spec and finalized; the
-process counts, per finalized leaf, the clients whose value holds a NaN/±Inf, and keeps the
-finalized metrics of at most ``sample_size`` clients chosen uniformly at random, both for the
-round and over all rounds so far.
+Each round, every client's unfinalized metrics are cast to their spec's dtypes and finalized;
+the process counts, per finalized leaf, the clients whose value holds a NaN/±Inf, and keeps
+the finalized metrics of at most ``sample_size`` clients chosen uniformly at random, both for
+the round and over all rounds so far.
+
+Results follow TFF 0.87: a sample has the structure of the *finalized* metrics, and each leaf
+is one numpy array of shape ``(n,) + leaf_shape`` in the finalized dtype (``n`` = sampled
+clients; a client sits at the same row of every leaf), in arrival order (round, then client
+index). Values reach finalizers in the declared dtype (a shape-() leaf as a numpy scalar, an
+array leaf as an ndarray), as TFF casts them. At :meth:`FinalizeThenSampleFactory.create`
+every finalizer is called **once** on an example of ones in the declared dtypes and shapes
+(``None`` dimensions of size 1; a vectorized finalizer on a batch of one client) to learn the
+finalized structure, dtypes and shapes, as TFF learns them by tracing: so an empty round, even
+the first, returns the full structure, and a client whose finalized value differs in structure
+or shape is a ``ValueError`` naming the metric and the client.
 
 Sampling is reservoir sampling by random keys: client ``i`` of round ``r`` gets the 64-bit key
 ``F(seed, r, i)`` of a counter-based generator (wyrand, csrc/keys.h), and a sample is the
-``sample_size`` clients with the largest keys (equal keys: earlier round, then lower index).
-Since keys depend only on (seed, round, index), a worker that processes clients [a, b) of a
-round with ``client_offset=a`` draws the keys one machine would, and
-:meth:`AggregationProcess.merge` of the workers' states is exactly the one-machine state.
+``sample_size`` clients with the largest keys. Since keys depend only on (seed, round, index),
+workers that each process a slice of a round from :meth:`AggregationProcess.round_start`
+draw the keys one machine would, and :meth:`AggregationProcess.merge` of their states is
+exactly the one-machine state.
 
-State (a plain, picklable ``dict``; values best-first, all parallel):
+State (a plain, picklable ``dict``, validated field by field whenever it comes back):
 
-- ``"seed"``: ``(s0, s1)``, the generator's two 64-bit key words (Python ints);
+- ``"seed"``: ``(s0, s1)``, the generator's two 64-bit key words (Python ints). With a factory
+  ``seed`` they derive from it; without one, every :meth:`~AggregationProcess.initialize`
+  draws fresh OS entropy, so repeated trials differ while the state still determines all
+  that follows;
 - ``"round"``: number of non-empty rounds processed (the next round's number);
 - ``"keys"``: ``uint64`` array of the sampled clients' keys;
-- ``"rounds"``, ``"indices"``: ``int64`` arrays, the round and client index of each;
-- ``"samples"``: ``{metric name: [finalized value, ...]}``.
+- ``"rounds"``, ``"indices"``: ``int64`` arrays, the round and client index of each, in
+  arrival order;
+- ``"samples"``: ``{metric name: finalized structure of (m,) + shape arrays}``.
+
+Differences from TFF 0.87, all deliberate: seeded runs are reproducible; keys are 64-bit and
+depend only on (seed, round, index), so they merge exactly across workers (TFF's int32 key
+chain repeats after ~65-86k draws); complex NaN/Inf are counted; values TFF refuses with a
+TypeError (a Python int or a float64 array under a float32 spec) are cast; a client kept in
+both merged states (same round, index and key) is kept once; order is arrival order always
+(TFF keeps it only while the reservoir is not full).
 
 Example:
 
 >>> import fastrec
->>> spec = {"loss": [fastrec.TensorSpec("float32"), fastrec.TensorSpec("float32")]}
+>>> spec = {"loss": fastrec.TensorSpec("float32", (2,))}
 >>> process = fastrec.FinalizeThenSampleFactory(sample_size=2, seed=0).create(
 ...     {"loss": lambda v: v[0] / v[1]}, spec)
 >>> state = process.initialize()
 >>> out = process.next(state, [{"loss": [3.0, 2.0]}, {"loss": [float("inf"), 1.0]}])
->>> sorted(out.result[0]["loss"]), out.measurements
-([1.5, inf], {'loss': 1})
+>>> out.result[0]["loss"], out.measurements
+(array([1.5, inf], dtype=float32), {'loss': 1})
 """
 
 from __future__ import annotations
@@ -41,7 +63,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _sampling
-from ._sampling import CompiledSpec, count_non_finite_rows, map_leaves
+from ._sampling import Layout, count_non_finite_rows, map_leaves
+from .spec import TensorSpec, compile_metrics_type, spec_of
 
 __all__ = ["AggregationProcess", "FinalizeThenSampleFactory", "MeasuredProcessOutput",
            "TensorSpec", "Vectorized", "count_non_finite", "spec_of", "vectorized"]
@@ -64,87 +87,12 @@ def count_non_finite(a: np.ndarray) -> int:
     return _sampling.count_non_finite(a)
 
 
-class TensorSpec:
-    """Dtype and shape of one unfinalized metric value (TFF's ``tff.TensorType``).
-
-    ``shape`` entries may be ``None`` (any size). The dtype must be bool, integer, float or
-    complex.
-
-    >>> TensorSpec("float32")
-    TensorSpec(dtype=float32, shape=())
-    >>> TensorSpec(np.int64, shape=(None, 3)).shape
-    (None, 3)
-    """
-
-    __slots__ = ("dtype", "shape")
-
-    def __init__(self, dtype: Any, shape: Any = ()):
-        try:
-            dt = np.dtype(dtype)
-        except TypeError as e:
-            raise TypeError(f"TensorSpec: {dtype!r} is not a dtype ({e})") from None
-        if dt.kind not in "biufc":
-            raise TypeError(f"TensorSpec: dtype {dt} is not numeric (bool, int, float, complex)")
-        if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
-            shape = (shape,)
-        if not isinstance(shape, (tuple, list)):
-            raise TypeError(f"TensorSpec: shape must be a tuple of ints or None, got {shape!r}")
-        dims: list[int | None] = []
-        for d in shape:
-            if d is None:
-                dims.append(None)
-            elif isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0:
-                dims.append(int(d))
-            else:
-                raise TypeError(f"TensorSpec: shape entries must be non-negative ints or None, "
-                                f"got {d!r}")
-        object.__setattr__(self, "dtype", dt)
-        object.__setattr__(self, "shape", tuple(dims))
-
-    def __setattr__(self, name, value):
-        raise AttributeError("TensorSpec is immutable")
-
-    def __eq__(self, other):
-        if not isinstance(other, TensorSpec):
-            return NotImplemented
-        return self.dtype == other.dtype and self.shape == other.shape
-
-    def __hash__(self):
-        return hash((self.dtype, self.shape))
-
-    def __repr__(self):
-        return f"TensorSpec(dtype={self.dtype}, shape={self.shape})"
-
-    def __reduce__(self):
-        return (TensorSpec, (self.dtype.str, self.shape))
-
-
-def spec_of(example: Mapping) -> dict:
-    """Infer the unfinalized-metrics spec from one client's value.
-
-    Numbers and numpy scalars give shape-() specs, arrays and lists of numbers give array
-    specs (NumPy's dtype inference: Python ``float`` is float64, ``int`` is int64). For a
-    list-of-tensors structure, write the spec by hand.
-
-    >>> spec_of({"n": 3, "loss": 0.5, "hist": [1, 2, 3]})
-    {'n': TensorSpec(dtype=int64, shape=()), 'loss': TensorSpec(dtype=float64, shape=()), \
-'hist': TensorSpec(dtype=int64, shape=(3,))}
-    """
-    if not isinstance(example, Mapping):
-        raise TypeError(f"spec_of expects a mapping of metric name to value, got "
-                        f"{type(example).__name__}")
-    out = {}
-    for name, value in example.items():
-        if isinstance(value, (str, bytes)):
-            raise TypeError(f"spec_of: metric {name!r} is not numeric: {value!r}")
-        try:
-            a = np.asarray(value)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"spec_of: cannot infer a spec for metric {name!r} ({e})") from None
-        if a.dtype.kind not in "biufc":
-            raise TypeError(f"spec_of: metric {name!r} is not numeric (dtype {a.dtype})")
-        out[name] = TensorSpec(a.dtype, a.shape)
-    return out
+def _leading_one(col):
+    shape = np.shape(col)
+    if len(shape) == 0 or shape[0] != 1:
+        raise ValueError(f"a vectorized finalizer must return columns with a leading axis of 1 "
+                         f"clients, got shape {tuple(shape)}")
+    return np.asarray(col)[0]
 
 
 class Vectorized:
@@ -164,7 +112,7 @@ class Vectorized:
     def __call__(self, value):
         # One client: a batch of one, so the same function serves per-client processing.
         stacked = map_leaves(lambda x: np.asarray(x)[np.newaxis], value)
-        return map_leaves(lambda col: np.asarray(col)[0], self.fn(stacked))
+        return map_leaves(_leading_one, self.fn(stacked))
 
     def __repr__(self):
         return f"vectorized({self.fn!r})"
@@ -174,10 +122,10 @@ def vectorized(fn: Callable) -> Vectorized:
     """Mark a finalizer as vectorized: it maps a column batch to a column batch.
 
     In :meth:`AggregationProcess.next_columnar`, a vectorized finalizer is called once with
-    the metric's column (leading axis: clients; for a list spec, a list of columns) and must
-    return an array (or list/tuple/mapping of arrays) with the same leading axis. A vectorized
-    functional finalizer gets and returns a mapping of columns. Called on one client's value,
-    a vectorized finalizer runs on a batch of one.
+    the metric's column (leading axis: clients; for a list or mapping spec, a list or mapping
+    of columns) and must return an array (or list/tuple/mapping of arrays) with the same
+    leading axis. A vectorized functional finalizer gets and returns a mapping of columns.
+    Called on one client's value, a vectorized finalizer runs on a batch of one.
 
     >>> fin = vectorized(lambda v: v[0] / v[1])
     >>> fin([np.array([1.0, 3.0]), np.array([2.0, 4.0])]).tolist()
@@ -194,7 +142,7 @@ class MeasuredProcessOutput(NamedTuple):
     >>> p = FinalizeThenSampleFactory(1, seed=0).create({"x": float}, {"x": TensorSpec("int64")})
     >>> state, (current, total), measurements = p.next(p.initialize(), [{"x": 3}])
     >>> current, measurements
-    ({'x': [3.0]}, {'x': 0})
+    ({'x': array([3.])}, {'x': 0})
     """
 
     state: dict
@@ -255,8 +203,8 @@ class FinalizeThenSampleFactory:
     """Factory of finalize-then-sample aggregation processes (TFF's namesake, no TensorFlow).
 
     ``sample_size`` clients at most are kept per round and over all rounds. ``seed`` (an int
-    >= 0) makes every result reproducible; without it each created process draws fresh OS
-    entropy.
+    >= 0) makes every result reproducible; without it every ``initialize()`` draws fresh OS
+    entropy (stored in the state, so the state still determines all that follows).
 
     >>> factory = FinalizeThenSampleFactory(sample_size=10, seed=1)
     >>> process = factory.create({"acc": lambda v: v}, {"acc": TensorSpec("float32")})
@@ -276,9 +224,13 @@ class FinalizeThenSampleFactory:
         ``metric_finalizers``: a mapping of metric name to callable (applied to that metric's
         unfinalized value), or one callable taking the whole unfinalized mapping and returning a
         mapping of finalized values. ``local_unfinalized_metrics_type``: a mapping of metric
-        name to :class:`TensorSpec` or (nested) list/tuple of TensorSpec.
+        name to :class:`TensorSpec` or (nested) list, tuple or mapping of TensorSpec.
+
+        Each finalizer is called once here, on an example of ones in the declared dtypes and
+        shapes (``None`` dimensions of size 1), to learn the finalized structure; a finalizer
+        that cannot run on it is a ``TypeError`` naming the metric (its error chained).
         """
-        specs = _compile_metrics_type(local_unfinalized_metrics_type)
+        specs = compile_metrics_type(local_unfinalized_metrics_type)
         if isinstance(metric_finalizers, Mapping):
             for key, fn in metric_finalizers.items():
                 if not isinstance(key, str):
@@ -300,36 +252,39 @@ class FinalizeThenSampleFactory:
         else:
             raise TypeError("`metric_finalizers` must be a mapping of metric name to callable or "
                             f"a callable, got {type(metric_finalizers).__name__}")
-        if self._seed is None:
-            seq = np.random.SeedSequence()
-        else:
-            seq = np.random.SeedSequence(self._seed)
-        words = seq.generate_state(2, np.uint64)
-        return AggregationProcess(self._sample_size, (int(words[0]), int(words[1])), specs,
-                                  finalizers)
+        seed = None if self._seed is None else _seed_words(np.random.SeedSequence(self._seed))
+        return AggregationProcess(self._sample_size, seed, specs, finalizers)
 
 
-def _compile_spec(spec, path):
-    if isinstance(spec, TensorSpec):
-        return CompiledSpec.leaf(spec.dtype, spec.shape)
-    if isinstance(spec, (list, tuple)):
-        return CompiledSpec.struct(type(spec) if type(spec) in (list, tuple) else list,
-                                   [_compile_spec(s, f"{path}[{i}]") for i, s in enumerate(spec)])
-    raise TypeError(f"`local_unfinalized_metrics_type`{path}: expected a TensorSpec or a list/"
-                    f"tuple of them, got {type(spec).__name__} {spec!r:.60}")
+def _seed_words(seq) -> tuple:
+    words = seq.generate_state(2, np.uint64)
+    return (int(words[0]), int(words[1]))
 
 
-def _compile_metrics_type(metrics_type) -> dict:
-    if not isinstance(metrics_type, Mapping):
-        raise TypeError("`local_unfinalized_metrics_type` must be a mapping of metric name to "
-                        f"TensorSpec (or list/tuple of TensorSpec), got "
-                        f"{type(metrics_type).__name__}")
-    out = {}
-    for name, spec in metrics_type.items():
-        if not isinstance(name, str):
-            raise TypeError(f"`local_unfinalized_metrics_type` keys must be str, got {name!r}")
-        out[name] = _compile_spec(spec, f"[{name!r}]")
-    return out
+
+
+def _probe_error(e, name):
+    where = "the metric finalizer" if name is None else f"the finalizer of metric {name!r}"
+    return TypeError(f"{where} cannot run on an example of ones in its "
+                     f"`local_unfinalized_metrics_type` ({type(e).__name__}: {e}); it is called "
+                     f"once at create() to learn the finalized structure")
+
+
+def _layout(value, name):
+    try:
+        return Layout.of(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metric {name!r}: at create(), on an example of ones: {e}") from None
+
+
+class _State(NamedTuple):
+    """A validated state: plain types, arrays, samples as leaf lists per metric."""
+    seed: tuple
+    round: int
+    keys: np.ndarray
+    rounds: np.ndarray
+    indices: np.ndarray
+    leaves: dict
 
 
 class AggregationProcess:
@@ -341,8 +296,8 @@ class AggregationProcess:
     ...                                                 {"x": TensorSpec("float64")})
     >>> out = p.next(p.initialize(), [{"x": float(i)} for i in range(10)])
     >>> current, total = out.result
-    >>> len(current["x"]), current == total, out.measurements
-    (3, True, {'x': 0})
+    >>> current["x"], out.measurements
+    (array([4., 5., 7.]), {'x': 0})
     """
 
     def __init__(self, sample_size, seed_words, specs, finalizers):
@@ -361,17 +316,69 @@ class AggregationProcess:
             self._functional = finalizers
             self._vectorized = isinstance(finalizers, Vectorized)
         self._ordered_specs = tuple(specs[n] for n in self._names)
+        self._out_names, self._layouts = self._probe()
+        self._layout_of = dict(zip(self._out_names, self._layouts))
+
+    def _probe(self):
+        """Finalize an example of ones once: the finalized names, structures and dtypes."""
+        examples = {name: self._specs[name].example() for name in self._names}
+        with np.errstate(all="ignore"):
+            if self._functional is not None:
+                try:
+                    out = self._functional(examples)
+                except Exception as e:
+                    raise _probe_error(e, None) from e
+                if not isinstance(out, Mapping):
+                    raise TypeError("the metric finalizer must return a mapping of metric name "
+                                    f"to finalized value, got {type(out).__name__}")
+                names = tuple(out)
+                return names, tuple(_layout(out[n], n) for n in names)
+            layouts = []
+            for name, fin in zip(self._names, self._fins):
+                try:
+                    value = fin(examples[name])
+                except Exception as e:
+                    raise _probe_error(e, name) from e
+                layouts.append(_layout(value, name))
+            return self._names, tuple(layouts)
 
     @property
     def sample_size(self) -> int:
         return self._k
 
     def initialize(self) -> dict:
-        """The empty reservoir at round 0."""
-        names = self._names if self._functional is None else ()
-        return {"seed": self._seed, "round": 0, "keys": np.empty(0, np.uint64),
+        """The empty reservoir at round 0 (fresh OS entropy as the seed, if unseeded)."""
+        seed = self._seed if self._seed is not None else _seed_words(np.random.SeedSequence())
+        return {"seed": seed, "round": 0, "keys": np.empty(0, np.uint64),
                 "rounds": np.empty(0, np.int64), "indices": np.empty(0, np.int64),
-                "samples": {n: [] for n in names}}
+                "samples": {n: lay.empty(0) for n, lay in zip(self._out_names, self._layouts)}}
+
+    def round_start(self, state: dict) -> dict:
+        """The start state of a worker that processes a partition of ``state``'s next round.
+
+        Same seed and round as ``state``, empty reservoir. Workers each run
+        ``next(round_start(state), slice, client_offset=a)`` on their slice of the round's
+        clients (``a`` = the slice's first client index); :meth:`merge` of their states is the
+        round's own reservoir (its samples are the round's current sample), and
+        ``merge(state, round_reservoir)`` is the state after the round, as one machine computes
+        it with ``next(state, all_clients)``.
+
+        >>> p = FinalizeThenSampleFactory(2, seed=0).create({"x": float}, {"x": TensorSpec("int64")})
+        >>> state = p.next(p.initialize(), [{"x": i} for i in range(5)]).state  # round 0
+        >>> clients = [{"x": 10 + i} for i in range(6)]                         # round 1
+        >>> start = p.round_start(state)
+        >>> parts = [p.next(start, clients[a:a + 3], client_offset=a).state for a in (0, 3)]
+        >>> round_reservoir = p.merge(*parts)
+        >>> one = p.next(state, clients)
+        >>> round_reservoir["samples"]["x"], one.result[0]["x"]
+        (array([11., 15.]), array([11., 15.]))
+        >>> p.merge(state, round_reservoir)["samples"]["x"], one.state["samples"]["x"]
+        (array([ 4., 11.]), array([ 4., 11.]))
+        """
+        st = self._check_state(state)
+        empty = self.initialize()
+        empty["seed"], empty["round"] = st.seed, st.round
+        return empty
 
     # -- per-client rounds -------------------------------------------------------------------
 
@@ -380,26 +387,31 @@ class AggregationProcess:
 
         ``client_values``: a sequence of mappings (dict, ``MetricsRecord``, ...) of metric name
         to value. ``client_offset``: the index of the first of them in the round, for workers
-        that each process a slice of the round. Returns ``MeasuredProcessOutput(state,
-        (current_round_samples, total_rounds_samples), measurements)``. An empty round returns
-        ``state`` itself, an empty current sample and zero measurements.
+        that each process a slice of the round (see :meth:`round_start`); errors name a
+        client by that global index, the lowest failing one. Returns
+        ``MeasuredProcessOutput(state, (current_round_samples, total_rounds_samples),
+        measurements)``. An empty round returns ``state`` itself, empty ``(0,) + shape``
+        arrays as the current sample and zero measurements.
         """
-        _check_state(state)
+        st = self._check_state(state)
         offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
         if isinstance(client_values, Mapping):
             raise TypeError("client_values must be a sequence of client mappings; for a mapping "
                             "of columns use next_columnar")
         clients = client_values if type(client_values) in (list, tuple) else list(client_values)
         if not clients:
-            return self._unchanged(state)
-        s0, s1 = state["seed"]
-        keys, indices, positions = _sampling.round_sample(s0, s1, state["round"], offset,
-                                                          len(clients), self._k)
-        names, samples, measurements = _sampling.finalize_clients(
-            clients, self._names, self._ordered_specs, self._fins, self._functional, positions,
-            len(positions))
-        return self._finish(state, keys, indices, dict(zip(names, samples)),
-                            dict(zip(names, measurements)))
+            return self._unchanged(state, st)
+        keys, indices, positions = self._round_sample(st, offset, len(clients))
+        samples, measurements = _sampling.finalize_clients(
+            clients, self._names, self._ordered_specs, self._fins, self._functional,
+            self._out_names, self._layouts, positions, offset)
+        return self._finish(st, keys, indices, samples, measurements)
+
+    def _round_sample(self, st, offset, n):
+        keys, indices, positions = _sampling.round_sample(st.seed[0], st.seed[1], st.round,
+                                                          offset, n, self._k)
+        order = np.argsort(positions, kind="stable")   # best-first -> arrival order
+        return keys[order], indices[order], positions[order]
 
     # -- columnar rounds ---------------------------------------------------------------------
 
@@ -407,19 +419,19 @@ class AggregationProcess:
                       client_offset: int = 0) -> MeasuredProcessOutput:
         """Process one round given as columns: metric name -> array with a leading client axis.
 
-        For a list/tuple spec the column is a list/tuple of such arrays. If every finalizer is
-        :func:`vectorized` (or the functional finalizer is), finalizers run once per column and
-        the non-finite counts, keys, top-k and gather run in C over the columns; otherwise the
-        rows are finalized one client at a time. Same keys, samples and measurements as
-        :meth:`next` on the equivalent rows.
+        For a list/tuple (mapping) spec the column is a list/tuple (mapping) of such arrays.
+        If every finalizer is :func:`vectorized` (or the functional finalizer is), finalizers
+        run once per column and the non-finite counts, keys, top-k and gather run in C over
+        the columns; otherwise the rows are finalized one client at a time. Same keys, samples
+        and measurements as :meth:`next` on the equivalent rows.
 
         >>> p = FinalizeThenSampleFactory(2, seed=0).create(
         ...     {"x": vectorized(lambda col: col * 2)}, {"x": TensorSpec("float64")})
         >>> out = p.next_columnar(p.initialize(), {"x": np.array([1.0, np.nan, 3.0, 4.0])})
-        >>> len(out.result[0]["x"]), out.measurements
-        (2, {'x': 1})
+        >>> out.result[0]["x"], out.measurements
+        (array([2., 6.]), {'x': 1})
         """
-        _check_state(state)
+        st = self._check_state(state)
         offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a mapping of metric name to column, got "
@@ -428,40 +440,45 @@ class AggregationProcess:
             raise ValueError(f"batch has metrics {sorted(batch)}, expected "
                              f"{sorted(self._spec_names)}")
         sizes: dict[str, int] = {}
-        cols = {name: _column(self._specs[name], batch[name], name, sizes)
+        cols = {name: _column(self._specs[name], batch[name], name, sizes, 0)
                 for name in self._spec_names}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"columns have different numbers of clients: {sizes}")
         n = next(iter(sizes.values()), 0)
         if n == 0:
-            return self._unchanged(state)
+            return self._unchanged(state, st)
         if not self._vectorized:
             rows = [{name: _row(cols[name], i) for name in self._spec_names} for i in range(n)]
             return self.next(state, rows, client_offset=offset)
         # Keys depend only on (seed, round, index), not on the values. In a large round a
         # second thread draws most of them while this one runs the finalizers and counts
         # non-finite rows, then draws the rest; the two reservoirs merge into the round's.
-        s0, s1, rnd = state["seed"][0], state["seed"][1], state["round"]
+        s0, s1, rnd = st.seed[0], st.seed[1], st.round
         split = int(n * _MAIN_THREAD_KEY_SHARE) if n >= _OVERLAP_MIN_CLIENTS else 0
         background = (_Background(_sampling.round_sample, s0, s1, rnd, offset + split, n - split,
                                   self._k) if split else None)
         try:
             if self._functional is None:
-                finalized = {}
-                for name, fin in zip(self._names, self._fins):
-                    finalized[name] = _call_finalizer(fin.fn, cols[name], name)
+                finalized = {name: _call_finalizer(fin.fn, cols[name], name)
+                             for name, fin in zip(self._names, self._fins)}
             else:
                 finalized = _call_finalizer(self._functional.fn, cols, None)
                 if not isinstance(finalized, Mapping):
                     raise TypeError("the vectorized metric finalizer must return a mapping of "
                                     f"metric name to column, got {type(finalized).__name__}")
-            structures, leaves_of, measurements = {}, {}, {}
-            for name, value in finalized.items():
-                leaves: list[np.ndarray] = []
-                structure = map_leaves(lambda x: _finalized_column(x, n, name, leaves), value)
-                structures[name], leaves_of[name] = structure, leaves
-                measurements[name] = map_leaves(lambda i: count_non_finite_rows(leaves[i]),
-                                                structure)
+                if len(finalized) != len(self._out_names) or \
+                        any(name not in finalized for name in self._out_names):
+                    raise ValueError(f"the vectorized metric finalizer returned metrics "
+                                     f"{list(finalized)}, but at create() it returned "
+                                     f"{list(self._out_names)}")
+            leaves_of, measurements = {}, {}
+            for name, layout in zip(self._out_names, self._layouts):
+                try:
+                    leaves = layout.columns(finalized[name], n)
+                except (TypeError, ValueError) as e:
+                    raise _sampling.with_context(e, f"metric {name!r}") from None
+                leaves_of[name] = leaves
+                measurements[name] = layout.build([count_non_finite_rows(c) for c in leaves])
             if background is None:
                 keys, indices, positions = _sampling.round_sample(s0, s1, rnd, offset, n, self._k)
             else:
@@ -475,121 +492,171 @@ class AggregationProcess:
             keys = np.concatenate([keys, b_keys])
             indices = np.concatenate([indices, b_indices])
             positions = np.concatenate([positions, b_positions + split])
-            top = _sampling.select_top(keys, np.zeros(len(keys), np.int64), indices, self._k)
+            top = _sampling.select_top(keys, self._k)
             keys, indices, positions = keys[top], indices[top], positions[top]
-        samples = {}
-        for name, structure in structures.items():
-            picked = [_sampling.gather_rows(leaf, positions) for leaf in leaves_of[name]]
-            if isinstance(structure, int):  # a single column: its rows are the samples
-                samples[name] = list(picked[0])
-            else:
-                samples[name] = [map_leaves(lambda i: picked[i][r], structure)
-                                 for r in range(len(positions))]
-        return self._finish(state, keys, indices, samples, measurements)
+        order = np.argsort(positions, kind="stable")
+        keys, indices, positions = keys[order], indices[order], positions[order]
+        samples = [layout.build([_sampling.gather_rows(c, positions) for c in leaves_of[name]])
+                   for name, layout in zip(self._out_names, self._layouts)]
+        return self._finish(st, keys, indices, samples,
+                            [measurements[name] for name in self._out_names])
 
     # -- merging -----------------------------------------------------------------------------
 
     def merge(self, state_a: dict, state_b: dict) -> dict:
         """The state whose reservoir is that of the union of the two states' clients.
 
-        For states built from one start state by workers that each processed a slice of a round
-        (``client_offset``), the result equals the one-machine state. Both must share the seed.
+        TFF's merge: the ``sample_size`` largest keys of both are kept, equal keys keeping
+        ``state_a``'s entries first; the result is in arrival order (round, client index).
+        A client present in both (same round, index and key: e.g. two workers that started
+        from one non-empty state) is kept once. Both states must share the seed. For the
+        states of workers that each processed a slice of a round (see :meth:`round_start`),
+        the result equals the one-machine state.
 
         >>> p = FinalizeThenSampleFactory(2, seed=0).create({"x": float}, {"x": TensorSpec("int64")})
         >>> start, clients = p.initialize(), [{"x": i} for i in range(6)]
         >>> a = p.next(start, clients[:4]).state                   # worker 1: clients 0-3
         >>> b = p.next(start, clients[4:], client_offset=4).state  # worker 2: clients 4-5
-        >>> p.merge(a, b)["samples"] == p.next(start, clients).state["samples"]
-        True
+        >>> p.merge(a, b)["samples"]["x"], p.next(start, clients).state["samples"]["x"]
+        (array([4., 5.]), array([4., 5.]))
         """
-        _check_state(state_a)
-        _check_state(state_b)
-        if tuple(state_a["seed"]) != tuple(state_b["seed"]):
+        a = self._check_state(state_a, "state_a")
+        b = self._check_state(state_b, "state_b")
+        if a.seed != b.seed:
             raise ValueError("cannot merge states with different seeds: their keys are not "
                              "comparable")
-        out = _union(state_a, state_b["keys"], state_b["rounds"], state_b["indices"],
-                     state_b["samples"], self._k)
-        out["round"] = max(state_a["round"], state_b["round"])
+        b = _drop_shared_clients(a, b)
+        out = _union(a, b.keys, b.rounds, b.indices, b.leaves, self._k, self._layout_of)
+        out["round"] = max(a.round, b.round)
         return out
 
-    # -- helpers -----------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------
 
-    def _unchanged(self, state):
+    def _check_state(self, state, what="state") -> _State:
+        """Validate every field of an (untrusted) state; return it normalised."""
+        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
+            raise TypeError(f"{what} must be a dict with keys {list(_STATE_KEYS)} (from "
+                            f"initialize() or next()), got {type(state).__name__}"
+                            + (f" with keys {sorted(map(str, state))}"
+                               if isinstance(state, dict) else ""))
+        seed = state["seed"]
+        if (not isinstance(seed, (tuple, list)) or len(seed) != 2
+                or not all(isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_))
+                           and 0 <= w < 1 << 64 for w in seed)):
+            raise ValueError(f"{what}['seed'] must be a pair of 64-bit unsigned ints, got "
+                             f"{seed!r:.80}")
+        rnd = _check_int(state["round"], f"{what}['round']", 0, _INT64_MAX - 1)
+        arrays = []
+        for key, dtype in (("keys", np.uint64), ("rounds", np.int64), ("indices", np.int64)):
+            arr = state[key]
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != 1:
+                raise ValueError(f"{what}[{key!r}] must be a 1-d {np.dtype(dtype)} array")
+            arrays.append(np.ascontiguousarray(arr))
+        keys, rounds, indices = arrays
+        m = len(keys)
+        if len(rounds) != m or len(indices) != m:
+            raise ValueError(f"{what}['keys'], ['rounds'] and ['indices'] differ in length")
+        if m > self._k:
+            raise ValueError(f"{what} holds {m} clients, more than sample_size={self._k}")
+        if m:
+            if rounds.min() < 0 or rounds.max() >= rnd:
+                raise ValueError(f"{what}['rounds'] must lie in [0, {what}['round'] = {rnd})")
+            if indices.min() < 0:
+                raise ValueError(f"{what}['indices'] must be non-negative")
+            later = (rounds[1:] > rounds[:-1]) | ((rounds[1:] == rounds[:-1])
+                                                  & (indices[1:] > indices[:-1]))
+            if not later.all():
+                raise ValueError(f"{what}'s clients must be distinct and in arrival order "
+                                 f"(round, then index)")
         samples = state["samples"]
-        current = {name: [] for name in samples}
-        zero = {name: (map_leaves(lambda _: 0, vals[0]) if vals else 0)
-                for name, vals in samples.items()}
-        total = {name: list(vals) for name, vals in samples.items()}
+        if not isinstance(samples, dict) or set(samples) != set(self._out_names):
+            raise ValueError(f"{what}['samples'] must be a dict with the finalized metrics "
+                             f"{list(self._out_names)}, got "
+                             + (f"keys {list(samples)!r:.200}" if isinstance(samples, dict)
+                                else type(samples).__name__))
+        leaves = {}
+        for name, layout in zip(self._out_names, self._layouts):
+            try:
+                leaves[name] = layout.check_samples(samples[name], m)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{what}['samples'][{name!r}]: {e}") from None
+        return _State((int(seed[0]), int(seed[1])), rnd, keys, rounds, indices, leaves)
+
+    def _unchanged(self, state, st):
+        current = {name: lay.empty(0) for name, lay in zip(self._out_names, self._layouts)}
+        zero = {name: lay.zeros() for name, lay in zip(self._out_names, self._layouts)}
+        total = {name: lay.build(st.leaves[name])
+                 for name, lay in zip(self._out_names, self._layouts)}
         return MeasuredProcessOutput(state, (current, total), zero)
 
-    def _finish(self, state, keys, indices, current, measurements):
-        rounds = np.full(len(keys), state["round"], np.int64)
-        new_state = _union(state, keys, rounds, indices, current, self._k)
-        new_state["round"] = state["round"] + 1
-        total = {name: list(vals) for name, vals in new_state["samples"].items()}
-        return MeasuredProcessOutput(new_state, (current, total), measurements)
+    def _finish(self, st, keys, indices, samples, measurements):
+        names = self._out_names
+        rounds = np.full(len(keys), st.round, np.int64)
+        leaves = {name: lay.flatten(s) for name, lay, s in zip(names, self._layouts, samples)}
+        new_state = _union(st, keys, rounds, indices, leaves, self._k, self._layout_of)
+        new_state["round"] = st.round + 1
+        current = dict(zip(names, samples))
+        total = dict(new_state["samples"])
+        return MeasuredProcessOutput(new_state, (current, total), dict(zip(names, measurements)))
 
 
-def _union(state, keys, rounds, indices, samples, k):
-    """New state (round copied from ``state``) holding the best k of state's and the others."""
-    m = len(state["keys"])
-    a_samples = state["samples"]
-    if m and len(keys) and set(a_samples) != set(samples):
-        raise ValueError(f"cannot merge samples of metrics {sorted(a_samples)} with samples of "
-                         f"metrics {sorted(samples)}")
-    names = list(a_samples) if (m or not samples) else list(samples)
-    all_keys = np.concatenate([state["keys"], keys])
-    all_rounds = np.concatenate([state["rounds"], rounds])
-    all_indices = np.concatenate([state["indices"], indices])
-    order = _sampling.select_top(all_keys, all_rounds, all_indices, k)
-    new_samples = {}
-    for name in names:
-        a_vals, b_vals = a_samples.get(name, ()), samples.get(name, ())
-        new_samples[name] = [a_vals[o] if o < m else b_vals[o - m] for o in order.tolist()]
-    return {"seed": state["seed"], "round": state["round"], "keys": all_keys[order],
-            "rounds": all_rounds[order], "indices": all_indices[order], "samples": new_samples}
+def _drop_shared_clients(a: _State, b: _State) -> _State:
+    """``b`` without the clients ``a`` also holds (same round and index); ValueError if such a
+    client's keys differ (the states do not describe the same clients)."""
+    if not len(a.keys) or not len(b.keys):
+        return b
+    rounds = np.concatenate([a.rounds, b.rounds])
+    indices = np.concatenate([a.indices, b.indices])
+    order = np.lexsort((indices, rounds))
+    same = (rounds[order][1:] == rounds[order][:-1]) & (indices[order][1:] == indices[order][:-1])
+    if not same.any():
+        return b
+    first, second = order[:-1][same], order[1:][same]
+    pos_a, pos_b = np.minimum(first, second), np.maximum(first, second) - len(a.keys)
+    if np.any(a.keys[pos_a] != b.keys[pos_b]):
+        r, i = int(a.rounds[pos_a[0]]), int(a.indices[pos_a[0]])
+        raise ValueError(f"both states hold client {i} of round {r} but with different keys")
+    keep = np.ones(len(b.keys), bool)
+    keep[pos_b] = False
+    return _State(b.seed, b.round, b.keys[keep], b.rounds[keep], b.indices[keep],
+                  {name: [leaf[keep] for leaf in ls] for name, ls in b.leaves.items()})
 
 
-def _check_state(state):
-    if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
-        raise TypeError(f"state must be a dict with keys {list(_STATE_KEYS)} (from initialize() "
-                        f"or next()), got {type(state).__name__}"
-                        + (f" with keys {sorted(state)}" if isinstance(state, dict) else ""))
-    seed = state["seed"]
-    if (not isinstance(seed, tuple) or len(seed) != 2
-            or not all(isinstance(w, int) and 0 <= w < 1 << 64 for w in seed)):
-        raise ValueError(f"state['seed'] must be a pair of 64-bit unsigned ints, got {seed!r}")
-    _check_int(state["round"], "state['round']", 0, _INT64_MAX - 1)
-    m = None
-    for key, dtype in (("keys", np.uint64), ("rounds", np.int64), ("indices", np.int64)):
-        arr = state[key]
-        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != 1:
-            raise ValueError(f"state[{key!r}] must be a 1-d {np.dtype(dtype)} array")
-        if m is not None and len(arr) != m:
-            raise ValueError("state['keys'], ['rounds'] and ['indices'] differ in length")
-        m = len(arr)
-    if not isinstance(state["samples"], dict):
-        raise ValueError("state['samples'] must be a dict of metric name to list")
-    for name, vals in state["samples"].items():
-        if not isinstance(vals, list) or len(vals) != m:
-            raise ValueError(f"state['samples'][{name!r}] must be a list of {m} values")
-    if m and not state["samples"]:
-        raise ValueError("state has sampled clients but no samples")
+def _union(st: _State, keys, rounds, indices, leaves, k, layout_of):
+    """New state (round copied from ``st``) holding the best k of st's entries and the
+    others, in arrival order; equal keys keep st's entries (then earlier positions) first."""
+    all_keys = np.concatenate([st.keys, keys])
+    all_rounds = np.concatenate([st.rounds, rounds])
+    all_indices = np.concatenate([st.indices, indices])
+    sel = _sampling.select_top(all_keys, k)
+    sel = sel[np.lexsort((sel, all_indices[sel], all_rounds[sel]))]
+    samples = {}
+    for name, layout in layout_of.items():
+        samples[name] = layout.build([np.concatenate([x, y])[sel]
+                                      for x, y in zip(st.leaves[name], leaves[name])])
+    return {"seed": st.seed, "round": st.round, "keys": all_keys[sel],
+            "rounds": all_rounds[sel], "indices": all_indices[sel], "samples": samples}
 
 
-def _column(spec: CompiledSpec, value, path, sizes):
-    """Check one column (or list of columns) against its spec; record its client count."""
+def _column(spec, value, path, sizes, depth):
+    """Check one column (or list/mapping of columns) against its spec; record its size."""
+    if spec.keys is not None:   # a mapping spec
+        if not isinstance(value, Mapping) or set(value) != set(spec.keys):
+            raise TypeError(f"metric {path}: expected a mapping of columns with keys "
+                            f"{list(spec.keys)}, got {type(value).__name__}")
+        return {k: _column(c, value[k], f"{path}[{k!r}]", sizes, depth + 1)
+                for k, c in zip(spec.keys, spec.children)}
     if spec.children is not None:  # a list/tuple spec
         n = len(spec.children)
         if not isinstance(value, (list, tuple)) or len(value) != n:
             raise TypeError(f"metric {path}: expected a list or tuple of {n} columns, got "
                             f"{type(value).__name__}")
-        return [_column(c, v, f"{path}[{i}]", sizes)
+        return [_column(c, v, f"{path}[{i}]", sizes, depth + 1)
                 for i, (c, v) in enumerate(zip(spec.children, value))]
     # A column is checked like one client's value with a leading axis of any length.
-    assert spec.dtype is not None and spec.shape is not None  # a leaf spec has both
     try:
-        col = _sampling.convert_value(CompiledSpec.leaf(spec.dtype, (None,) + spec.shape), value)
+        col = _sampling.convert_value(
+            _sampling.CompiledSpec.leaf(spec.dtype, (None,) + spec.shape), value)
     except (TypeError, ValueError) as e:
         raise _sampling.with_context(e, f"metric {path!r}") from None
     sizes[path] = col.shape[0]
@@ -597,6 +664,8 @@ def _column(spec: CompiledSpec, value, path, sizes):
 
 
 def _row(col, i):
+    if isinstance(col, dict):
+        return {k: _row(c, i) for k, c in col.items()}
     if isinstance(col, list):
         return [_row(c, i) for c in col]
     return col[i]
@@ -606,17 +675,6 @@ def _call_finalizer(fn, value, name):
     try:
         return fn(value)
     except Exception as e:
-        e.add_note(f"(in the vectorized finalizer{'' if name is None else f' of {name!r}'})")
+        _sampling.add_note(e, "(in the vectorized finalizer"
+                              f"{'' if name is None else f' of {name!r}'})")
         raise
-
-
-def _finalized_column(x, n, name, leaves):
-    col = np.asarray(x)
-    if col.ndim == 0 or col.shape[0] != n:
-        raise ValueError(f"metric {name!r}: a vectorized finalizer must return columns with a "
-                         f"leading axis of {n} clients, got shape {col.shape}")
-    if col.dtype.kind not in "biufc":
-        raise TypeError(f"metric {name!r}: finalized column is not numeric (dtype {col.dtype})")
-    leaves.append(col)
-    return len(leaves) - 1
-
