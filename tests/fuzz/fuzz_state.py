@@ -6,8 +6,8 @@ size and the clients of a few honest rounds, then edits to the resulting state (
 a hostile value, an array truncated, retyped, made non-contiguous or filled with extreme values, a
 sample list shortened or renamed). Contract: the process either raises ``TypeError``/
 ``ValueError`` with a message or returns a state that is itself valid (feeding it back succeeds)
-and holds at most ``sample_size`` clients, best key first (an empty round returns the
-caller's state object itself, unchecked beyond its types and lengths).
+and holds at most ``sample_size`` distinct clients in arrival order (round, then client
+index; an empty round returns the caller's state object itself).
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def _edit(state: dict, b: _Bytes) -> dict:
 def _check_output(process, state: dict, k: int) -> None:
     keys = state["keys"]
     assert len(keys) <= k, f"{len(keys)} clients kept, sample size {k}"
-    assert all(keys[i] >= keys[i + 1] for i in range(len(keys) - 1)), "keys not best-first"
+    arrival = list(zip(state["rounds"].tolist(), state["indices"].tolist()))
+    assert arrival == sorted(set(arrival)), "sampled clients not in arrival order, or repeated"
     process.next(state, [])  # a returned state is valid input
     process.merge(state, state)
 
