@@ -1866,3 +1866,43 @@ def test_merge_of_a_client_held_by_both_states_with_different_keys_is_rejected()
     with pytest.raises(ValueError, match="different keys"):
         p.merge(a, b)
     assert_tree_equal(p.merge(a, a)["samples"], a["samples"])
+
+
+def test_record_clients_read_directly_unless_a_subclass_overrides_reading():
+    from flwr.common import MetricsRecord as FlwrMetricsRecord
+
+    class Doubling(FlwrMetricsRecord):
+        def __getitem__(self, key):
+            v = super().__getitem__(key)
+            return 2 * v if isinstance(v, float) else v
+
+        def items(self):
+            return [(k, self[k]) for k in self]
+
+    class FastDoubling(fastrec.MetricsRecord):
+        def items(self):
+            return [(k, 2 * v if isinstance(v, float) else v) for k, v in dict.items(
+                {k: fastrec.MetricsRecord.__getitem__(self, k) for k in self})]
+
+    p = make_process(k=5, seed=2)
+    ref = p.next(p.initialize(), [{"a": 2.0 * i, "b": [float(i), 2.0 * i]} for i in range(8)])
+    for cls in (Doubling, FastDoubling):
+        got = p.next(p.initialize(), [cls({"a": float(i), "b": [float(i), 2.0 * i]})
+                                      for i in range(8)])
+        assert_tree_equal(got.result, ref.result)
+    plain = p.next(p.initialize(), [FlwrMetricsRecord({"a": 2.0 * i, "b": [float(i), 2.0 * i]})
+                                    for i in range(8)])
+    assert_tree_equal(plain.result, ref.result)
+
+
+def test_float32_narrowing_matches_numpy_at_the_range_edge():
+    edge = [3.4028234663852886e38, 3.4028235e38, 3.4028235677973362e38, 3.4028235677973366e38,
+            3.5e38, 1e39, -1e39, -3.4028235677973366e38, float("nan"), 1e-46, -0.0]
+    with np.errstate(over="ignore"):
+        expected = np.array(edge, np.float64).astype(np.float32)
+    p = FinalizeThenSampleFactory(20, seed=0).create(
+        {"s": lambda v: v, "v": lambda v: v}, {"s": TensorSpec("float32"),
+                                               "v": TensorSpec("float32", (len(edge),))})
+    out = p.next(p.initialize(), [{"s": x, "v": edge} for x in edge])
+    assert out.result[0]["s"].tobytes() == expected.tobytes()
+    assert out.result[0]["v"][0].tobytes() == expected.tobytes()
