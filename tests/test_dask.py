@@ -435,20 +435,8 @@ def test_columnar_errors_name_the_metric(where):
         fd.next_columnar(q, q.initialize(), dcols)
 
 
-def _reference_metrics_columns(buffers, record, spec, *, wire="recordset"):
-    """metrics_columns for scalar specs, in Python over the real parser (until fastrec.wire
-    has its own)."""
-    from fastrec.wire import recordset_from_bytes
-    assert wire == "recordset"
-    records = [recordset_from_bytes(b).metrics_records[record] for b in buffers]
-    return {name: np.array([r[name] for r in records], dtype=ts.dtype).reshape(len(records))
-            for name, ts in spec.items()}
-
-
-def test_next_from_wire(where, monkeypatch):
+def test_next_from_wire(where):
     wire = pytest.importorskip("fastrec.wire")
-    if not hasattr(wire, "metrics_columns"):  # the wire issue's batch ingestion, not there yet
-        monkeypatch.setattr(wire, "metrics_columns", _reference_metrics_columns, raising=False)
     spec = {"acc": TensorSpec("float64"), "n": TensorSpec("int64")}
     p = create(4, 0,
         {"acc": vectorized(lambda c: c), "n": vectorized(lambda c: c)}, spec)
@@ -460,6 +448,14 @@ def test_next_from_wire(where, monkeypatch):
     same(fd.next_from_wire(p, state, db.from_sequence(buffers, npartitions=5), "m", spec), one)
     bag = bag_of(buffers, [0, 1, 30, 0, 29])
     same(fd.next_from_wire(p, state, bag, "m", spec), one)
+    bad = list(buffers)
+    for i in (44, 52):  # a list where a number belongs, in the last partition
+        bad[i] = wire.recordset_to_bytes(fastrec.RecordSet(
+            metrics_records={"m": fastrec.MetricsRecord({"acc": [1.0, 2.0], "n": i})}))
+    one = error_of(lambda: p.next_columnar(state, wire.metrics_columns(bad, "m", spec)))
+    assert "buffer 44" in str(one)
+    same_error(error_of(lambda: fd.next_from_wire(p, state, bag_of(bad, [0, 1, 30, 0, 29]), "m",
+                                                  spec)), one)
 
 
 # -- reliability -------------------------------------------------------------------------------

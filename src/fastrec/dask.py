@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -234,11 +235,28 @@ def _run_columns(process, start, template, blocks, offset):
 
 
 def _run_wire(process, start, part, offsets, i, ingest):
-    # TODO(wire): metrics_columns names a bad buffer by its position in this partition; a
-    # `buffer_offset=` argument would let it name the global index, as the other paths do.
+    offset = offsets[i]
+
     def run():
-        return process.next_columnar(start, ingest(part), client_offset=offsets[i])
-    return _attempt(run, len(part), offsets[i])
+        try:
+            columns = ingest(part)
+        except ValueError as e:
+            raise _global_buffer(e, offset, len(part)) from None
+        return process.next_columnar(start, columns, client_offset=offset)
+    return _attempt(run, len(part), offset)
+
+
+def _global_buffer(error, offset, n):
+    """``error`` naming the buffer by its global index, as one machine's metrics_columns does.
+
+    TODO(wire): metrics_columns names a bad buffer by its position in the sequence it gets
+    ("buffer 3, record ..."); a ``buffer_offset=`` argument would make this rewrite needless.
+    """
+    text = str(error)
+    m = re.match(r"buffer (\d+),", text)
+    if type(error) is not ValueError or len(error.args) != 1 or m is None or int(m[1]) >= n:
+        return error
+    return ValueError(f"buffer {int(m[1]) + offset}{text[m.end(1):]}")
 
 
 def _attempt(run, n, offset):
