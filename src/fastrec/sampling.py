@@ -170,7 +170,7 @@ class _KeyChunks:
         self._offset, self._n, self._k, self._chunk = offset, n, k, chunk
         self._next = 0
         self._lock = threading.Lock()
-        self._parts: list = []
+        self._parts = []
 
     def work(self):
         while True:
@@ -519,7 +519,7 @@ class AggregationProcess:
         finally:
             if background is not None:
                 background.join()
-        if background is not None:
+        if background is not None and chunks is not None:
             background.result()
             keys, indices, positions = chunks.reservoir()
         order = np.argsort(positions, kind="stable")
