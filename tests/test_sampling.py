@@ -46,7 +46,10 @@ def assert_tree_equal(a, b):
 
 
 def test_docstrings():
-    assert doctest.testmod(fastrec.sampling, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+    import fastrec.spec
+    for module in (fastrec.sampling, fastrec.spec):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0
 
 
 # ----------------------------------------------------------------------------------------------

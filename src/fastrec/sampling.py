@@ -249,6 +249,11 @@ class FinalizeThenSampleFactory:
 
     @property
     def sample_size(self) -> int:
+        """Clients kept at most, per round and over all rounds.
+
+        >>> FinalizeThenSampleFactory(7).sample_size
+        7
+        """
         return self._sample_size
 
     def create(self, metric_finalizers, local_unfinalized_metrics_type) -> "AggregationProcess":
@@ -377,10 +382,21 @@ class AggregationProcess:
 
     @property
     def sample_size(self) -> int:
+        """Clients kept at most, per round and over all rounds.
+
+        >>> FinalizeThenSampleFactory(7).create({"x": float}, {"x": TensorSpec("int64")}).sample_size
+        7
+        """
         return self._k
 
     def initialize(self) -> dict:
-        """The empty reservoir at round 0 (fresh OS entropy as the seed, if unseeded)."""
+        """The empty reservoir at round 0 (fresh OS entropy as the seed, if unseeded).
+
+        >>> p = FinalizeThenSampleFactory(3).create({"x": float}, {"x": TensorSpec("int64")})
+        >>> s = p.initialize()
+        >>> s["round"], s["samples"], s["seed"] != p.initialize()["seed"]
+        (0, {'x': array([], dtype=float64)}, True)
+        """
         seed = self._seed if self._seed is not None else _seed_words(np.random.SeedSequence())
         return {"seed": seed, "round": 0, "keys": np.empty(0, np.uint64),
                 "rounds": np.empty(0, np.int64), "indices": np.empty(0, np.int64),
@@ -425,6 +441,14 @@ class AggregationProcess:
         ``MeasuredProcessOutput(state, (current_round_samples, total_rounds_samples),
         measurements)``. An empty round returns ``state`` itself, empty ``(0,) + shape``
         arrays as the current sample and zero measurements.
+
+        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v * 2},
+        ...                                                 {"x": TensorSpec("float32")})
+        >>> out = p.next(p.initialize(), [{"x": 0.5}, {"x": float("nan")}])
+        >>> out.result[0]["x"], out.measurements
+        (array([ 1., nan], dtype=float32), {'x': 1})
+        >>> p.next(out.state, []).result[0]["x"]
+        array([], dtype=float32)
         """
         st = self._check_state(state)
         offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
