@@ -1,10 +1,22 @@
 # Shared declaration of the record base type, so other Cython modules can
 # type-check records with a pointer comparison and read their dict directly.
 
+# Which rules a TypedDict applies. Records set their kind in __cinit__;
+# fastrec.app reuses them.
+cdef enum:
+    K_CUSTOM = 0      # TypedDict(check_key_fn, check_value_fn): call the functions
+    K_METRICS = 1
+    K_CONFIGS = 2
+    K_PARAMS = 3
+    K_RS_PARAMS = 4   # RecordSet.parameters_records
+    K_RS_METRICS = 5
+    K_RS_CONFIGS = 6
+
 cdef class TypedDict:
     cdef dict _data            # the items, in insertion order
     cdef int _kind             # which key/value rules apply (see _records.pyx)
     cdef bint _exact           # type(self) is one of ours: no Python overrides to honour
+    cdef bint _app             # error messages in Flower 1.42's wording (fastrec.app records)
     cdef object _check_key_fn  # only for TypedDict(check_key_fn, check_value_fn)
     cdef object _check_value_fn
     cdef dict __dict__
@@ -14,6 +26,9 @@ cdef class TypedDict:
     cdef int _store(self, object key, object value) except -1
     cdef int _fill(self, object src, object keep_input) except -1
 
+# Flower's count_bytes for a metrics/configs/parameters record (by its _kind).
+cdef object _count_bytes(TypedDict rec)
+
 cdef class MetricsRecord(TypedDict):
     pass
 
@@ -22,3 +37,13 @@ cdef class ConfigsRecord(TypedDict):
 
 cdef class ParametersRecord(TypedDict):
     pass
+
+cdef class RecordSet:
+    cdef TypedDict _params
+    cdef TypedDict _metrics
+    cdef TypedDict _configs
+    cdef dict __dict__
+    cdef object __weakref__
+
+# For the wire decoder: a RecordSet that takes over three dicts of records.
+cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs)

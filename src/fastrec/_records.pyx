@@ -48,15 +48,7 @@ cdef extern from "Python.h":
     Py_ssize_t _DICT_SIZE "PyDict_GET_SIZE"(object) nogil
 
 
-# Which rules a TypedDict applies. Records set their kind in __cinit__.
-cdef enum:
-    K_CUSTOM = 0      # TypedDict(check_key_fn, check_value_fn): call the functions
-    K_METRICS = 1
-    K_CONFIGS = 2
-    K_PARAMS = 3
-    K_RS_PARAMS = 4   # RecordSet.parameters_records
-    K_RS_METRICS = 5
-    K_RS_CONFIGS = 6
+# The record kinds (K_METRICS, ...) are declared in _records.pxd.
 
 # Flower's wording (str() of its typing aliases) so messages read the same.
 _METRICS_VALUES = "typing.Union[int, float, list[int], list[float]]"
@@ -64,6 +56,12 @@ _METRICS_SCALAR = "typing.Union[int, float]"
 _CONFIGS_VALUES = ("typing.Union[int, float, str, bytes, bool, list[int], list[float], "
                    "list[str], list[bytes], list[bool]]")
 _CONFIGS_SCALAR = "typing.Union[int, float, str, bytes, bool]"
+# Flower 1.42 (fastrec.app) spells the same unions with PEP 604 `|`.
+_APP_METRICS_VALUES = "int | float | list[int] | list[float]"
+_APP_METRICS_SCALAR = "int | float"
+_APP_CONFIGS_VALUES = ("int | float | str | bytes | bool | list[int] | list[float] | "
+                       "list[str] | list[bytes] | list[bool]")
+_APP_CONFIGS_SCALAR = "int | float | str | bytes | bool"
 # isinstance targets, in Flower's order (typing.get_args of its unions).
 _METRICS_TYPES = (int, float)
 _CONFIGS_TYPES = (int, float, str, bytes, bool)
@@ -146,7 +144,7 @@ cdef bint _dict_fast(int kind, dict d) noexcept:
 # General checks: Flower's rules verbatim, with the fast cases short-cut.
 # ----------------------------------------------------------------------------
 
-cdef int _is_valid_scalar(int kind, object v) except -1:
+cdef int _is_valid_scalar(int kind, object v, bint app=False) except -1:
     cdef PyTypeObject* tp = _TYPE(<PyObject*>v)
     if _scalar_fast(kind, tp):
         return 0
@@ -154,23 +152,28 @@ cdef int _is_valid_scalar(int kind, object v) except -1:
         if tp != &PyBool_Type and PyObject_IsInstance(v, _METRICS_TYPES) \
                 and not PyObject_IsInstance(v, bool):
             return 0
-        raise TypeError("Not all values are of valid type. "
-                        f"Expected `{_METRICS_VALUES}` but `{type(v)}` was passed.")
+        raise TypeError("Not all values are of valid type. Expected "
+                        f"`{_APP_METRICS_VALUES if app else _METRICS_VALUES}` but `{type(v)}` "
+                        "was passed.")
     if PyObject_IsInstance(v, _CONFIGS_TYPES):
         return 0
     raise TypeError("Not all values are of valid type. "
-                    f"Expected `{_CONFIGS_VALUES}` but `{type(v)}` was passed.")
+                    f"Expected `{_APP_CONFIGS_VALUES if app else _CONFIGS_VALUES}` but "
+                    f"`{type(v)}` was passed.")
 
 
-cdef object _list_type_error(int kind):
-    return TypeError("All values in a list must be of the same valid type. One of "
-                     f"{_METRICS_SCALAR if kind == K_METRICS else _CONFIGS_SCALAR}.")
+cdef object _list_type_error(int kind, bint app=False):
+    if kind == K_METRICS:
+        scalar = _APP_METRICS_SCALAR if app else _METRICS_SCALAR
+    else:
+        scalar = _APP_CONFIGS_SCALAR if app else _CONFIGS_SCALAR
+    return TypeError(f"All values in a list must be of the same valid type. One of {scalar}.")
 
 
-cdef int _check_exact_list(int kind, list lst) except -1:
+cdef int _check_exact_list(int kind, list lst, bint app=False) except -1:
     if _LIST_SIZE(lst) == 0:
         return 0
-    _is_valid_scalar(kind, lst[0])
+    _is_valid_scalar(kind, lst[0], app)
     # Flower re-reads value[0] for type(); identical unless the check above ran
     # Python code that mutated the list.
     cdef object t = type(lst[0])
@@ -188,17 +191,19 @@ cdef int _check_exact_list(int kind, list lst) except -1:
             return 0
         item = <object>items[i]  # own a reference across the Python call
         if not PyObject_IsInstance(item, t):
-            raise _list_type_error(kind)
+            raise _list_type_error(kind, app)
         i += 1
 
 
-cdef int _check_generic_list(int kind, object value) except -1:
+cdef int _check_generic_list(int kind, object value, bint app=False) except -1:
+    # PyObject_IsInstance spelled out: Cython compiles isinstance() against a
+    # builtin type into a type check that ignores ``__class__``.
     if len(value) > 0:
-        _is_valid_scalar(kind, value[0])
+        _is_valid_scalar(kind, value[0], app)
         t = type(value[0])
         for v in value:
-            if not isinstance(v, t):
-                raise _list_type_error(kind)
+            if not PyObject_IsInstance(v, t):
+                raise _list_type_error(kind, app)
     return 0
 
 
@@ -211,10 +216,10 @@ cdef int _check_value(TypedDict d, object value) except -1:
         if tp == &PyList_Type:
             if _list_fast(kind, <list>value):
                 return 0
-            return _check_exact_list(kind, <list>value)
+            return _check_exact_list(kind, <list>value, d._app)
         if tp != &PyBool_Type and PyObject_IsInstance(value, list):
-            return _check_generic_list(kind, value)
-        return _is_valid_scalar(kind, value)
+            return _check_generic_list(kind, value, d._app)
+        return _is_valid_scalar(kind, value, d._app)
     if kind == K_PARAMS:
         if PyType_IsSubtype(tp, <PyTypeObject*>Array) or PyObject_IsInstance(value, Array):
             return 0
@@ -338,13 +343,14 @@ cdef int64_t _count_bytes_fast(int kind, dict data) noexcept:
 
 
 def _var_bytes(value):
-    # Flower's ConfigsRecord.count_bytes.get_var_bytes, verbatim rules.
+    # Flower's ConfigsRecord.count_bytes.get_var_bytes, verbatim rules (with
+    # Python's isinstance, which honours __class__, unlike Cython's isinstance).
     var_bytes = 0
-    if isinstance(value, bool):
+    if PyObject_IsInstance(value, bool):
         var_bytes = 1
-    elif isinstance(value, (int, float)):
+    elif PyObject_IsInstance(value, _METRICS_TYPES):
         var_bytes = 8
-    if isinstance(value, (str, bytes)):
+    if PyObject_IsInstance(value, _STR_BYTES):
         var_bytes = len(value)
     if var_bytes == 0:
         raise ValueError("Config values must be either `bool`, `int`, `float`, "
@@ -361,12 +367,12 @@ cdef object _count_bytes(TypedDict rec):
     num_bytes = 0
     if rec._kind == K_METRICS:
         for k, v in rec.items():
-            num_bytes += 8 * len(v) if isinstance(v, list) else 8
+            num_bytes += 8 * len(v) if PyObject_IsInstance(v, list) else 8
             num_bytes += len(k)
     elif rec._kind == K_CONFIGS:
         for k, v in rec.items():
-            if isinstance(v, list):
-                if isinstance(v[0], _STR_BYTES):
+            if PyObject_IsInstance(v, list):
+                if PyObject_IsInstance(v[0], _STR_BYTES):
                     num_bytes += int(sum([len(s) for s in v]))
                 else:
                     num_bytes += _var_bytes(v[0]) * len(v)
@@ -733,12 +739,6 @@ cdef class RecordSet:
     RecordSet(parameters_records={}, metrics_records={'m': {'acc': 0.9}}, configs_records={'c': {'lr': 0.1}})
     """
 
-    cdef TypedDict _params
-    cdef TypedDict _metrics
-    cdef TypedDict _configs
-    cdef dict __dict__
-    cdef object __weakref__
-
     __hash__ = None
 
     def __init__(self, parameters_records=None, metrics_records=None, configs_records=None):
@@ -806,6 +806,18 @@ cdef class RecordSet:
         self._params, self._metrics, self._configs = state[0], state[1], state[2]
         if state[3]:
             getattr(self, "__dict__").update(state[3])
+
+
+cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs):
+    """A RecordSet holding these dicts (taken over, not copied), whose values
+    the caller guarantees are records of the right type (the wire decoder)."""
+    cdef RecordSet rs = RecordSet.__new__(RecordSet)
+    cdef TypedDict p = _recordset_dict(K_RS_PARAMS)
+    cdef TypedDict m = _recordset_dict(K_RS_METRICS)
+    cdef TypedDict c = _recordset_dict(K_RS_CONFIGS)
+    p._data, m._data, c._data = params, metrics, configs
+    rs._params, rs._metrics, rs._configs = p, m, c
+    return rs
 
 
 MutableMapping.register(TypedDict)

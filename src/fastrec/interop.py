@@ -1,6 +1,10 @@
-"""Conversions between fastrec objects and their Flower (``flwr.common``) twins.
+"""Conversions between fastrec objects and their Flower twins.
 
-``flwr`` is imported only when one of these functions is called.
+``flwr`` is imported only when one of these functions is called. With Flower
+1.15 installed they convert the 1.15 API (``fastrec.RecordSet`` ... and
+``flwr.common``'s classes); with Flower >= 1.19 they convert :mod:`fastrec.app`'s
+classes and ``flwr.app``'s (``RecordDict``, ``ArrayRecord``, ``MetricRecord``,
+``ConfigRecord``, ``Array``): the installed version decides.
 
 >>> import fastrec
 >>> rec = fastrec.MetricsRecord({"acc": 0.9})
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from ._array import Array
 from ._records import ConfigsRecord, MetricsRecord, ParametersRecord, RecordSet
+from . import _app
 
 __all__ = ["from_flwr", "to_flwr"]
 
@@ -25,6 +30,64 @@ def _flwr():
     except ImportError as exc:  # pragma: no cover - flwr is a test dependency
         raise ImportError("fastrec.to_flwr/from_flwr need the `flwr` package") from exc
     return record
+
+
+def _flwr_app():
+    """flwr.app when the installed Flower has the 1.19+ record API, else None."""
+    try:
+        from importlib.metadata import version
+        major, minor = (int(x) for x in version("flwr").split(".")[:2])
+    except Exception:  # noqa: BLE001 - flwr missing or an unparsable version
+        return None
+    if (major, minor) < (1, 19):
+        return None
+    import importlib
+    return importlib.import_module("flwr.app")  # not imported by name: 1.15 has no flwr.app
+
+
+_APP_SUPPORTED = "RecordDict, ArrayRecord, MetricRecord, ConfigRecord or Array"
+
+
+def _app_from_flwr(fa, obj):
+    if isinstance(obj, fa.Array):
+        return _app.Array(obj.dtype, tuple(obj.shape), obj.stype, obj.data)
+    if isinstance(obj, fa.ArrayRecord):
+        rec = _app.ArrayRecord()
+        for k, v in obj.items():
+            rec[k] = _app_from_flwr(fa, v)
+        return rec
+    if isinstance(obj, fa.MetricRecord):
+        return _app.MetricRecord({k: _copy_value(v) for k, v in obj.items()})
+    if isinstance(obj, fa.ConfigRecord):
+        return _app.ConfigRecord({k: _copy_value(v) for k, v in obj.items()})
+    if isinstance(obj, fa.RecordDict):
+        return _app.RecordDict({k: _app_from_flwr(fa, v) for k, v in obj.items()})
+    raise TypeError(f"from_flwr expects a flwr.app {_APP_SUPPORTED}, "
+                    f"got {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def _app_to_flwr(fa, obj):
+    if isinstance(obj, _app.Array):
+        return fa.Array(obj.dtype, tuple(obj.shape), obj.stype, obj.data)
+    if isinstance(obj, _app.ArrayRecord):
+        rec = fa.ArrayRecord()
+        for k, v in obj.items():
+            rec[k] = _app_to_flwr(fa, v)
+        return rec
+    if isinstance(obj, _app.MetricRecord):
+        return fa.MetricRecord({k: _copy_value(v) for k, v in obj.items()})
+    if isinstance(obj, _app.ConfigRecord):
+        return fa.ConfigRecord({k: _copy_value(v) for k, v in obj.items()})
+    if isinstance(obj, _app.RecordDict):
+        return fa.RecordDict({k: _app_to_flwr(fa, v) for k, v in obj.items()})
+    raise TypeError(f"to_flwr expects a fastrec.app {_APP_SUPPORTED} (Flower "
+                    f"{_installed()} is installed), "
+                    f"got {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def _installed():
+    from importlib.metadata import version
+    return version("flwr")
 
 
 def _copy_value(v):
@@ -49,6 +112,9 @@ def from_flwr(obj):
     >>> fastrec.from_flwr(fc.ConfigsRecord({"lr": 0.1}))
     {'lr': 0.1}
     """
+    fa = _flwr_app()
+    if fa is not None:
+        return _app_from_flwr(fa, obj)
     try:
         rec = _flwr()
     except ImportError:
@@ -84,6 +150,9 @@ def to_flwr(obj):
     >>> type(fastrec.to_flwr(fastrec.MetricsRecord({"acc": 0.9}))).__module__
     'flwr.common.record.metricsrecord'
     """
+    fa = _flwr_app()
+    if fa is not None:
+        return _app_to_flwr(fa, obj)
     if not isinstance(obj, (Array, ParametersRecord, MetricsRecord, ConfigsRecord, RecordSet)):
         raise TypeError(f"to_flwr expects a fastrec {_SUPPORTED}, "
                         f"got {type(obj).__module__}.{type(obj).__qualname__}")

@@ -1,0 +1,143 @@
+# Protobuf bodies of MetricRecord / ConfigRecord objects (included by _app.pyx).
+#
+# Schema (flwr/proto/recorddict.proto, Flower 1.42):
+#   MetricRecord / ConfigRecord { repeated Item items = 1; }
+#   Item { string key = 1; <Value> value = 2; }
+# where <Value> (MetricRecordValue / ConfigRecordValue) has the oneofs and
+# field numbers of Flower 1.15's record values, so the value codec is the
+# wire module's (csrc/wire.h, fastrec._wire's value_from_py/value_to_py). What
+# is 1.42's own is the Item: an ordinary message, not a map entry, so an
+# empty key is omitted (proto3 default), items keep the record's order, and
+# on decoding an item's fields may repeat (last key wins, value occurrences
+# merge), items with an equal key replace the earlier value in place (a dict
+# built from the items, as Flower does), and an item left without a value is
+# rejected (Flower's from_proto fails on it) unless a later item replaces it.
+
+from fastrec._status cimport FR_OK, FR_ERR_NOMEM, fr_status
+from fastrec._wire cimport (FR_PB_LEN, FR_V_NONE, fr_pb_check_utf8, fr_pb_ctx, fr_pb_field,
+                            fr_pb_len_field_size, fr_pb_next_field, fr_pb_put_len_field,
+                            fr_pb_put_tag, fr_pb_put_varint, fr_pb_reserve, fr_pb_writer,
+                            fr_pb_writer_free, fr_value, fr_value_free, fr_value_init, fr_value_reset,
+                            fr_wire_value_merge, fr_wire_value_put, fr_wire_value_size,
+                            value_from_py, value_to_py)
+
+
+cdef int _pb_check(fr_status st, fr_pb_ctx* c, bint config) except -1:
+    if st == FR_OK:
+        return 0
+    if st == FR_ERR_NOMEM:
+        raise MemoryError()
+    name = "ConfigRecord" if config else "MetricRecord"
+    why = (<bytes>c.err).decode("ascii", "replace") if c.err != NULL else "invalid input"
+    raise ValueError(f"malformed {name} body at byte {c.err_off}: {why}")
+
+
+cdef bytes _deflate_values(TypedDict rec, bint config):
+    cdef fr_value v
+    cdef fr_pb_writer w
+    cdef fr_pb_ctx c
+    cdef size_t vsize, item, total, kn
+    cdef Py_ssize_t kn_
+    cdef const char* ks
+    cdef int ok = 1
+    cdef list keep
+    fr_value_init(&v)
+    w.buf = NULL
+    w.len = 0
+    w.cap = 0
+    c.err = NULL
+    cdef bytes name = b"ConfigRecord" if config else b"MetricRecord"
+    try:
+        for k, val in (rec._data.items() if rec._exact else rec.items()):
+            keep = []
+            value_from_py(val, config, &v, keep)
+            vsize = fr_wire_value_size(&v, &ok)
+            if not ok:
+                raise ValueError(f"cannot encode the value of {k!r}")
+            ks = PyUnicode_AsUTF8AndSize(k, &kn_)
+            kn = <size_t>kn_
+            item = fr_pb_len_field_size(2, vsize) + (fr_pb_len_field_size(1, kn) if kn else 0)
+            total = fr_pb_len_field_size(1, item)
+            if total > w.cap - w.len:
+                # grow geometrically: fr_pb_reserve grows to exactly what is asked
+                _pb_check(fr_pb_reserve(&w, total if total > w.cap else w.cap), &c, config)
+            fr_pb_put_tag(&w, 1, FR_PB_LEN)
+            fr_pb_put_varint(&w, item)
+            if kn:
+                fr_pb_put_len_field(&w, 1, ks, kn)
+            fr_pb_put_tag(&w, 2, FR_PB_LEN)
+            fr_pb_put_varint(&w, vsize)
+            fr_wire_value_put(&w, &v)
+        return _with_header_raw(name, b"", <const char*>w.buf, <Py_ssize_t>w.len)
+    finally:
+        fr_value_free(&v)
+        fr_pb_writer_free(&w)
+
+
+cdef object _NOVALUE = object()
+
+
+cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
+    cdef fr_pb_ctx c
+    c.base = p
+    c.err = NULL
+    c.err_off = 0
+    cdef const uint8_t* cur = p
+    cdef const uint8_t* end = p + n
+    cdef const uint8_t* icur
+    cdef const uint8_t* iend
+    cdef const uint8_t* kptr
+    cdef size_t klen
+    cdef fr_pb_field f, g
+    cdef fr_value v
+    cdef dict out = {}
+    cdef bint missing = False
+    fr_value_init(&v)
+    try:
+        while cur < end:
+            _pb_check(fr_pb_next_field(&c, &cur, end, 0, &f), &c, config)
+            if f.number != 1 or f.wire_type != FR_PB_LEN:
+                continue  # unknown field of the record message
+            icur = f.ptr
+            iend = f.ptr + f.len
+            kptr = NULL
+            klen = 0
+            fr_value_reset(&v)
+            while icur < iend:
+                _pb_check(fr_pb_next_field(&c, &icur, iend, 1, &g), &c, config)
+                if g.wire_type != FR_PB_LEN:
+                    continue
+                if g.number == 1:
+                    _pb_check(fr_pb_check_utf8(&c, &g), &c, config)
+                    kptr = g.ptr
+                    klen = g.len
+                elif g.number == 2:
+                    _pb_check(fr_wire_value_merge(&c, &v, g.ptr, g.len, config, 2), &c, config)
+            key = PyUnicode_DecodeUTF8(<const char*>kptr, <Py_ssize_t>klen, NULL) if klen else ""
+            if v.kind == FR_V_NONE:
+                out[key] = _NOVALUE
+                missing = True
+            else:
+                out[key] = value_to_py(&v)
+    finally:
+        fr_value_free(&v)
+    if missing:
+        for k, val in out.items():
+            if val is _NOVALUE:
+                raise ValueError(f"Item {k!r} of the record has no value")
+    return out
+
+
+cdef object _inflate_values(type cls, object content, bint config):
+    cdef _Head h = _parse_head(content, "ConfigRecord" if config else "MetricRecord")
+    if type(content) is not bytes:
+        content = bytes(content)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(content)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(content)
+    cdef dict values = _decode_values(p + h.body_off, n - h.body_off, config)
+    cdef TypedDict rec
+    if cls is MetricRecord or cls is ConfigRecord:
+        rec = cls.__new__(cls)
+        rec._data = values
+        return rec
+    return cls(values, keep_input=False)

@@ -1,0 +1,1237 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Flower 1.15's protobuf wire format for records (see :mod:`fastrec.wire` for the API).
+
+The field-level parsing and writing is C (csrc/pb.c, csrc/wire.c); this module
+walks the messages, builds fastrec records without re-validating them (every
+decoded value is valid by construction) and maps C errors to ``ValueError``
+with the byte offset.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
+from cpython.float cimport PyFloat_AsDouble, PyFloat_FromDouble
+from cpython.long cimport (PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong,
+                           PyLong_FromLongLong, PyLong_FromUnsignedLongLong)
+from cpython.object cimport PyObject, PyObject_IsInstance
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport INT32_MAX, INT32_MIN, INT64_MAX, int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+from fastrec._array cimport Array
+from fastrec._records cimport (ConfigsRecord, MetricsRecord, ParametersRecord, RecordSet,
+                               TypedDict, recordset_from_dicts)
+from fastrec._status cimport *
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+    object PyNumber_Index(object o)
+    Py_ssize_t PY_SSIZE_T_MAX
+
+cdef enum:
+    NOGIL_BYTES = 1 << 16   # copies at least this big run without the GIL
+
+
+# ---------------------------------------------------------------------------
+# Errors and input buffers
+# ---------------------------------------------------------------------------
+
+cdef object _raise(fr_status st, fr_pb_ctx *c, str what):
+    if st == FR_ERR_NOMEM:
+        raise MemoryError()
+    if c.err != NULL:
+        raise ValueError(f"malformed {what} at byte {c.err_off}: {(<bytes>c.err).decode()}")
+    raise ValueError(f"malformed {what}: {fr_status_name(st).decode()}")
+
+
+cdef class _In:
+    """A contiguous read-only view of a bytes-like input."""
+    cdef Py_buffer view
+    cdef bint held
+    cdef const uint8_t *ptr
+    cdef size_t len
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.view)
+
+
+cdef _In _input(object buf):
+    cdef _In r = _In.__new__(_In)
+    if PyBytes_CheckExact(buf):
+        r.ptr = <const uint8_t *>PyBytes_AS_STRING(buf)
+        r.len = <size_t>PyBytes_GET_SIZE(buf)
+        return r
+    if isinstance(buf, str):
+        raise TypeError("expected a bytes-like object, not 'str'")
+    try:
+        PyObject_GetBuffer(buf, &r.view, PyBUF_SIMPLE)
+    except BufferError as e:
+        raise ValueError(f"input must be a contiguous bytes-like object: {e}") from e
+    r.held = True
+    r.ptr = <const uint8_t *>r.view.buf
+    r.len = <size_t>r.view.len
+    return r
+
+
+cdef inline str _str(fr_span s):
+    return PyUnicode_DecodeUTF8(<const char *>s.ptr, <Py_ssize_t>s.len, NULL)
+
+
+cdef bytes _bytes(const uint8_t *p, size_t n):
+    """One copy of n input bytes into a new bytes object, without the GIL when large."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
+    cdef char *dst = PyBytes_AS_STRING(out)
+    if n >= NOGIL_BYTES:
+        with nogil:
+            memcpy(dst, p, n)
+    elif n:
+        memcpy(dst, p, n)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Values: C <-> Python
+# ---------------------------------------------------------------------------
+
+cdef object value_to_py(const fr_value *v):
+    cdef size_t k, n = v.n
+    cdef list out
+    cdef int kind = v.kind
+    if kind == FR_V_DOUBLE:
+        return PyFloat_FromDouble(v.d)
+    if kind == FR_V_SINT64:
+        return PyLong_FromLongLong(v.i)
+    if kind == FR_V_UINT64:
+        return PyLong_FromUnsignedLongLong(v.u)
+    if kind == FR_V_BOOL:
+        return v.b != 0
+    if kind == FR_V_STRING:
+        return _str(v.s)
+    if kind == FR_V_BYTES:
+        return PyBytes_FromStringAndSize(<const char *>v.s.ptr, <Py_ssize_t>v.s.len)
+    out = [None] * n
+    if kind == FR_V_DOUBLE_LIST:
+        for k in range(n):
+            out[k] = PyFloat_FromDouble((<const double *>v.items)[k])
+    elif kind == FR_V_SINT_LIST:
+        for k in range(n):
+            out[k] = PyLong_FromLongLong((<const int64_t *>v.items)[k])
+    elif kind == FR_V_UINT_LIST:
+        for k in range(n):
+            out[k] = PyLong_FromUnsignedLongLong((<const uint64_t *>v.items)[k])
+    elif kind == FR_V_BOOL_LIST:
+        for k in range(n):
+            out[k] = (<const uint8_t *>v.items)[k] != 0
+    elif kind == FR_V_STRING_LIST:
+        for k in range(n):
+            out[k] = _str((<const fr_span *>v.items)[k])
+    elif kind == FR_V_BYTES_LIST:
+        for k in range(n):
+            out[k] = PyBytes_FromStringAndSize(<const char *>(<const fr_span *>v.items)[k].ptr,
+                                               <Py_ssize_t>(<const fr_span *>v.items)[k].len)
+    else:
+        raise ValueError(f"unknown record value kind {kind}")
+    return out
+
+
+cdef int _scratch(fr_value *v, size_t nbytes) except -1:
+    cdef void *p
+    if nbytes > v.scratch_cap:
+        p = realloc(v.scratch, nbytes if nbytes else 1)
+        if p == NULL:
+            raise MemoryError()
+        v.scratch = p
+        v.scratch_cap = nbytes
+    v.items = v.scratch
+    return 0
+
+
+cdef int _int_value(object x, int64_t *i, uint64_t *u) except -1:
+    """Protobuf's conversion of an int for a sint64/uint64 field: 0 = fits int64
+    (in *i), 1 = only uint64 (in *u). Out of both ranges: ValueError."""
+    cdef int overflow = 0
+    cdef long long ll
+    if type(x) is not int:
+        x = PyNumber_Index(x)
+    ll = PyLong_AsLongLongAndOverflow(x, &overflow)
+    if overflow == 0:
+        i[0] = ll
+        return 0
+    if overflow > 0:
+        try:
+            u[0] = PyLong_AsUnsignedLongLong(x)
+            return 1
+        except OverflowError:
+            pass
+    raise ValueError(f"Value out of range: {x}")
+
+
+cdef inline const uint8_t *_utf8(object s, size_t *n) except NULL:
+    cdef Py_ssize_t m
+    cdef const char *p
+    try:
+        p = PyUnicode_AsUTF8AndSize(s, &m)
+    except UnicodeEncodeError as e:
+        raise ValueError(str(e)) from e
+    n[0] = <size_t>m
+    return <const uint8_t *>p
+
+
+cdef bint _all_instances(list items, object t):
+    cdef object x
+    for x in items:
+        if type(x) is not t and not PyObject_IsInstance(x, t):
+            return False
+    return True
+
+
+cdef int _int_list(list items, fr_value *v) except -1:
+    cdef size_t k, n = len(items)
+    cdef int64_t i = 0
+    cdef uint64_t u = 0
+    cdef bint wide = False
+    _scratch(v, n * 8)
+    for k in range(n):
+        if _int_value(items[k], &i, &u):
+            wide = True
+            (<uint64_t *>v.items)[k] = u
+        else:
+            (<int64_t *>v.items)[k] = i
+    v.n = n
+    v.kind = FR_V_SINT_LIST
+    if wide:
+        # Flower's rule: a UintList as soon as one element needs it; then no negatives.
+        for k in range(n):
+            if _int_value(items[k], &i, &u) == 0:
+                if i < 0:
+                    raise ValueError(f"Value out of range: {items[k]}")
+                (<uint64_t *>v.items)[k] = <uint64_t>i
+        v.kind = FR_V_UINT_LIST
+    return 0
+
+
+cdef int _list_value(list items, int kind, fr_value *v, list keep) except -1:
+    cdef size_t k, n = len(items)
+    cdef object x
+    cdef fr_span *sp
+    if kind == FR_V_SINT_LIST:
+        return _int_list(items, v)
+    v.kind = kind
+    v.n = n
+    if kind == FR_V_DOUBLE_LIST:
+        _scratch(v, n * sizeof(double))
+        for k in range(n):
+            (<double *>v.items)[k] = PyFloat_AsDouble(items[k])
+    elif kind == FR_V_BOOL_LIST:
+        _scratch(v, n)
+        for k in range(n):
+            (<uint8_t *>v.items)[k] = 1 if items[k] else 0
+    else:
+        _scratch(v, n * sizeof(fr_span))
+        keep.append(items)
+        sp = <fr_span *>v.items
+        for k in range(n):
+            x = items[k]
+            if kind == FR_V_STRING_LIST:
+                sp[k].ptr = _utf8(x, &sp[k].len)
+            else:
+                if not PyBytes_CheckExact(x):
+                    x = bytes(x)
+                    keep.append(x)
+                sp[k].ptr = <const uint8_t *>PyBytes_AS_STRING(x)
+                sp[k].len = <size_t>PyBytes_GET_SIZE(x)
+    return 0
+
+
+# Flower's serde tries these types in order (bool first for configs): for each,
+# a scalar of that type, then a list whose items all are of that type.
+_METRICS_ORDER = ((float, FR_V_DOUBLE, FR_V_DOUBLE_LIST), (int, FR_V_SINT64, FR_V_SINT_LIST))
+_CONFIGS_ORDER = ((bool, FR_V_BOOL, FR_V_BOOL_LIST), (int, FR_V_SINT64, FR_V_SINT_LIST),
+                  (float, FR_V_DOUBLE, FR_V_DOUBLE_LIST), (str, FR_V_STRING, FR_V_STRING_LIST),
+                  (bytes, FR_V_BYTES, FR_V_BYTES_LIST))
+
+
+cdef int _scalar_value(object value, int kind, fr_value *v, list keep) except -1:
+    cdef int64_t i = 0
+    cdef uint64_t u = 0
+    v.kind = kind
+    if kind == FR_V_DOUBLE:
+        v.d = PyFloat_AsDouble(value)
+    elif kind == FR_V_SINT64:
+        if _int_value(value, &i, &u):
+            v.kind = FR_V_UINT64
+            v.u = u
+        else:
+            v.i = i
+    elif kind == FR_V_BOOL:
+        v.b = 1 if value else 0
+    elif kind == FR_V_STRING:
+        keep.append(value)
+        v.s.ptr = _utf8(value, &v.s.len)
+    else:
+        if not PyBytes_CheckExact(value):
+            value = bytes(value)
+        keep.append(value)
+        v.s.ptr = <const uint8_t *>PyBytes_AS_STRING(value)
+        v.s.len = <size_t>PyBytes_GET_SIZE(value)
+    return 0
+
+
+cdef int value_from_py(object value, bint configs, fr_value *v, list keep) except -1:
+    cdef type tp = type(value)
+    cdef list items
+    v.n = 0
+    # Fast paths for exact builtin types, which the general loop below would
+    # classify the same way.
+    if tp is float:
+        v.kind = FR_V_DOUBLE
+        v.d = PyFloat_AS_DOUBLE(value)
+        return 0
+    if tp is int:
+        return _scalar_value(value, FR_V_SINT64, v, keep)
+    order = _CONFIGS_ORDER if configs else _METRICS_ORDER
+    is_list = tp is list or PyObject_IsInstance(value, list)
+    items = None
+    if is_list:
+        items = value if tp is list else list(value)
+    for t, scalar_kind, list_kind in order:
+        if PyObject_IsInstance(value, t):
+            return _scalar_value(value, scalar_kind, v, keep)
+        if is_list and _all_instances(items, t):
+            return _list_value(items, list_kind, v, keep)
+    name = "ConfigsRecordValue" if configs else "MetricsRecordValue"
+    raise TypeError(f"The type of the following value is not allowed in '{name}':\n{value}")
+
+
+cdef extern from "Python.h":
+    double PyFloat_AS_DOUBLE(object)
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------
+
+cdef class _Empty:
+    """Placeholder for a record value whose oneof is empty, at byte `offset`."""
+    cdef Py_ssize_t offset
+
+    def __cinit__(self, Py_ssize_t offset):
+        self.offset = offset
+
+
+cdef int _refuse_empty(object records, str what) except -1:
+    """ValueError if a placeholder survived in these record dicts (Flower's
+    from_proto cannot convert an empty oneof)."""
+    for rec in records:
+        data = rec if type(rec) is dict else (<TypedDict>rec)._data
+        for v in data.values():
+            if type(v) is _Empty:
+                raise ValueError(f"malformed {what} at byte {(<_Empty>v).offset}: record value "
+                                 "with no member of its oneof set")
+    return 0
+
+
+cdef class _Dec:
+    """Decoder state: the error context and reusable scratch for values/arrays."""
+    cdef fr_pb_ctx c
+    cdef fr_value v
+    cdef fr_wire_array a
+    cdef bint empty_seen
+
+    def __cinit__(self):
+        fr_value_init(&self.v)
+        fr_wire_array_init(&self.a)
+
+    def __dealloc__(self):
+        fr_value_free(&self.v)
+        fr_wire_array_free(&self.a)
+
+    cdef inline void start(self, _In inp):
+        self.c.base = inp.ptr
+        self.c.err = NULL
+        self.c.err_off = 0
+
+
+cdef int _check(fr_status st, _Dec d, str what) except -1:
+    if st != FR_OK:
+        _raise(st, &d.c, what)
+    return 0
+
+
+cdef int _items_merge(_Dec d, const uint8_t *ptr, size_t len, bint configs, int depth,
+                      dict out, str what, bint map_entries=True) except -1:
+    """Merge one occurrence of a MetricsRecord/ConfigsRecord body into out."""
+    cdef const uint8_t *p = ptr
+    cdef const uint8_t *end = ptr + len
+    cdef fr_pb_field f
+    cdef fr_span key
+    cdef int unknown = 0
+    if depth > FR_PB_MAX_DEPTH:
+        _check(fr_pb_fail(&d.c, ptr, "nesting deeper than 100"), d, what)
+    while p < end:
+        _check(fr_pb_next_field(&d.c, &p, end, depth, &f), d, what)
+        if f.number != 1 or f.wire_type != FR_PB_LEN:
+            continue
+        _check(fr_wire_entry_decode(&d.c, f.ptr, f.len, configs, depth + 1, &key, &d.v,
+                                    &unknown), d, what)
+        if map_entries and unknown:
+            continue   # protobuf keeps such an entry as an unknown field
+        if d.v.kind == FR_V_NONE:
+            # An error only if no later entry replaces this key: checked at the end.
+            out[_str(key)] = _Empty(<Py_ssize_t>(f.ptr - d.c.base))
+            d.empty_seen = True
+        else:
+            out[_str(key)] = value_to_py(&d.v)
+    return 0
+
+
+cdef object _array_from(_Dec d, const uint8_t *ptr, size_t len, int depth, str what):
+    _check(fr_wire_array_decode(&d.c, ptr, len, depth, &d.a), d, what)
+    cdef Array arr = Array.__new__(Array)
+    cdef size_t k
+    arr.dtype = _str(d.a.dtype)
+    arr.shape = [d.a.shape[k] for k in range(d.a.ndim)]
+    arr.stype = _str(d.a.stype)
+    arr.data = _bytes(d.a.data.ptr, d.a.data.len)
+    return arr
+
+
+cdef int _params_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, list keys,
+                       list values, str what) except -1:
+    """Collect one occurrence of a ParametersRecord body's keys and arrays."""
+    cdef const uint8_t *p = ptr
+    cdef const uint8_t *end = ptr + len
+    cdef fr_pb_field f
+    if depth > FR_PB_MAX_DEPTH:
+        _check(fr_pb_fail(&d.c, ptr, "nesting deeper than 100"), d, what)
+    while p < end:
+        _check(fr_pb_next_field(&d.c, &p, end, depth, &f), d, what)
+        if f.wire_type != FR_PB_LEN:
+            continue
+        if f.number == 1:
+            _check(fr_pb_check_utf8(&d.c, &f), d, what)
+            keys.append(_str(fr_span(f.ptr, f.len)))
+        elif f.number == 2:
+            values.append(_array_from(d, f.ptr, f.len, depth + 1, what))
+    return 0
+
+
+cdef ParametersRecord _params_record(list keys, list values):
+    # Flower: ParametersRecord(OrderedDict(zip(keys, values))): the shorter list
+    # wins, a repeated key keeps its first position and its last array.
+    cdef ParametersRecord rec = ParametersRecord.__new__(ParametersRecord)
+    rec._data = dict(zip(keys, values))
+    return rec
+
+
+cdef MetricsRecord _new_metrics(dict data):
+    cdef MetricsRecord rec = MetricsRecord.__new__(MetricsRecord)
+    rec._data = data
+    return rec
+
+
+cdef ConfigsRecord _new_configs(dict data):
+    cdef ConfigsRecord rec = ConfigsRecord.__new__(ConfigsRecord)
+    rec._data = data
+    return rec
+
+
+cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dict params,
+                          dict metrics, dict configs, str what) except -1:
+    """Merge one occurrence of a RecordSet body into the three dicts."""
+    cdef const uint8_t *p = ptr
+    cdef const uint8_t *end = ptr + len
+    cdef const uint8_t *q
+    cdef const uint8_t *qend
+    cdef fr_pb_field f, g
+    cdef fr_span key
+    cdef dict items
+    cdef list keys, values
+    cdef bint unknown
+    if depth > FR_PB_MAX_DEPTH:
+        _check(fr_pb_fail(&d.c, ptr, "nesting deeper than 100"), d, what)
+    while p < end:
+        _check(fr_pb_next_field(&d.c, &p, end, depth, &f), d, what)
+        if f.wire_type != FR_PB_LEN or f.number < 1 or f.number > 3:
+            continue
+        # One map entry: the last key, the value occurrences merged in order.
+        if depth + 1 > FR_PB_MAX_DEPTH:
+            _check(fr_pb_fail(&d.c, f.ptr, "nesting deeper than 100"), d, what)
+        key.ptr = f.ptr
+        key.len = 0
+        items = {}
+        keys = []
+        values = []
+        q = f.ptr
+        qend = f.ptr + f.len
+        unknown = False
+        while q < qend:
+            _check(fr_pb_next_field(&d.c, &q, qend, depth + 1, &g), d, what)
+            if g.wire_type != FR_PB_LEN or g.number > 2:
+                unknown = True
+                continue
+            if g.number == 1:
+                _check(fr_pb_check_utf8(&d.c, &g), d, what)
+                key.ptr = g.ptr
+                key.len = g.len
+            elif g.number == 2:
+                if f.number == 1:
+                    _params_merge(d, g.ptr, g.len, depth + 2, keys, values, what)
+                else:
+                    _items_merge(d, g.ptr, g.len, f.number == 3, depth + 2, items, what)
+        if unknown:
+            continue   # protobuf keeps a map entry with unknown fields as an unknown field
+        if f.number == 1:
+            params[_str(key)] = _params_record(keys, values)
+        elif f.number == 2:
+            metrics[_str(key)] = _new_metrics(items)
+        else:
+            configs[_str(key)] = _new_configs(items)
+    return 0
+
+
+def array_from_bytes(buf):
+    cdef _In inp = _input(buf)
+    cdef _Dec d = _Dec.__new__(_Dec)
+    d.start(inp)
+    return _array_from(d, inp.ptr, inp.len, 0, "Array")
+
+
+def parameters_record_from_bytes(buf):
+    cdef _In inp = _input(buf)
+    cdef _Dec d = _Dec.__new__(_Dec)
+    d.start(inp)
+    cdef list keys = [], values = []
+    _params_merge(d, inp.ptr, inp.len, 0, keys, values, "ParametersRecord")
+    return _params_record(keys, values)
+
+
+def record_items_from_bytes(buf, bint configs, bint map_entries=True):
+    """The items of a MetricsRecord (configs false) or ConfigsRecord body as a dict.
+
+    The entries are field 1 of the body. ``map_entries`` (Flower 1.15's
+    ``map<string, Value>``): an entry holding an unknown field is dropped, as
+    protobuf does; false for a repeated entry message (Flower 1.42), whose
+    entries are all kept. A repeated key keeps its last value."""
+    cdef _In inp = _input(buf)
+    cdef _Dec d = _Dec.__new__(_Dec)
+    d.start(inp)
+    cdef dict out = {}
+    what = "ConfigsRecord" if configs else "MetricsRecord"
+    _items_merge(d, inp.ptr, inp.len, configs, 0, out, what, map_entries)
+    if d.empty_seen:
+        _refuse_empty((out,), what)
+    return out
+
+
+def metrics_record_from_bytes(buf):
+    return _new_metrics(record_items_from_bytes(buf, False))
+
+
+def configs_record_from_bytes(buf):
+    return _new_configs(record_items_from_bytes(buf, True))
+
+
+def recordset_from_bytes(buf):
+    cdef _In inp = _input(buf)
+    cdef _Dec d = _Dec.__new__(_Dec)
+    d.start(inp)
+    cdef dict p = {}, m = {}, c = {}
+    _recordset_merge(d, inp.ptr, inp.len, 0, p, m, c, "RecordSet")
+    if d.empty_seen:
+        _refuse_empty(list(m.values()) + list(c.values()), "RecordSet")
+    return recordset_from_dicts(p, m, c)
+
+
+_METADATA_FIELDS = ("run_id", "message_id", "src_node_id", "dst_node_id", "reply_to_message",
+                    "group_id", "ttl", "message_type", "created_at")
+# wire type of each Metadata field (1-based field numbers)
+cdef int _MD_WT[10]
+_MD_WT[:] = [-1, FR_PB_VARINT, FR_PB_LEN, FR_PB_VARINT, FR_PB_VARINT, FR_PB_LEN, FR_PB_LEN,
+             FR_PB_I64, FR_PB_LEN, FR_PB_I64]
+
+
+cdef int _metadata_merge(_Dec d, const uint8_t *ptr, size_t len, list md) except -1:
+    cdef const uint8_t *p = ptr
+    cdef const uint8_t *end = ptr + len
+    cdef fr_pb_field f
+    while p < end:
+        _check(fr_pb_next_field(&d.c, &p, end, 1, &f), d, "Message")
+        if f.number < 1 or f.number > 9 or f.wire_type != _MD_WT[f.number]:
+            continue
+        if f.wire_type == FR_PB_VARINT:
+            md[f.number - 1] = PyLong_FromUnsignedLongLong(f.u)
+        elif f.wire_type == FR_PB_I64:
+            md[f.number - 1] = PyFloat_FromDouble(fr_pb_bits_to_double(f.u))
+        else:
+            _check(fr_pb_check_utf8(&d.c, &f), d, "Message")
+            md[f.number - 1] = _str(fr_span(f.ptr, f.len))
+    return 0
+
+
+cdef int _error_merge(_Dec d, const uint8_t *ptr, size_t len, list err) except -1:
+    cdef const uint8_t *p = ptr
+    cdef const uint8_t *end = ptr + len
+    cdef fr_pb_field f
+    while p < end:
+        _check(fr_pb_next_field(&d.c, &p, end, 1, &f), d, "Message")
+        if f.number == 1 and f.wire_type == FR_PB_VARINT:
+            err[0] = PyLong_FromLongLong(fr_pb_unzigzag64(f.u))
+        elif f.number == 2 and f.wire_type == FR_PB_LEN:
+            _check(fr_pb_check_utf8(&d.c, &f), d, "Message")
+            err[1] = _str(fr_span(f.ptr, f.len))
+    return 0
+
+
+cdef tuple _message_parse(_Dec d, const uint8_t *ptr, size_t len, bint want_content):
+    """(metadata list, content dicts or None, error list or None) of a Message."""
+    cdef const uint8_t *p = ptr
+    cdef const uint8_t *end = ptr + len
+    cdef fr_pb_field f
+    cdef list md = [0, "", 0, 0, "", "", 0.0, "", 0.0]
+    cdef list err = None
+    cdef tuple content = None
+    while p < end:
+        _check(fr_pb_next_field(&d.c, &p, end, 0, &f), d, "Message")
+        if f.wire_type != FR_PB_LEN:
+            continue
+        if f.number == 1:
+            _metadata_merge(d, f.ptr, f.len, md)
+        elif f.number == 2:
+            if content is None:
+                content = ({}, {}, {})
+            _recordset_merge(d, f.ptr, f.len, 1, content[0], content[1], content[2], "Message")
+        elif f.number == 3:
+            if err is None:
+                err = [0, ""]
+            _error_merge(d, f.ptr, f.len, err)
+    if (content is None) == (err is None):
+        raise ValueError("Either `content` or `error` must be set, but not both.")
+    return md, content, err
+
+
+def message_from_bytes(buf):
+    cdef _In inp = _input(buf)
+    cdef _Dec d = _Dec.__new__(_Dec)
+    d.start(inp)
+    md, content, err = _message_parse(d, inp.ptr, inp.len, True)
+    if d.empty_seen and content is not None:
+        _refuse_empty(list(content[1].values()) + list(content[2].values()), "Message")
+    metadata = dict(zip(_METADATA_FIELDS, md))
+    rs = None if content is None else recordset_from_dicts(content[0], content[1], content[2])
+    error = None if err is None else {"code": err[0], "reason": err[1] if err[1] else None}
+    return metadata, rs, error
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------
+
+cdef class _Items:
+    """One metrics/configs record prepared for writing: sorted keys, C values, sizes."""
+    cdef Py_ssize_t n
+    cdef fr_value *vals
+    cdef const uint8_t **keys
+    cdef size_t *key_lens
+    cdef size_t *sizes
+    cdef size_t body          # bytes of the record message body
+    cdef list keep
+
+    def __dealloc__(self):
+        cdef Py_ssize_t k
+        if self.vals != NULL:
+            for k in range(self.n):
+                fr_value_free(&self.vals[k])
+        free(self.vals)
+        free(self.keys)
+        free(self.key_lens)
+        free(self.sizes)
+
+
+cdef inline dict _data_of(object record):
+    if isinstance(record, TypedDict):
+        return (<TypedDict>record)._data
+    return dict(record.items())
+
+
+cdef list _sorted_keys(dict data):
+    """Keys in upb's deterministic map order: by UTF-8 bytes, except that when
+    one key is a prefix of another the longer one comes first."""
+    cdef list keys = list(data)
+    cdef object k
+    cdef Py_ssize_t i
+    for k in keys:
+        if type(k) is not str:
+            keys.sort(key=_map_sort_key)
+            return keys
+    keys.sort()   # code-point order is UTF-8 byte order
+    for i in range(len(keys) - 1):
+        # A prefix pair is always adjacent after sorting; only then differ.
+        if (<str>keys[i + 1]).startswith(<str>keys[i]):
+            keys.sort(key=_map_sort_key)
+            break
+    return keys
+
+
+def _utf8_key(k):
+    if not isinstance(k, str):
+        raise TypeError(f"record keys must be str, got {type(k).__name__}")
+    try:
+        return str.encode(k, "utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(str(e)) from e
+
+
+def _map_sort_key(k):
+    # 0xff never occurs in UTF-8, so a key sorts after every key it is a prefix of.
+    return _utf8_key(k) + b"\xff"
+
+
+cdef _Items _prepare_items(object record, bint configs, bint sort):
+    cdef dict data = _data_of(record)
+    cdef list keys = _sorted_keys(data) if sort else list(data)
+    cdef _Items it = _Items.__new__(_Items)
+    cdef Py_ssize_t k, n = len(keys)
+    cdef int ok
+    it.keep = [keys]
+    it.vals = <fr_value *>malloc(<size_t>(n if n else 1) * sizeof(fr_value))
+    it.keys = <const uint8_t **>malloc(<size_t>(n if n else 1) * sizeof(uint8_t *))
+    it.key_lens = <size_t *>malloc(<size_t>(n if n else 1) * sizeof(size_t))
+    it.sizes = <size_t *>malloc(<size_t>(n if n else 1) * sizeof(size_t))
+    if it.vals == NULL or it.keys == NULL or it.key_lens == NULL or it.sizes == NULL:
+        raise MemoryError()
+    for k in range(n):
+        fr_value_init(&it.vals[k])
+    it.n = n
+    it.body = 0
+    for k in range(n):
+        key = keys[k]
+        if type(key) is not str and not isinstance(key, str):
+            raise TypeError(f"record keys must be str, got {type(key).__name__}")
+        it.keys[k] = _utf8(key, &it.key_lens[k])
+        value_from_py(data[key], configs, &it.vals[k], it.keep)
+        it.sizes[k] = fr_wire_value_size(&it.vals[k], &ok)
+        it.body += fr_wire_entry_size(1, it.key_lens[k], it.sizes[k])
+    return it
+
+
+cdef void _put_items(fr_pb_writer *w, _Items it) noexcept:
+    cdef Py_ssize_t k
+    for k in range(it.n):
+        fr_wire_entry_put(w, 1, it.keys[k], it.key_lens[k], &it.vals[k], it.sizes[k])
+
+
+cdef bytes _new_out(size_t n, fr_pb_writer *w):
+    if n > <size_t>PY_SSIZE_T_MAX:
+        raise ValueError("message too large to serialize")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
+    w.buf = <uint8_t *>PyBytes_AS_STRING(out)
+    w.len = 0
+    w.cap = n
+    return out
+
+
+def record_items_to_bytes(record, bint configs, bint sort=True):
+    """A MetricsRecord (configs false) / ConfigsRecord body holding record's items,
+    entries sorted by key bytes (``sort``, protobuf's deterministic map order) or
+    in the record's order (a repeated-entry field)."""
+    cdef _Items it = _prepare_items(record, configs, sort)
+    cdef fr_pb_writer w
+    out = _new_out(it.body, &w)
+    _put_items(&w, it)
+    return out
+
+
+def metrics_record_to_bytes(record):
+    return record_items_to_bytes(record, False)
+
+
+def configs_record_to_bytes(record):
+    return record_items_to_bytes(record, True)
+
+
+cdef class _Arr:
+    """One Array prepared for writing."""
+    cdef object keep_dtype, keep_stype, data
+    cdef const uint8_t *dtype
+    cdef const uint8_t *stype
+    cdef size_t dtype_len, stype_len, ndim, size
+    cdef int64_t *shape
+    cdef Py_buffer view
+    cdef bint held
+
+    def __dealloc__(self):
+        free(self.shape)
+        if self.held:
+            PyBuffer_Release(&self.view)
+
+
+cdef _Arr _prepare_array(object a):
+    cdef _Arr r = _Arr.__new__(_Arr)
+    cdef Py_ssize_t k
+    cdef object dim
+    if isinstance(a, Array):
+        dtype, shape, stype, data = (<Array>a).dtype, (<Array>a).shape, (<Array>a).stype, (<Array>a).data
+    else:
+        dtype, shape, stype, data = a.dtype, a.shape, a.stype, a.data
+    for name, s in (("dtype", dtype), ("stype", stype)):
+        if not isinstance(s, str):
+            raise TypeError(f"bad argument type for built-in operation: Array.{name} must be "
+                            f"str, not {type(s).__name__}")
+    r.keep_dtype, r.keep_stype = dtype, stype
+    r.dtype = _utf8(dtype, &r.dtype_len)
+    r.stype = _utf8(stype, &r.stype_len)
+    dims = list(shape)
+    r.ndim = len(dims)
+    r.shape = <int64_t *>malloc((r.ndim if r.ndim else 1) * sizeof(int64_t))
+    if r.shape == NULL:
+        raise MemoryError()
+    for k in range(<Py_ssize_t>r.ndim):
+        dim = dims[k]
+        if type(dim) is not int:
+            dim = PyNumber_Index(dim)
+        if not INT32_MIN <= dim <= INT32_MAX:
+            raise ValueError(f"Value out of range: {dim}")
+        r.shape[k] = <int64_t>dim
+    if not PyBytes_CheckExact(data):
+        raise TypeError(f"expected bytes, {type(data).__name__} found")
+    r.data = data
+    PyObject_GetBuffer(data, &r.view, PyBUF_SIMPLE)
+    r.held = True
+    r.size = fr_wire_array_size(r.dtype_len, r.shape, r.ndim, r.stype_len, <size_t>r.view.len)
+    return r
+
+
+cdef void _put_array(fr_pb_writer *w, _Arr r):
+    fr_wire_array_put_head(w, r.dtype, r.dtype_len, r.shape, r.ndim, r.stype, r.stype_len,
+                           <size_t>r.view.len)
+    cdef uint8_t *dst = w.buf + w.len
+    cdef const uint8_t *src = <const uint8_t *>r.view.buf
+    cdef size_t n = <size_t>r.view.len
+    if n >= NOGIL_BYTES:
+        with nogil:
+            memcpy(dst, src, n)
+    elif n:
+        memcpy(dst, src, n)
+    w.len += n
+
+
+def array_to_bytes(a):
+    cdef _Arr r = _prepare_array(a)
+    cdef fr_pb_writer w
+    out = _new_out(r.size, &w)
+    _put_array(&w, r)
+    return out
+
+
+cdef class _Params:
+    """A ParametersRecord prepared for writing: keys (record order) then arrays."""
+    cdef list keys      # UTF-8 bytes
+    cdef list arrays    # _Arr
+    cdef size_t body
+
+
+cdef _Params _prepare_params(object record):
+    cdef _Params r = _Params.__new__(_Params)
+    cdef dict data = _data_of(record)
+    cdef _Arr a
+    r.keys = []
+    r.arrays = []
+    r.body = 0
+    for k, v in data.items():
+        kb = _utf8_key(k)
+        r.keys.append(kb)
+        r.body += fr_pb_len_field_size(1, <size_t>len(kb))
+        a = _prepare_array(v)
+        r.arrays.append(a)
+        r.body += fr_pb_len_field_size(2, a.size)
+    return r
+
+
+cdef void _put_params(fr_pb_writer *w, _Params r):
+    cdef bytes kb
+    cdef _Arr a
+    for kb in r.keys:
+        fr_pb_put_len_field(w, 1, PyBytes_AS_STRING(kb), <size_t>PyBytes_GET_SIZE(kb))
+    for a in r.arrays:
+        fr_pb_put_tag(w, 2, FR_PB_LEN)
+        fr_pb_put_varint(w, a.size)
+        _put_array(w, a)
+
+
+def parameters_record_to_bytes(record):
+    cdef _Params r = _prepare_params(record)
+    cdef fr_pb_writer w
+    out = _new_out(r.body, &w)
+    _put_params(&w, r)
+    return out
+
+
+cdef class _RS:
+    """A RecordSet prepared for writing: three sorted lists of (key, prepared record)."""
+    cdef list entries   # (field number, key UTF-8 bytes, prepared record, record body size)
+    cdef size_t body
+
+
+cdef _RS _prepare_recordset(object rs):
+    cdef _RS r = _RS.__new__(_RS)
+    r.entries = []
+    r.body = 0
+    cdef size_t body
+    for number, records in ((1, rs.parameters_records), (2, rs.metrics_records),
+                            (3, rs.configs_records)):
+        data = _data_of(records)
+        for k in _sorted_keys(data):
+            kb = _utf8_key(k)
+            rec = data[k]
+            if number == 1:
+                prep = _prepare_params(rec)
+                body = (<_Params>prep).body
+            else:
+                prep = _prepare_items(rec, number == 3, True)
+                body = (<_Items>prep).body
+            r.entries.append((number, kb, prep, body))
+            r.body += fr_pb_len_field_size(
+                number, fr_pb_len_field_size(1, <size_t>len(kb)) + fr_pb_len_field_size(2, body))
+    return r
+
+
+cdef void _put_recordset(fr_pb_writer *w, _RS r):
+    cdef bytes kb
+    cdef size_t body, klen
+    for number, kb, prep, body in r.entries:
+        klen = <size_t>PyBytes_GET_SIZE(kb)
+        fr_pb_put_tag(w, number, FR_PB_LEN)
+        fr_pb_put_varint(w, fr_pb_len_field_size(1, klen) + fr_pb_len_field_size(2, body))
+        fr_pb_put_len_field(w, 1, PyBytes_AS_STRING(kb), klen)
+        fr_pb_put_tag(w, 2, FR_PB_LEN)
+        fr_pb_put_varint(w, body)
+        if number == 1:
+            _put_params(w, <_Params>prep)
+        else:
+            _put_items(w, <_Items>prep)
+
+
+def recordset_to_bytes(rs):
+    cdef _RS r = _prepare_recordset(rs)
+    cdef fr_pb_writer w
+    out = _new_out(r.body, &w)
+    _put_recordset(&w, r)
+    return out
+
+
+cdef bytes _metadata_body(object metadata):
+    cdef fr_pb_writer w
+    cdef int64_t i = 0
+    cdef uint64_t u = 0
+    cdef size_t n
+    unknown = set(metadata) - set(_METADATA_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown metadata fields: {sorted(map(str, unknown))}")
+    parts = []
+    size = 0
+    for num, name in enumerate(_METADATA_FIELDS, 1):
+        if name not in metadata:
+            continue
+        x = metadata[name]
+        wt = _MD_WT[num]
+        if wt == FR_PB_VARINT:
+            if isinstance(x, float) or not isinstance(x, int) and not hasattr(x, "__index__"):
+                raise TypeError(f"metadata {name!r} must be an int, not {type(x).__name__}")
+            if _int_value(x, &i, &u) == 0:
+                if i < 0:
+                    raise ValueError(f"Value out of range: {x}")
+                u = <uint64_t>i
+            if u:
+                parts.append((num, wt, u))
+                size += fr_pb_tag_size(num) + fr_pb_varint_size(u)
+        elif wt == FR_PB_I64:
+            if not isinstance(x, (int, float)):
+                raise TypeError(f"metadata {name!r} must be a float, not {type(x).__name__}")
+            u = fr_pb_double_to_bits(<double>float(x))
+            if u:
+                parts.append((num, wt, u))
+                size += fr_pb_tag_size(num) + 8
+        else:
+            if not isinstance(x, str):
+                raise TypeError(f"metadata {name!r} must be a str, not {type(x).__name__}")
+            b = _utf8_key(x)
+            if b:
+                parts.append((num, wt, b))
+                size += fr_pb_len_field_size(num, <size_t>len(b))
+    out = _new_out(size, &w)
+    for num, wt, x in parts:
+        if wt == FR_PB_VARINT:
+            fr_pb_put_tag(&w, num, wt)
+            fr_pb_put_varint(&w, <uint64_t>x)
+        elif wt == FR_PB_I64:
+            fr_pb_put_tag(&w, num, wt)
+            fr_pb_put_fixed64(&w, <uint64_t>x)
+        else:
+            fr_pb_put_len_field(&w, num, PyBytes_AS_STRING(x), <size_t>PyBytes_GET_SIZE(x))
+    return out
+
+
+cdef bytes _error_body(object error):
+    cdef fr_pb_writer w
+    cdef int64_t i = 0
+    cdef uint64_t u = 0
+    code = error.get("code", 0)
+    reason = error.get("reason", None)
+    if isinstance(code, float) or not hasattr(code, "__index__"):
+        raise TypeError(f"error 'code' must be an int, not {type(code).__name__}")
+    if _int_value(code, &i, &u):
+        raise ValueError(f"Value out of range: {code}")
+    if reason is None:
+        reason = ""
+    if not isinstance(reason, str):
+        raise TypeError(f"error 'reason' must be a str, not {type(reason).__name__}")
+    rb = _utf8_key(reason)
+    u = fr_pb_zigzag64(i)
+    size = (fr_pb_tag_size(1) + fr_pb_varint_size(u) if u else 0) + \
+        (fr_pb_len_field_size(2, <size_t>len(rb)) if rb else 0)
+    out = _new_out(size, &w)
+    if u:
+        fr_pb_put_tag(&w, 1, FR_PB_VARINT)
+        fr_pb_put_varint(&w, u)
+    if rb:
+        fr_pb_put_len_field(&w, 2, PyBytes_AS_STRING(rb), <size_t>len(rb))
+    return out
+
+
+def message_to_bytes(metadata, content=None, error=None):
+    if (content is None) == (error is None):
+        raise ValueError("Either `content` or `error` must be set, but not both.")
+    cdef bytes md = _metadata_body(metadata)
+    cdef bytes eb = None
+    cdef _RS r = None
+    cdef size_t size = fr_pb_len_field_size(1, <size_t>len(md))
+    if content is not None:
+        r = _prepare_recordset(content)
+        size += fr_pb_len_field_size(2, r.body)
+    else:
+        eb = _error_body(error)
+        size += fr_pb_len_field_size(3, <size_t>len(eb))
+    cdef fr_pb_writer w
+    out = _new_out(size, &w)
+    fr_pb_put_len_field(&w, 1, PyBytes_AS_STRING(md), <size_t>len(md))
+    if r is not None:
+        fr_pb_put_tag(&w, 2, FR_PB_LEN)
+        fr_pb_put_varint(&w, r.body)
+        _put_recordset(&w, r)
+    else:
+        fr_pb_put_len_field(&w, 3, PyBytes_AS_STRING(eb), <size_t>len(eb))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Columns straight from serialized client replies
+# ---------------------------------------------------------------------------
+
+import numpy as np
+
+
+cdef class _Leaves:
+    """The C leaves of a spec, the numpy columns they fill, and how to return them."""
+    cdef fr_wire_leaf *leaves
+    cdef Py_ssize_t n
+    cdef list names        # metric name (str) per leaf
+    cdef list dtypes       # declared dtype per leaf
+    cdef list columns      # the array each leaf writes into
+    cdef list keep
+
+    def __dealloc__(self):
+        free(self.leaves)
+
+
+cdef list _leaf_specs(object spec):
+    """[(metric name, TensorSpec, width, elem, container)] for a metrics spec."""
+    from .spec import TensorSpec
+    out = []
+    if not hasattr(spec, "items"):
+        raise TypeError(f"spec must be a mapping of metric name to TensorSpec, got "
+                        f"{type(spec).__name__}")
+    for name, s in spec.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metric names must be str, got {type(name).__name__}")
+        if isinstance(s, TensorSpec):
+            if s.shape == ():
+                out.append((name, s, 0, -1, None))
+            elif len(s.shape) == 1 and s.shape[0] is not None:
+                out.append((name, s, s.shape[0], -1, None))
+            else:
+                raise TypeError(f"metric {name!r}: metrics_columns reads a scalar or a fixed-"
+                                f"length list per client, not shape {s.shape}")
+        elif isinstance(s, (list, tuple)):
+            for j, c in enumerate(s):
+                if not isinstance(c, TensorSpec) or c.shape != ():
+                    raise TypeError(f"metric {name!r}: a list spec's items must be scalar "
+                                    f"TensorSpecs, got {c!r}")
+                out.append((name, c, len(s), j, type(s)))
+        else:
+            raise TypeError(f"metric {name!r}: metrics_columns supports TensorSpec and lists "
+                            f"or tuples of scalar TensorSpecs, got {type(s).__name__}")
+    return out
+
+
+cdef _Leaves _make_leaves(object spec, Py_ssize_t n_rows):
+    cdef _Leaves L = _Leaves.__new__(_Leaves)
+    specs = _leaf_specs(spec)
+    L.n = len(specs)
+    L.leaves = <fr_wire_leaf *>malloc((L.n if L.n else 1) * sizeof(fr_wire_leaf))
+    if L.leaves == NULL:
+        raise MemoryError()
+    L.names, L.dtypes, L.columns, L.keep = [], [], [], []
+    cdef Py_ssize_t k
+    cdef fr_wire_leaf *leaf
+    cdef object col
+    for k, (name, s, width, elem, _) in enumerate(specs):
+        leaf = &L.leaves[k]
+        nb = name.encode("utf-8")
+        L.keep.append(nb)
+        leaf.name = <const uint8_t *>PyBytes_AS_STRING(nb)
+        leaf.name_len = <size_t>len(nb)
+        leaf.width = width
+        leaf.elem = elem
+        dt = s.dtype
+        kind = dt.kind
+        if kind == "i" or kind == "b":
+            leaf.out_type = FR_COL_I64
+            info = np.iinfo(dt) if kind == "i" else None
+            leaf.imin = int(info.min) if info is not None else 0
+            leaf.imax = int(info.max) if info is not None else 1
+            work = np.int64
+        elif kind == "u":
+            leaf.out_type = FR_COL_U64
+            leaf.umax = int(np.iinfo(dt).max)
+            work = np.uint64
+        else:
+            leaf.out_type = FR_COL_F64
+            work = np.float64
+        col = np.empty((n_rows, width) if (width and elem < 0) else (n_rows,), dtype=work)
+        leaf.out = <uint8_t *>(<size_t>col.ctypes.data)
+        leaf.stride = 8 * width if (width and elem < 0) else 8
+        L.names.append(name)
+        L.dtypes.append(dt)
+        L.columns.append(col)
+    L.keep.append(specs)
+    return L
+
+
+_FILL_REASON = {FR_FILL_KIND: "value of the wrong kind", FR_FILL_LENGTH: "list of the wrong length",
+                FR_FILL_RANGE: "value outside the column's integer range"}
+
+
+cdef int _slow_row(_Leaves L, Py_ssize_t i, object buf, str record, bint message,
+                   fr_value *v) except -1:
+    """The general path for one reply: full decode, then the same fill, with errors."""
+    cdef Py_ssize_t k
+    cdef int st
+    try:
+        if message:
+            _, rs, err = message_from_bytes(buf)
+            if rs is None:
+                raise ValueError(f"the message carries an error ({err}), not content")
+        else:
+            rs = recordset_from_bytes(buf)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"buffer {i}: {e}") from None
+    rec = rs.metrics_records.get(record)
+    if rec is None:
+        raise ValueError(f"buffer {i}: no MetricsRecord {record!r} (it has "
+                         f"{sorted(rs.metrics_records)})")
+    for k in range(L.n):
+        name = L.names[k]
+        if name not in rec:
+            raise ValueError(f"buffer {i}, record {record!r}: no metric {name!r}")
+        value = rec[name]
+        value_from_py(value, False, v, [])
+        st = fr_wire_leaf_fill(&L.leaves[k], <size_t>i, v)
+        if st != FR_FILL_OK:
+            leaf = L.leaves[k]
+            want = (f"a list of {leaf.width} numbers" if leaf.width else "a number")
+            raise ValueError(f"buffer {i}, record {record!r}, metric {name!r}: "
+                             f"{_FILL_REASON[st]} for {L.dtypes[k]} column (want {want}, "
+                             f"got {value!r:.80})")
+    return 0
+
+
+def metrics_columns(buffers, record, spec, *, wire="recordset"):
+    """Read the MetricsRecord ``record`` of every serialized reply into columns for ``spec``.
+
+    ``buffers`` are bytes-like serialized ``RecordSet``s (``wire="recordset"``) or
+    ``Message``s (``wire="message"``). The result is the batch
+    ``AggregationProcess.next_columnar`` takes: per metric, a scalar ``TensorSpec``
+    gives an (n,) column in its dtype, a shape-(m,) spec an (n, m) column from a list
+    value of m numbers, and a list/tuple of scalar specs a list/tuple of (n,) columns
+    from the list value's elements. The replies are parsed in C without the GIL and
+    without Python objects per reply; a malformed reply, a missing record or metric, or
+    a value of the wrong kind, length or range is a ``ValueError`` naming the buffer
+    index, the record and the metric.
+
+    >>> from fastrec import MetricsRecord, RecordSet, TensorSpec
+    >>> from fastrec.wire import metrics_columns, recordset_to_bytes
+    >>> bufs = [recordset_to_bytes(RecordSet(metrics_records={"eval": MetricsRecord(
+    ...     {"acc": 0.5 * i, "hist": [i, 1]})})) for i in range(3)]
+    >>> cols = metrics_columns(bufs, "eval", {"acc": TensorSpec("float32"),
+    ...                                       "hist": TensorSpec("int64", (2,))})
+    >>> cols["acc"], cols["hist"].tolist()
+    (array([0. , 0.5, 1. ], dtype=float32), [[0, 1], [1, 1], [2, 1]])
+    """
+    if wire not in ("recordset", "message"):
+        raise ValueError(f"wire must be 'recordset' or 'message', got {wire!r}")
+    if not isinstance(record, str):
+        raise TypeError(f"record must be a str, got {type(record).__name__}")
+    cdef bint message = wire == "message"
+    cdef list bufs = list(buffers)
+    cdef Py_ssize_t n = len(bufs), i
+    cdef _Leaves L = _make_leaves(spec, n)
+    cdef list inputs = [None] * n
+    cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
+    cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
+    cdef uint8_t *slow = <uint8_t *>malloc(n if n else 1)
+    cdef _Dec d = _Dec.__new__(_Dec)
+    cdef _In inp
+    cdef bytes rb = record.encode("utf-8")
+    cdef const uint8_t *rp = <const uint8_t *>PyBytes_AS_STRING(rb)
+    cdef size_t rlen = <size_t>len(rb)
+    cdef fr_wire_leaf *leaves = L.leaves
+    cdef size_t nleaves = <size_t>L.n
+    try:
+        if ptrs == NULL or lens == NULL or slow == NULL:
+            raise MemoryError()
+        for i in range(n):
+            try:
+                inp = _input(bufs[i])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"buffer {i}: {e}") from None
+            inputs[i] = inp
+            ptrs[i] = inp.ptr
+            lens[i] = inp.len
+        with nogil:
+            for i in range(n):
+                slow[i] = <uint8_t>fr_wire_columns_row(ptrs[i], lens[i], message, rp, rlen,
+                                                       leaves, nleaves, <size_t>i, &d.v, &d.a)
+        for i in range(n):
+            if slow[i]:
+                _slow_row(L, i, bufs[i], record, message, &d.v)
+    finally:
+        free(ptrs)
+        free(lens)
+        free(slow)
+    # Assemble the batch in the spec's structure, in the declared dtypes.
+    out = {}
+    cdef Py_ssize_t k = 0
+    for name, s in spec.items():
+        if isinstance(s, (list, tuple)):
+            cols = []
+            for _ in s:
+                cols.append(L.columns[k].astype(L.dtypes[k], copy=False))
+                k += 1
+            out[name] = type(s)(cols) if isinstance(s, tuple) else cols
+        else:
+            out[name] = L.columns[k].astype(L.dtypes[k], copy=False)
+            k += 1
+    return out

@@ -1,0 +1,464 @@
+"""fastrec.app against Flower 1.42's flwr.app.
+
+The differential tests need flwr >= 1.19 (the object wire format); with the
+test extra's flwr 1.15.2 they skip. Run them with `bash .ci/flwr-next`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastrec
+import fastrec._app
+from fastrec import app
+
+flwr = pytest.importorskip("flwr")
+
+
+def _flwr_version():
+    from importlib.metadata import version
+    return tuple(int(x) for x in version("flwr").split(".")[:2])
+
+
+NEXT = _flwr_version() >= (1, 19)
+needs_next = pytest.mark.skipif(not NEXT, reason="needs flwr >= 1.19 (run .ci/flwr-next)")
+
+if NEXT:
+    import flwr.app as fa
+    from flwr.app.message.arraychunk import ArrayChunk as FArrayChunk
+    from flwr.supercore.inflatable.inflatable_utils import validate_object_content
+
+
+def _outcome(fn, *args, **kwargs):
+    """('ok', result) or (exception type, message)."""
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - we compare what both raise
+        return (type(exc), str(exc))
+
+
+# ---------------------------------------------------------------------------
+# API without Flower: shape of the objects, header, round trips
+# ---------------------------------------------------------------------------
+
+def test_metric_record_round_trip_and_header():
+    r = app.MetricRecord({"acc": 0.5, "n": 3, "h": [1.0, 2.0], "big": 2**63, "e": []})
+    content = r.deflate()
+    head, body = content.split(b"\x00", 1)
+    assert head == b"MetricRecord  %d" % len(body)
+    assert app.MetricRecord.inflate(content) == r
+    assert r.object_id == hashlib.sha256(content).hexdigest()
+    assert r.children is None and r.is_dirty
+
+
+def test_config_record_round_trip():
+    r = app.ConfigRecord({"b": True, "s": "é", "y": b"\x00", "l": ["a", ""], "f": [False],
+                          "i": [-1, 5], "u": [2**64 - 1, 0], "": 1.5})
+    assert app.ConfigRecord.inflate(r.deflate()) == r
+
+
+def test_array_strict_constructor():
+    a = app.Array("float32", (2,), "numpy.ndarray", b"")
+    assert a.shape == (2,)
+    with pytest.raises(TypeError, match="Invalid arguments for Array"):
+        app.Array("float32", [2], "numpy.ndarray", b"")
+    with pytest.raises(TypeError, match="Invalid arguments for Array"):
+        app.Array("float32", (2,), "numpy.ndarray", bytearray())
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(app.Array(x).numpy(), x)
+    assert app.Array(ndarray=x) == app.Array(x) == app.Array.from_numpy_ndarray(x)
+
+
+def test_array_dirty_and_chunks(monkeypatch):
+    monkeypatch.setattr(fastrec._app, "MAX_ARRAY_CHUNK_SIZE", 4)
+    a = app.Array("u1", (9,), "raw", bytes(9))
+    assert a.is_dirty
+    oid = a.object_id
+    assert not a.is_dirty
+    a.stype = "raw"
+    assert a.is_dirty and a.object_id == oid
+
+
+def test_record_dict_views_and_deprecations(caplog):
+    m = app.MetricRecord({"a": 1})
+    rd = app.RecordDict({"m": m, "c": app.ConfigRecord({"x": "y"})})
+    assert dict(rd.metric_records) == {"m": m}
+    view = rd.config_records
+    view["c2"] = app.ConfigRecord()
+    assert "c2" in rd
+    del view["c2"]
+    assert "c2" not in rd
+    with pytest.raises(TypeError):
+        view["bad"] = m
+    with caplog.at_level(logging.WARNING):
+        app.RecordDict(metrics_records={"m": m})
+    assert "deprecated" in caplog.text
+
+
+def test_typeddict_copy():
+    r = app.ArrayRecord([np.zeros(2)])
+    r.object_id
+    c = r.copy()
+    assert type(c) is app.ArrayRecord and c == r and c is not r and c.is_dirty
+    c["x"] = app.Array(np.ones(1))
+    assert "x" not in r
+
+
+def test_pickle_round_trip():
+    rd = app.RecordDict({"a": app.ArrayRecord([np.arange(3)]),
+                         "m": app.MetricRecord({"x": 1.0})})
+    back = pickle.loads(pickle.dumps(rd))
+    assert back.deflate() == rd.deflate()
+
+
+def test_top_level_115_api_unchanged():
+    assert fastrec.MetricsRecord({"a": 1}).count_bytes() == 9
+    with pytest.raises(TypeError, match=r"typing\.Union"):
+        fastrec.MetricsRecord({"a": "x"})
+    with pytest.raises(TypeError, match=r"int \| float \| list"):
+        app.MetricRecord({"a": "x"})
+
+
+def test_torch_paths_without_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="PyTorch is required"):
+            app.Array.from_torch_tensor(object())
+        with pytest.raises(ImportError, match="PyTorch is required"):
+            app.ArrayRecord().to_torch_state_dict()
+    else:
+        pytest.skip("torch is installed")
+
+
+def test_torch_paths_with_torch():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    a = app.Array(t)
+    assert np.array_equal(a.numpy(), t.numpy())
+    rec = app.ArrayRecord({"w": t})
+    sd = rec.to_torch_state_dict()
+    assert torch.equal(sd["w"], t)
+    if NEXT:
+        assert app.Array(t).deflate() == fa.Array(t).deflate()
+        assert rec.deflate() == fa.ArrayRecord({"w": t}).deflate()
+
+
+HOSTILE = [b"", b"\x00", b"MetricRecord", b"MetricRecord  1\x00", b"MetricRecord 1\x00",
+           b"MetricRecord  x\x00", b"MetricRecord  0 \x00", b"Array  0\x00",
+           b"MetricRecord  2\x00\x0a\xff", b"MetricRecord  3\x00\x0a\x01\x00",
+           b"MetricRecord  2\x00\x0a\x00", b"\xff\xfe  0\x00", b"RecordDict  2\x00[]",
+           b"ArrayRecord  4\x00null", b"Array  2\x00{}", b"ConfigRecord  2\x00\x0b\x0c"]
+
+
+@pytest.mark.parametrize("content", HOSTILE)
+def test_hostile_content_is_a_value_error(content):
+    for cls in (app.MetricRecord, app.ConfigRecord, app.Array, app.ArrayRecord,
+                app.RecordDict, app.ArrayChunk):
+        try:
+            cls.inflate(content)
+        except (ValueError, TypeError):
+            pass
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_random_bodies_only_value_or_type_errors(body):
+    for name, cls in (("MetricRecord", app.MetricRecord), ("ConfigRecord", app.ConfigRecord)):
+        content = b"%s  %d\x00" % (name.encode(), len(body)) + body
+        try:
+            cls.inflate(content)
+        except (ValueError, TypeError):
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Differential against flwr 1.42 (>= 1.19)
+# ---------------------------------------------------------------------------
+
+finite = st.floats(allow_nan=False)
+ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+metric_vals = st.one_of(finite, ints, st.lists(finite, max_size=4),
+                        st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4),
+                        st.lists(st.integers(0, 2**64 - 1), max_size=4))
+config_vals = st.one_of(metric_vals, st.booleans(), st.text(max_size=6), st.binary(max_size=6),
+                        st.lists(st.booleans(), max_size=4), st.lists(st.text(max_size=3), max_size=3),
+                        st.lists(st.binary(max_size=3), max_size=3))
+keys = st.text(max_size=5)
+
+
+def _same_values(a, b):
+    assert list(a.keys()) == list(b.keys())
+    for k in a:
+        x, y = a[k], b[k]
+        assert type(x) is type(y)
+        if isinstance(x, float) and math.isnan(x):
+            assert math.isnan(y)
+        else:
+            assert x == y
+
+
+@needs_next
+@given(st.dictionaries(keys, metric_vals, max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_metric_deflate_inflate_equal_flower(d):
+    ours, theirs = app.MetricRecord(d), fa.MetricRecord(d)
+    assert ours.deflate() == theirs.deflate()
+    assert ours.object_id == theirs.object_id
+    _same_values(app.MetricRecord.inflate(theirs.deflate()),
+                 fa.MetricRecord.inflate(theirs.deflate()))
+
+
+@needs_next
+@given(st.dictionaries(keys, config_vals, max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_config_deflate_inflate_equal_flower(d):
+    ours, theirs = app.ConfigRecord(d), fa.ConfigRecord(d)
+    assert ours.deflate() == theirs.deflate()
+    _same_values(app.ConfigRecord.inflate(theirs.deflate()),
+                 fa.ConfigRecord.inflate(theirs.deflate()))
+
+
+VALUES = [1, 1.5, True, "s", b"b", None, [1, True], [True, 1], [1, 2.0], [1.0, 2], [], ["a", 1],
+          [b"a"], [[1]], {"a": 1}, np.float64(1.0), np.int64(3), 2**64, -(2**63) - 1, (1, 2),
+          float("nan"), [np.float64(1.0), 2.0], [2.0, np.float64(1.0)]]
+
+
+@needs_next
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+@pytest.mark.parametrize("names", [("MetricRecord", "MetricRecord"),
+                                   ("ConfigRecord", "ConfigRecord")])
+def test_value_table(value, names):
+    ours_cls, theirs_cls = getattr(app, names[0]), getattr(fa, names[1])
+    o, t = _outcome(ours_cls, {"k": value}), _outcome(theirs_cls, {"k": value})
+    assert o[0] == "ok" if t[0] == "ok" else o == t
+    if t[0] == "ok":
+        od, td = _outcome(o[1].deflate), _outcome(t[1].deflate)
+        if td[0] == "ok":
+            assert od == td
+        else:
+            assert issubclass(od[0], (ValueError, TypeError))
+    for key in (1, None, b"k"):
+        assert _outcome(ours_cls, {key: 1}) == _outcome(theirs_cls, {key: 1})
+
+
+@needs_next
+@given(st.lists(st.tuples(st.sampled_from(["get", "pop", "popitem", "setdefault", "update",
+                                           "clear", "set", "del", "copy"]),
+                          keys, metric_vals), max_size=12))
+@settings(max_examples=150, deadline=None)
+def test_mapping_methods_match(ops):
+    ours, theirs = app.MetricRecord({"a": 1}), fa.MetricRecord({"a": 1})
+    for op, k, v in ops:
+        if op == "set":
+            calls = [lambda r: r.__setitem__(k, v)]
+        elif op == "del":
+            calls = [lambda r: r.__delitem__(k)]
+        elif op in ("get", "pop"):
+            calls = [lambda r: getattr(r, op)(k), lambda r: getattr(r, op)(k, None)]
+        elif op == "setdefault":
+            calls = [lambda r: r.setdefault(k, v)]
+        elif op == "update":
+            calls = [lambda r: r.update({k: v})]
+        elif op == "copy":
+            calls = [lambda r: dict(r.copy())]
+        else:
+            calls = [lambda r: getattr(r, op)()]
+        for call in calls:
+            o, t = _outcome(call, ours), _outcome(call, theirs)
+            assert o[0] == t[0]
+        assert dict(ours) == dict(theirs)
+        assert ours.deflate() == theirs.deflate()
+
+
+def _pair_arrays(shape=(3, 4), dtype=np.float32, seed=0):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    return app.Array(x), fa.Array(x)
+
+
+@needs_next
+def test_array_and_record_dict_objects_equal(monkeypatch):
+    import flwr.app.message.array as farray
+    # small chunks, with repeats (zeros), to exercise the chunk index and dedup
+    monkeypatch.setattr(fastrec._app, "MAX_ARRAY_CHUNK_SIZE", 64)
+    monkeypatch.setattr(farray, "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 64)
+    x = np.zeros(100, dtype=np.float32)
+    x[-3:] = 1
+    oa, ta = app.Array(x), fa.Array(x)
+    assert oa.deflate() == ta.deflate()
+    assert oa.object_id == ta.object_id
+    assert list(oa.children) == list(ta.children)
+    assert [c for c, _ in oa.slice_array()] == [c for c, _ in ta.slice_array()]
+    for cid, ch in oa.children.items():
+        assert ch.deflate() == ta.children[cid].deflate()
+        assert ch.object_id == cid
+    rec_o = app.ArrayRecord({"w": oa, "v": app.Array(x)})
+    rec_t = fa.ArrayRecord({"w": ta, "v": fa.Array(x)})
+    assert rec_o.deflate() == rec_t.deflate() and rec_o.object_id == rec_t.object_id
+    rd_o = app.RecordDict({"p": rec_o, "m": app.MetricRecord({"a": 1}),
+                           "c": app.ConfigRecord({"s": "x"}), "q": rec_o})
+    rd_t = fa.RecordDict({"p": rec_t, "m": fa.MetricRecord({"a": 1}),
+                          "c": fa.ConfigRecord({"s": "x"}), "q": rec_t})
+    assert rd_o.deflate() == rd_t.deflate()
+    assert list(rd_o.children) == list(rd_t.children)
+    assert repr(rd_o) == repr(rd_t)
+    # inflate Flower's object tree with our classes
+    chunks = {cid: app.ArrayChunk.inflate(ch.deflate()) for cid, ch in ta.children.items()}
+    arr = app.Array.inflate(ta.deflate(), chunks)
+    assert arr == oa
+    rec = app.ArrayRecord.inflate(rec_t.deflate(), {oa.object_id: arr})
+    assert rec.deflate() == rec_t.deflate()
+    kids = {rec.object_id: rec, app.MetricRecord({"a": 1}).object_id: app.MetricRecord({"a": 1}),
+            app.ConfigRecord({"s": "x"}).object_id: app.ConfigRecord({"s": "x"})}
+    assert app.RecordDict.inflate(rd_t.deflate(), kids).deflate() == rd_t.deflate()
+
+
+@needs_next
+def test_dirty_tracking_matches_flower():
+    oa, ta = _pair_arrays()
+    ro, rt = app.ArrayRecord({"w": oa}), fa.ArrayRecord({"w": ta})
+    seq_o, seq_t = [], []
+    for rec, seq in ((ro, seq_o), (rt, seq_t)):
+        seq.append(rec.is_dirty)
+        rec.object_id
+        seq.append(rec.is_dirty)
+        rec["w"].dtype = rec["w"].dtype
+        seq.append(rec.is_dirty)
+        rec.object_id
+        seq.append((rec.is_dirty, rec["w"].is_dirty))
+        rec.pop("w")
+        seq.append(rec.is_dirty)
+        seq.append(rec.copy().is_dirty)
+    assert seq_o == seq_t
+
+
+ARRAY_ARGS = [((), {}), (("f", (1,), "s", b""), {}), (("f", [1], "s", b""), {}),
+              (("f", (1,), "s"), {}), ((), {"dtype": "f", "shape": (1,), "stype": "s", "data": b""}),
+              (("f",), {"shape": (1,), "stype": "s", "data": b""}),
+              (("f",), {"dtype": "g", "shape": (1,), "stype": "s", "data": b""}),
+              ((np.zeros(2),), {}), ((), {"ndarray": np.zeros(2)}),
+              ((np.zeros(2),), {"ndarray": np.zeros(2)}), (("f", (True,), "s", b""), {}),
+              (("f", (1,), "s", bytearray()), {}), ((1, 2, 3, 4, 5), {}), (([1, 2],), {})]
+
+
+@needs_next
+@pytest.mark.parametrize("args,kwargs", ARRAY_ARGS, ids=repr)
+def test_array_constructor_table(args, kwargs):
+    o, t = _outcome(app.Array, *args, **kwargs), _outcome(fa.Array, *args, **kwargs)
+    assert o[0] == "ok" if t[0] == "ok" else o == t
+    if t[0] == "ok":
+        assert o[1].deflate() == t[1].deflate()
+        assert repr(o[1]) == repr(t[1])
+
+
+REC_ARGS = [((), {}), (({},), {}), (([],), {}), (([np.zeros(2)],), {}),
+            ((), {"numpy_ndarrays": [np.zeros(2)]}), (([np.zeros(2)], [np.zeros(2)]), {}),
+            (([np.zeros(2)],), {"array_dict": {}}), (({"a": 1},), {}), (([1],), {}),
+            ((), {"array_dict": {1: None}})]
+
+
+@needs_next
+@pytest.mark.parametrize("args,kwargs", REC_ARGS, ids=repr)
+def test_array_record_constructor_table(args, kwargs):
+    o = _outcome(app.ArrayRecord, *args, **kwargs)
+    t = _outcome(fa.ArrayRecord, *args, **kwargs)
+    assert o[0] == "ok" if t[0] == "ok" else o == t
+    if t[0] == "ok":
+        assert o[1].deflate() == t[1].deflate()
+        assert o[1].count_bytes() == t[1].count_bytes()
+
+
+def _mutations(content):
+    yield content[:-1]
+    yield content + b"x"
+    yield content.replace(b"\x00", b"", 1)
+    yield content.replace(b" ", b"  ", 1)
+    i = content.index(b"\x00")
+    for j in range(0, len(content), max(1, len(content) // 12)):
+        yield content[:j] + bytes([content[j] ^ 0x41]) + content[j + 1:]
+    yield content[:i] + b"\x00" + content[i + 1:][::-1]
+
+
+def _flower_accepts(cls, content, children):
+    try:
+        validate_object_content(content)
+        return ("ok", cls.inflate(content, children))
+    except Exception as exc:  # noqa: BLE001
+        return ("err", exc)
+
+
+@needs_next
+def test_hostile_mutations_rejected_like_flower():
+    m = {"a": 1.0, "bb": [1, 2], "c": [2.5]}
+    c = {"s": "x", "b": b"y", "t": True, "l": ["p", "q"]}
+    cases = [(app.MetricRecord, fa.MetricRecord, fa.MetricRecord(m).deflate(), None),
+             (app.ConfigRecord, fa.ConfigRecord, fa.ConfigRecord(c).deflate(), None)]
+    for ours, theirs, content, children in cases:
+        for bad in _mutations(content):
+            t = _flower_accepts(theirs, bad, children)
+            try:
+                o = ("ok", ours.inflate(bad, children))
+            except (ValueError, TypeError) as exc:
+                o = ("err", exc)
+            if t[0] == "ok":
+                assert o[0] == "ok", (bad, o)
+                _same_values(o[1], t[1])
+            else:
+                assert o[0] == "err", (bad, t)
+
+
+@needs_next
+@given(st.binary(max_size=48))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_random_bodies_like_flower(body):
+    for name, ours, theirs in (("MetricRecord", app.MetricRecord, fa.MetricRecord),
+                               ("ConfigRecord", app.ConfigRecord, fa.ConfigRecord)):
+        content = b"%s  %d\x00" % (name.encode(), len(body)) + body
+        t = _flower_accepts(theirs, content, None)
+        try:
+            o = ("ok", ours.inflate(content))
+        except (ValueError, TypeError) as exc:
+            o = ("err", exc)
+        if t[0] == "ok":
+            assert o[0] == "ok", (content, o)
+            _same_values(o[1], t[1])
+        else:
+            assert o[0] == "err", (content, t)
+
+
+@needs_next
+@given(st.text(alphabet="0123456789abcdefABCDEF, x_+-\t", max_size=140), st.text(max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_header_checks_like_flower(children, length):
+    content = f"ArrayChunk {children} {length}".encode() + b"\x00ab"
+    t = _flower_accepts(FArrayChunk, content, None)
+    o = _outcome(app.ArrayChunk.inflate, content)
+    assert (o[0] == "ok") == (t[0] == "ok"), (content, o, t)
+    if o[0] != "ok":
+        assert issubclass(o[0], ValueError)
+
+
+@needs_next
+def test_interop_round_trip_with_flower_app():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    rd = app.RecordDict({"p": app.ArrayRecord({"w": app.Array(x)}),
+                         "m": app.MetricRecord({"acc": 0.9, "l": [1, 2]}),
+                         "c": app.ConfigRecord({"s": "x", "b": b"\x00", "f": [True]})})
+    f = fastrec.to_flwr(rd)
+    assert type(f) is fa.RecordDict and type(f["p"]["w"]) is fa.Array
+    assert f.deflate() == rd.deflate()
+    back = fastrec.from_flwr(f)
+    assert type(back) is app.RecordDict and back.deflate() == rd.deflate()
+    assert type(fastrec.from_flwr(fa.Array(x))) is app.Array
+    with pytest.raises(TypeError, match="fastrec.app"):
+        fastrec.to_flwr(fastrec.MetricsRecord({"a": 1}))
+    with pytest.raises(TypeError, match="flwr.app"):
+        fastrec.from_flwr(object())
