@@ -78,12 +78,20 @@ def make_clients(n, seed=0):
     return out
 
 
-def bag_of(clients, sizes):
-    """A bag whose partitions hold exactly ``sizes`` consecutive clients (0 allowed)."""
+def _logged(part, log, i):
+    with open(log, "a") as f:  # one line per computation of partition i, on any process
+        f.write(f"{i} {os.getpid()}\n")
+    return part
+
+
+def bag_of(clients, sizes, log=None):
+    """A bag whose partitions hold exactly ``sizes`` consecutive clients (0 allowed); with
+    ``log``, each computation of a partition appends its number to that file."""
     assert sum(sizes) == len(clients)
     parts, a = [], 0
-    for n in sizes:
-        parts.append(dask.delayed(clients[a:a + n], traverse=False))
+    for i, n in enumerate(sizes):
+        part = dask.delayed(clients[a:a + n], traverse=False)
+        parts.append(part if log is None else dask.delayed(_logged, pure=False)(part, log, i))
         a += n
     return db.from_delayed(parts)
 
@@ -226,23 +234,22 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_partitionings_equal_one_machine(where, layout):
+def test_partitionings_equal_one_machine(where, layout, tmp_path):
     p = make_process()
     earlier = p.next(p.initialize(), make_clients(30, seed=9)).state  # from round 1 on
     if LAYOUTS[layout] is None:
         clients, sizes = make_clients(5), [1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0]
     else:
         clients, sizes = make_clients(100), LAYOUTS[layout]
-    split_every = 2 if len(sizes) > 8 else None
-    if where is None:
-        same(fd.next(p, earlier, bag_of(clients, sizes), split_every=split_every),
-             p.next(earlier, clients))
-        return
-    with distributed.get_task_stream(where) as stream:
-        got = fd.next(p, earlier, bag_of(clients, sizes), split_every=split_every)
+    log = str(tmp_path / "computed")
+    got = fd.next(p, earlier, bag_of(clients, sizes, log),
+                  split_every=2 if len(sizes) > 8 else None)
     same(got, p.next(earlier, clients))
-    ran = [str(t["key"]) for t in stream.data if "run_clients" in str(t["key"])]
-    assert len(ran) == len(sizes), ran  # each partition once, on the cluster
+    with open(log) as f:  # each partition computed once, lengths and offsets included
+        computed = [tuple(map(int, line.split())) for line in f]
+    assert sorted(i for i, _ in computed) == list(range(len(sizes)))
+    workers = {os.getpid()} if where is None else set(where.run(os.getpid).values())
+    assert {pid for _, pid in computed} <= workers  # on the cluster's worker processes
 
 
 def test_empty_round(where):
