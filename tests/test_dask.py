@@ -176,6 +176,9 @@ def test_argument_errors():
         fd.next(p, {"round": 0}, db.from_sequence(make_clients(3)))
     with pytest.raises(TypeError, match="mapping"):
         fd.next_columnar(p, p.initialize(), [1, 2])
+    for bad in (1, 0, 2.5, True):  # 1 would never shrink the reduction tree
+        with pytest.raises(ValueError, match="split_every"):
+            fd.next(p, p.initialize(), db.from_sequence(make_clients(3)), split_every=bad)
 
 
 @NEEDS_CORE_PICKLE
