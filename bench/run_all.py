@@ -23,6 +23,7 @@ SUITES = [
     ("sampling", "FinalizeThenSample: fastrec vs a plain NumPy implementation"),
     ("wire", "Wire format: fastrec.wire vs flwr 1.15.2's serde + protobuf"),
     ("pipeline", "End to end: serialized client Messages to one round's sample"),
+    ("dask", "fastrec.dask: rounds on a LocalCluster of 2 worker processes vs one process"),
     ("app", "fastrec.app (Flower 1.42 records, object wire format) vs flwr 1.42.0 "
             "(run in a flwr 1.42 environment)"),
 ]

@@ -41,8 +41,8 @@ def _flwr_app():
         return None
     if (major, minor) < (1, 19):
         return None
-    import flwr.app as fa
-    return fa
+    import importlib
+    return importlib.import_module("flwr.app")  # not imported by name: 1.15 has no flwr.app
 
 
 _APP_SUPPORTED = "RecordDict, ArrayRecord, MetricRecord, ConfigRecord or Array"
