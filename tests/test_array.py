@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fastrec
+import fastrec.wire
 from fastrec import Array, array_from_numpy
 from _optional import OptionalModule
 
@@ -275,6 +276,30 @@ def test_repr_matches_flower_dataclass():
     FlwrArray = flwr_common.Array
     args = ("float32", [1, 2], NUMPY_STYPE, b"\x00\x01")
     assert repr(Array(*args)) == repr(FlwrArray(*args))
+
+
+def test_dataclass_tools_behave_as_on_flower_array():
+    import dataclasses
+
+    from flwr.common import Array as FlwrArray
+    from flwr.common import serde
+
+    args = ("float32", [1, 2], NUMPY_STYPE, b"\x00\x01")
+    ours, theirs = Array(*args), FlwrArray(*args)
+    assert vars(ours) == vars(theirs)
+    assert dataclasses.is_dataclass(ours) and dataclasses.is_dataclass(Array)
+    assert [(f.name, f.type) for f in dataclasses.fields(ours)] == \
+        [(f.name, f.type) for f in dataclasses.fields(theirs)]
+    assert dataclasses.asdict(ours) == dataclasses.asdict(theirs)
+    assert dataclasses.astuple(ours) == dataclasses.astuple(theirs)
+    r = dataclasses.replace(ours, stype="raw")
+    assert type(r) is Array and r.stype == "raw" and ours.stype == NUMPY_STYPE
+    assert r.data is ours.data
+    with pytest.raises(TypeError):
+        dataclasses.replace(ours, nope=1)
+    assert serde.array_to_proto(ours) == serde.array_to_proto(theirs)
+    assert serde.array_to_proto(ours).SerializeToString() == \
+        fastrec.wire.array_to_bytes(ours)
 
 
 def test_pickle_and_deepcopy():
