@@ -1253,8 +1253,13 @@ def metrics_columns(buffers, record, spec, *, wire="recordset"):
         if ptrs == NULL or lens == NULL or slow == NULL:
             raise MemoryError()
         for i in range(n):
+            b = bufs[i]
+            if PyBytes_CheckExact(b):   # kept alive by bufs
+                ptrs[i] = <const uint8_t *>PyBytes_AS_STRING(b)
+                lens[i] = <size_t>PyBytes_GET_SIZE(b)
+                continue
             try:
-                inp = _input(bufs[i])
+                inp = _input(b)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"buffer {i}: {e}") from None
             inputs[i] = inp
