@@ -46,7 +46,10 @@ def assert_tree_equal(a, b):
 
 
 def test_docstrings():
-    assert doctest.testmod(fastrec.sampling, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+    import fastrec.spec
+    for module in (fastrec.sampling, fastrec.spec):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1258,6 +1261,7 @@ def test_fuzz_hostile_round_builder_reaches_accepted_rounds():
 def _two_thread_case(monkeypatch, threshold):
     from fastrec import sampling
     monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", threshold)
+    monkeypatch.setattr(sampling, "_KEY_CHUNK", 700)   # several chunks, one shorter
     rng = np.random.default_rng(5)
     n = 5_000
     col = rng.standard_normal(n)
