@@ -197,7 +197,8 @@ def test_demo_on_a_dask_cluster():
     assert "dask: 1 worker processes; per stage: simulate" in text
 
     def summary(t):
-        return [line for line in t.splitlines() if not line.startswith(("throughput:", "dask:"))]
+        return [line for line in t.splitlines()
+                if not line.startswith(("throughput:", "dask:", "wire:"))]
     assert summary(text) == summary(without_out.getvalue())
 
 

@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -291,7 +292,26 @@ class FinalizeThenSampleFactory:
             raise TypeError("`metric_finalizers` must be a mapping of metric name to callable or "
                             f"a callable, got {type(metric_finalizers).__name__}")
         seed = None if self._seed is None else _seed_words(np.random.SeedSequence(self._seed))
-        return AggregationProcess(self._sample_size, seed, specs, finalizers)
+        process = AggregationProcess(self._sample_size, seed, specs, finalizers)
+        # What pickling rebuilds the process from: a snapshot, so that later edits of the
+        # caller's spec do not change what a worker unpickles.
+        process._metrics_type = copy.deepcopy(local_unfinalized_metrics_type)
+        return process
+
+
+def _rebuild_process(sample_size, seed_words, metrics_type, finalizers):
+    factory = FinalizeThenSampleFactory(sample_size)
+    process = factory.create(finalizers, metrics_type)
+    if seed_words is not None:
+        process._seed = _seed_pair(seed_words)
+    return process
+
+
+def _seed_pair(words) -> tuple:
+    if (not isinstance(words, tuple) or len(words) != 2
+            or not all(type(w) is int and 0 <= w < 2**64 for w in words)):
+        raise TypeError(f"a pickled process's seed must be two 64-bit words, got {words!r}")
+    return words
 
 
 def _seed_words(seq) -> tuple:
@@ -339,6 +359,7 @@ class AggregationProcess:
     """
 
     def __init__(self, sample_size, seed_words, specs, finalizers):
+        self._metrics_type = None
         self._k = sample_size
         self._seed = seed_words
         self._specs = specs
@@ -356,6 +377,20 @@ class AggregationProcess:
         self._ordered_specs = tuple(specs[n] for n in self._names)
         self._out_names, self._layouts = self._probe()
         self._layout_of = dict(zip(self._out_names, self._layouts))
+
+    def __reduce__(self):
+        """Pickle as what :meth:`FinalizeThenSampleFactory.create` was given.
+
+        Worker processes (e.g. ``fastrec.dask``) receive the process this way; the finalizers
+        must pickle too (lambdas do with ``cloudpickle``, which Dask uses). Unpickling runs
+        ``create``'s checks and its one probe call of each finalizer again.
+        """
+        if self._metrics_type is None:
+            raise TypeError("only an AggregationProcess built by FinalizeThenSampleFactory.create "
+                            "can be pickled")
+        fins = self._functional if self._functional is not None else dict(zip(self._names,
+                                                                               self._fins))
+        return (_rebuild_process, (self._k, self._seed, self._metrics_type, fins))
 
     def _probe(self):
         """Finalize an example of ones once: the finalized names, structures and dtypes."""
