@@ -121,13 +121,15 @@ def test_count_non_finite_rows():
         _sampling.count_non_finite_rows(np.array(1.0))
 
 
-@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
 @settings(max_examples=150, deadline=None)
-@given(hnp.arrays(st.sampled_from(FLOAT_DTYPES), hnp.array_shapes(min_dims=0, max_dims=4,
-                                                                  max_side=5),
+@given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
                   elements=st.sampled_from(SPECIALS)),
-       st.booleans(), st.data())
-def test_count_non_finite_matches_numpy(a, transpose, data):
+       st.sampled_from(FLOAT_DTYPES), st.booleans(), st.data())
+def test_count_non_finite_matches_numpy(a, dtype, transpose, data):
+    # Cast here, not in hypothesis: 1e300 -> float16 is inf and 5e-324 -> float32 is 0 by
+    # design, which hypothesis (rightly, for its own strategies) refuses under some NumPys.
+    with np.errstate(over="ignore", under="ignore"):
+        a = a.astype(dtype)
     if transpose:
         a = a.T
     if a.ndim:
@@ -1375,12 +1377,12 @@ def _divide_no_nan(a, b):
 
 
 TFF_FINALIZERS = {"accuracy": lambda x: x, "loss": lambda x: _divide_no_nan(x[0], x[1]),
-                  "custom_sum": lambda x: sum(np.sum(t) for t in x)}
+                  "custom_sum": lambda x: np.add.reduce([np.sum(t) for t in x])}
 
 
 def tff_functional_finalizer(m):
     return {"accuracy": m["accuracy"], "loss": _divide_no_nan(m["loss"][0], m["loss"][1]),
-            "custom_sum": sum(np.sum(t) for t in m["custom_sum"])}
+            "custom_sum": np.add.reduce([np.sum(t) for t in m["custom_sum"]])}
 
 
 def tff_random_metrics(seed):

@@ -442,7 +442,7 @@ class AggregationProcess:
         measurements)``. An empty round returns ``state`` itself, empty ``(0,) + shape``
         arrays as the current sample and zero measurements.
 
-        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v * 2},
+        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v + v},
         ...                                                 {"x": TensorSpec("float32")})
         >>> out = p.next(p.initialize(), [{"x": 0.5}, {"x": float("nan")}])
         >>> out.result[0]["x"], out.measurements
