@@ -1264,6 +1264,7 @@ def _two_thread_case(monkeypatch, threshold):
     from fastrec import sampling
     monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", threshold)
     monkeypatch.setattr(sampling, "_KEY_CHUNK", 700)   # several chunks, one shorter
+    monkeypatch.setattr(sampling, "_spare_core", lambda: True)
     rng = np.random.default_rng(5)
     n = 5_000
     col = rng.standard_normal(n)
@@ -1290,10 +1291,16 @@ def test_columnar_keys_on_a_second_thread_give_the_one_thread_result(monkeypatch
     assert repr(split.result) == repr(serial.result)
 
 
+def test_spare_core_is_a_bool():
+    from fastrec import sampling
+    assert sampling._spare_core() in (True, False)
+
+
 def test_columnar_finalizer_error_with_keys_on_a_second_thread(monkeypatch):
     import threading
     from fastrec import sampling
     monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", 1)
+    monkeypatch.setattr(sampling, "_spare_core", lambda: True)
 
     boom = fails_after_probe(RuntimeError)
 
