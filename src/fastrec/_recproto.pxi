@@ -76,8 +76,16 @@ cdef bytes _deflate_values(TypedDict rec, bint config):
 
 cdef object _NOVALUE = object()
 
+# Decoding scratch reused from record to record (its list buffer is malloc'ed
+# once, not per record). Python code can run while a record is decoded (a
+# garbage collection's finalizer), so a nested decode takes a private one.
+cdef fr_value _shared_value
+cdef bint _shared_busy = False
+fr_value_init(&_shared_value)
+
 
 cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
+    global _shared_busy
     cdef fr_pb_ctx c
     c.base = p
     c.err = NULL
@@ -89,10 +97,17 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
     cdef const uint8_t* kptr
     cdef size_t klen
     cdef fr_pb_field f, g
-    cdef fr_value v
+    cdef fr_value local
+    cdef fr_value* vp
     cdef dict out = {}
     cdef bint missing = False
-    fr_value_init(&v)
+    cdef bint shared = not _shared_busy
+    if shared:
+        _shared_busy = True
+        vp = &_shared_value
+    else:
+        fr_value_init(&local)
+        vp = &local
     try:
         while cur < end:
             _pb_check(fr_pb_next_field(&c, &cur, end, 0, &f), &c, config)
@@ -102,7 +117,7 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
             iend = f.ptr + f.len
             kptr = NULL
             klen = 0
-            fr_value_reset(&v)
+            fr_value_reset(vp)
             while icur < iend:
                 _pb_check(fr_pb_next_field(&c, &icur, iend, 1, &g), &c, config)
                 if g.wire_type != FR_PB_LEN:
@@ -112,15 +127,21 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
                     kptr = g.ptr
                     klen = g.len
                 elif g.number == 2:
-                    _pb_check(fr_wire_value_merge(&c, &v, g.ptr, g.len, config, 2), &c, config)
+                    _pb_check(fr_wire_value_merge(&c, vp, g.ptr, g.len, config, 2), &c, config)
             key = PyUnicode_DecodeUTF8(<const char*>kptr, <Py_ssize_t>klen, NULL) if klen else ""
-            if v.kind == FR_V_NONE:
+            if vp.kind == FR_V_NONE:
                 out[key] = _NOVALUE
                 missing = True
             else:
-                out[key] = value_to_py(&v)
+                out[key] = value_to_py(vp)
     finally:
-        fr_value_free(&v)
+        if shared:
+            _shared_busy = False
+            if _shared_value.scratch_cap > (1 << 20):
+                fr_value_free(&_shared_value)  # do not keep a huge list's buffer
+                fr_value_init(&_shared_value)
+        else:
+            fr_value_free(&local)
     if missing:
         for k, val in out.items():
             if val is _NOVALUE:
@@ -129,15 +150,20 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
 
 
 cdef object _inflate_values(type cls, object content, bint config):
-    cdef _Head h = _parse_head(content, "ConfigRecord" if config else "MetricRecord")
     if type(content) is not bytes:
+        if not isinstance(content, (bytearray, memoryview)):
+            raise TypeError(f"object content must be bytes, got {type(content).__name__}")
         content = bytes(content)
+    cdef Py_ssize_t off = _body_offset(content, b"ConfigRecord" if config else b"MetricRecord")
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(content)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(content)
-    cdef dict values = _decode_values(p + h.body_off, n - h.body_off, config)
+    cdef dict values = _decode_values(p + off, n - off, config)
     cdef TypedDict rec
-    if cls is MetricRecord or cls is ConfigRecord:
-        rec = cls.__new__(cls)
-        rec._data = values
-        return rec
-    return cls(values, keep_input=False)
+    if cls is MetricRecord:
+        rec = MetricRecord.__new__(MetricRecord)
+    elif cls is ConfigRecord:
+        rec = ConfigRecord.__new__(ConfigRecord)
+    else:
+        return cls(values, keep_input=False)
+    rec._data = values
+    return rec

@@ -354,6 +354,27 @@ cdef class _Dec:
         self.c.err_off = 0
 
 
+# One decoder reused across calls (its scratch stays warm). Decoding holds the GIL
+# except inside large copies, so a call that finds it busy (another thread got in
+# during such a copy) takes a fresh one.
+cdef _Dec _shared_dec = _Dec.__new__(_Dec)
+cdef bint _shared_busy = False
+
+
+cdef inline _Dec _acquire():
+    global _shared_busy
+    if _shared_busy:
+        return _Dec.__new__(_Dec)
+    _shared_busy = True
+    return _shared_dec
+
+
+cdef inline void _release(_Dec d):
+    global _shared_busy
+    if d is _shared_dec:
+        _shared_busy = False
+
+
 cdef int _check(fr_status st, _Dec d, str what) except -1:
     if st != FR_OK:
         _raise(st, &d.c, what)
@@ -461,9 +482,9 @@ cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dic
             _check(fr_pb_fail(&d.c, f.ptr, "nesting deeper than 100"), d, what)
         key.ptr = f.ptr
         key.len = 0
-        items = {}
-        keys = []
-        values = []
+        items = {} if f.number != 1 else None
+        keys = [] if f.number == 1 else None
+        values = [] if f.number == 1 else None
         q = f.ptr
         qend = f.ptr + f.len
         unknown = False
@@ -535,13 +556,28 @@ def configs_record_from_bytes(buf):
 
 
 def recordset_from_bytes(buf):
-    cdef _In inp = _input(buf)
-    cdef _Dec d = _Dec.__new__(_Dec)
-    d.start(inp)
+    cdef _In inp = None
+    cdef const uint8_t *ptr
+    cdef size_t n
+    if PyBytes_CheckExact(buf):
+        ptr = <const uint8_t *>PyBytes_AS_STRING(buf)
+        n = <size_t>PyBytes_GET_SIZE(buf)
+    else:
+        inp = _input(buf)
+        ptr = inp.ptr
+        n = inp.len
+    cdef _Dec d = _acquire()
     cdef dict p = {}, m = {}, c = {}
-    _recordset_merge(d, inp.ptr, inp.len, 0, p, m, c, "RecordSet")
-    if d.empty_seen:
-        _refuse_empty(list(m.values()) + list(c.values()), "RecordSet")
+    try:
+        d.c.base = ptr
+        d.c.err = NULL
+        d.c.err_off = 0
+        d.empty_seen = False
+        _recordset_merge(d, ptr, n, 0, p, m, c, "RecordSet")
+        if d.empty_seen:
+            _refuse_empty(list(m.values()) + list(c.values()), "RecordSet")
+    finally:
+        _release(d)
     return recordset_from_dicts(p, m, c)
 
 
