@@ -57,6 +57,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -160,6 +161,20 @@ _INT64_MAX = (1 << 63) - 1
 # finishes as soon as possible whether or not the second thread gets a core of its own.
 _OVERLAP_MIN_CLIENTS = 200_000
 _KEY_CHUNK = 1 << 16
+
+
+def _spare_core() -> bool:
+    """Whether a second thread is likely to get a core of its own. On an oversubscribed
+    machine the two threads' GIL hand-offs cost more than the overlap saves, so the keys are
+    then drawn on the calling thread (same result either way): the 1-minute load average
+    must leave a core free (without a load average, as on Windows: 2+ cores suffice)."""
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        return False
+    try:
+        return os.getloadavg()[0] <= cores - 1
+    except (AttributeError, OSError):
+        return True
 
 
 class _KeyChunks:
@@ -477,7 +492,7 @@ class AggregationProcess:
         measurements)``. An empty round returns ``state`` itself, empty ``(0,) + shape``
         arrays as the current sample and zero measurements.
 
-        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v * 2},
+        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v + v},
         ...                                                 {"x": TensorSpec("float32")})
         >>> out = p.next(p.initialize(), [{"x": 0.5}, {"x": float("nan")}])
         >>> out.result[0]["x"], out.measurements
@@ -547,7 +562,7 @@ class AggregationProcess:
         # rows, then helps with the rest.
         s0, s1, rnd = st.seed[0], st.seed[1], st.round
         chunks = (_KeyChunks(s0, s1, rnd, offset, n, self._k)
-                  if n >= _OVERLAP_MIN_CLIENTS else None)
+                  if n >= _OVERLAP_MIN_CLIENTS and _spare_core() else None)
         background = _Background(chunks.work) if chunks is not None else None
         try:
             if self._functional is None:
