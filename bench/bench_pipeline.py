@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import compare, table  # noqa: E402
-from bench_sampling import (COL_FINALIZERS, FINALIZERS, SAMPLE, SPEC,  # noqa: E402
-                            NumpyFinalizeThenSample, make_clients)
+from bench_sampling import (FINALIZERS, SAMPLE, SPEC, NumpyFinalizeThenSample,  # noqa: E402
+                            make_clients)
 
 from flwr.common import serde  # noqa: E402
 from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: E402
@@ -52,7 +52,10 @@ def rows() -> list:
     base = NumpyFinalizeThenSample(FINALIZERS, SAMPLE)
     b_state = base.next(base.initialize(), flwr_records())[0]
 
-    vec = {name: fastrec.vectorized(fn) for name, fn in COL_FINALIZERS.items()}
+    # FINALIZERS over columns: "loss" is an (n, 2) column of [sum, count] rows.
+    vec = {"accuracy": fastrec.vectorized(lambda col: col),
+           "loss": fastrec.vectorized(lambda col: col[:, 0] / col[:, 1]),
+           "num_examples": fastrec.vectorized(lambda col: col)}
     proc = fastrec.FinalizeThenSampleFactory(SAMPLE, seed=0).create(vec, SPEC)
     f_state = proc.next_columnar(proc.initialize(),
                                  wire.metrics_columns(bufs, "eval", SPEC, wire="message")).state
@@ -90,9 +93,9 @@ def run() -> list:
 
 
 NOTES = """
-Each reply is a Flower 1.15 `Message` (metadata plus a RecordSet holding MetricsRecord "eval" of
-Keras-style `[sum, count]` pairs and an example count; 1% NaN losses), serialized as Flower's
-serde writes it. The NumPy sampler is bench/bench_sampling.py's baseline (Python finalizers per
+Each reply is a Flower 1.15 `Message` (metadata plus a RecordSet holding MetricsRecord "eval":
+accuracy, a `[sum, count]` loss pair as a shape-(2,) spec, an example count; 1% NaN losses),
+serialized as Flower's serde writes it. The NumPy sampler is bench/bench_sampling.py's baseline (Python finalizers per
 client); the columnar route uses the same finalizers vectorized.
 """
 
