@@ -219,7 +219,7 @@ def case_count_non_finite(nbytes=40_000_000):
     return rows
 
 
-NOTES = """
+_NOTES = """
 Per-client workload (issue 8): a float32 scalar, a float32 [sum, count] pair as a shape-(2,)
 spec and an int64 count per client, Python finalizers (identity, v[0] / v[1], identity), k=100,
 steady state. The floor is the bare loop that calls those finalizers once per client on the
@@ -229,8 +229,12 @@ non-finite counts, keys and sampling).
 The columnar rows run in fresh interpreters. In a fresh process the baseline's ~20 MB of
 NumPy temporaries per round are page-faulted in on every call; once the process has freed a
 model-sized buffer (steady state), glibc keeps its heap and the baseline gets ~2× faster, so
-that row is the harder one. Columnar rounds of 200k+ clients draw most keys on a second
-thread while the finalizers run (keys need only seed, round and index).
+that row is the harder one. Columnar rounds of 200k+ clients draw their keys on a second
+thread while the finalizers run (keys need only seed, round and index), in chunks both threads
+take, and only when the load average leaves a core free: on an oversubscribed machine the GIL
+hand-offs cost more than the overlap saves. This machine has 2 cores shared by several
+processes; the load average is printed under the table, and with a core taken by others
+every row here slows down.
 The NumPy baseline is included in bench/bench_sampling.py (finalize each client in Python,
 `np.isfinite(v).all()` per leaf, uint64 `rng.integers` keys, `np.argpartition`); both sides'
 measurements are asserted equal before timing. For scale (TensorFlow is not a dependency, so
@@ -239,12 +243,26 @@ the aim is ≤ 5.7 ms per round, i.e. ≥ 1000× TFF.
 """
 
 
+NOTES = _NOTES
+
+
+def load_note() -> str:
+    try:
+        load = os.getloadavg()
+    except (AttributeError, OSError):   # pragma: no cover (Windows)
+        return ""
+    return (f"Load average during this run: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) on "
+            f"{os.cpu_count()} cores.")
+
+
 def run() -> list[dict]:
     rows = case_per_client()
     # The NumPy baseline allocates ~20 MB of temporaries per columnar round, so its speed
     # depends on whether the allocator still page-faults them in: show both regimes.
     rows += [row_in_child(__file__, "columnar", warm) for warm in (False, True)]
     rows += case_count_non_finite()
+    global NOTES   # run_all.py prints NOTES under the table: say how busy the machine was
+    NOTES = _NOTES + load_note() + "\n"
     return [r for r in rows if r is not None]
 
 

@@ -809,3 +809,37 @@ def test_concurrent_use_from_threads():
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = [r for rs in pool.map(work, arrays) for r in rs]
     assert results == [(True, True)] * 20
+
+
+def _npy_with_header(text):
+    h = text.encode("latin1")
+    h += b" " * ((64 - (10 + len(h) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + struct.pack("<d", 1.5)
+
+
+_BODY = "'descr': '<f8', 'fortran_order': False, 'shape': (1,)"
+
+
+@pytest.mark.parametrize("text", [
+    "{'descr': '<f8', 'fortran_order': False, 'shape': 'x', 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': [1, 2], 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': foo, 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': 3, 'fortran_order': False, 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'fortran_order': 3, 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': (1,), 'shape': 'x'}",
+    "{'descr': 'garbage', 'descr': '<f8', 'fortran_order': False, 'shape': (1,), }",
+    "{'descr': '<f8', 'descr': 'zz', 'fortran_order': False, 'shape': (1,), }",
+    "{" + _BODY + ", }\\\n",
+    "{" + _BODY + ", } \\\n# comment",
+    "{" + _BODY + ", }\\ ",
+    "{'descr': '<f8', \\\n'fortran_order': False, 'shape': (1,), }",
+])
+def test_repeated_keys_and_line_joins_agree_with_numpy_load(text):
+    data = _npy_with_header(text)
+    try:
+        want = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError:
+        with pytest.raises(ValueError):
+            Array("float64", [1], NUMPY_STYPE, data).numpy()
+    else:
+        assert_same_array(Array("float64", [1], NUMPY_STYPE, data).numpy(), want)

@@ -78,12 +78,20 @@ def make_clients(n, seed=0):
     return out
 
 
-def bag_of(clients, sizes):
-    """A bag whose partitions hold exactly ``sizes`` consecutive clients (0 allowed)."""
+def _logged(part, log, i):
+    with open(log, "a") as f:  # one line per computation of partition i, on any process
+        f.write(f"{i} {os.getpid()}\n")
+    return part
+
+
+def bag_of(clients, sizes, log=None):
+    """A bag whose partitions hold exactly ``sizes`` consecutive clients (0 allowed); with
+    ``log``, each computation of a partition appends its number to that file."""
     assert sum(sizes) == len(clients)
     parts, a = [], 0
-    for n in sizes:
-        parts.append(dask.delayed(clients[a:a + n], traverse=False))
+    for i, n in enumerate(sizes):
+        part = dask.delayed(clients[a:a + n], traverse=False)
+        parts.append(part if log is None else dask.delayed(_logged, pure=False)(part, log, i))
         a += n
     return db.from_delayed(parts)
 
@@ -189,7 +197,8 @@ def test_demo_on_a_dask_cluster():
     assert "dask: 1 worker processes; per stage: simulate" in text
 
     def summary(t):
-        return [line for line in t.splitlines() if not line.startswith(("throughput:", "dask:"))]
+        return [line for line in t.splitlines()
+                if not line.startswith(("throughput:", "dask:", "wire:"))]
     assert summary(text) == summary(without_out.getvalue())
 
 
@@ -226,23 +235,22 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_partitionings_equal_one_machine(where, layout):
+def test_partitionings_equal_one_machine(where, layout, tmp_path):
     p = make_process()
     earlier = p.next(p.initialize(), make_clients(30, seed=9)).state  # from round 1 on
     if LAYOUTS[layout] is None:
         clients, sizes = make_clients(5), [1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0]
     else:
         clients, sizes = make_clients(100), LAYOUTS[layout]
-    split_every = 2 if len(sizes) > 8 else None
-    if where is None:
-        same(fd.next(p, earlier, bag_of(clients, sizes), split_every=split_every),
-             p.next(earlier, clients))
-        return
-    with distributed.get_task_stream(where) as stream:
-        got = fd.next(p, earlier, bag_of(clients, sizes), split_every=split_every)
+    log = str(tmp_path / "computed")
+    got = fd.next(p, earlier, bag_of(clients, sizes, log),
+                  split_every=2 if len(sizes) > 8 else None)
     same(got, p.next(earlier, clients))
-    ran = [str(t["key"]) for t in stream.data if "run_clients" in str(t["key"])]
-    assert len(ran) == len(sizes), ran  # each partition once, on the cluster
+    with open(log) as f:  # each partition computed once, lengths and offsets included
+        computed = [tuple(map(int, line.split())) for line in f]
+    assert sorted(i for i, _ in computed) == list(range(len(sizes)))
+    workers = {os.getpid()} if where is None else set(where.run(os.getpid).values())
+    assert {pid for _, pid in computed} <= workers  # on the cluster's worker processes
 
 
 def test_empty_round(where):
@@ -343,6 +351,39 @@ def test_structure_disagreement_between_partitions(where):
             and "client 50" in str(got), got
 
 
+def test_partition_runs_that_disagree_name_the_metric_and_both_clients():
+    # The core probes the finalized structure at create(), so through the public API every
+    # partition agrees; the reduction still checks, for states that reach it otherwise (here:
+    # partitions finalized by different processes). Its ValueErrors name the metric and both
+    # first clients, never an internal TypeError.
+    spec = {"x": TensorSpec("int64")}
+
+    def run(finalizers, a, n):
+        p = FinalizeThenSampleFactory(3, seed=0).create(finalizers, spec)
+        o = p.next(p.round_start(p.initialize()), [{"x": i} for i in range(a, a + n)],
+                   client_offset=a)
+        return fd._Run(o.state, o.measurements, a)
+
+    base = FinalizeThenSampleFactory(3, seed=0).create({"x": float}, spec)
+    cases = [({"x": lambda v: [float(v), 1.0]}, "metric 'x'"),      # structure
+             ({"x": lambda v: np.int32(v)}, "metric 'x'"),          # leaf dtype
+             (lambda m: {"y": float(m["x"])}, "['y'] for client 10")]  # metric names
+    for finalizers, named in cases:
+        out = fd._combine(base, [run({"x": float}, 0, 10), fd._Run(), run(finalizers, 10, 5)])
+        assert isinstance(out.failure, ValueError) and out.state is None
+        message = str(out.failure)
+        assert named in message and "client 0" in message and "client 10" in message, message
+
+
+def test_unpicklable_process_is_a_clear_error(client):
+    lock = threading.Lock()
+    p = create(3, 0, {"x": lambda v: (lock, float(v))[1]}, {"x": TensorSpec("int64")})
+    with pytest.raises(TypeError, match="the process must pickle"):
+        fd.next(p, p.initialize(), db.from_sequence([{"x": 1}, {"x": 2}]))
+    with dask.config.set(scheduler="threads"):  # one process: nothing to ship
+        assert fd.next(p, p.initialize(), db.from_sequence([{"x": 1}])).measurements == {"x": 0}
+
+
 # -- columns -----------------------------------------------------------------------------------
 
 CSPEC = {"loss": [TensorSpec("float32"), TensorSpec("float32")], "hist": TensorSpec("int64", (3,))}
@@ -402,20 +443,8 @@ def test_columnar_errors_name_the_metric(where):
         fd.next_columnar(q, q.initialize(), dcols)
 
 
-def _reference_metrics_columns(buffers, record, spec, *, wire="recordset"):
-    """metrics_columns for scalar specs, in Python over the real parser (until fastrec.wire
-    has its own)."""
-    from fastrec.wire import recordset_from_bytes
-    assert wire == "recordset"
-    records = [recordset_from_bytes(b).metrics_records[record] for b in buffers]
-    return {name: np.array([r[name] for r in records], dtype=ts.dtype).reshape(len(records))
-            for name, ts in spec.items()}
-
-
-def test_next_from_wire(where, monkeypatch):
+def test_next_from_wire(where):
     wire = pytest.importorskip("fastrec.wire")
-    if not hasattr(wire, "metrics_columns"):  # the wire issue's batch ingestion, not there yet
-        monkeypatch.setattr(wire, "metrics_columns", _reference_metrics_columns, raising=False)
     spec = {"acc": TensorSpec("float64"), "n": TensorSpec("int64")}
     p = create(4, 0,
         {"acc": vectorized(lambda c: c), "n": vectorized(lambda c: c)}, spec)
@@ -427,6 +456,14 @@ def test_next_from_wire(where, monkeypatch):
     same(fd.next_from_wire(p, state, db.from_sequence(buffers, npartitions=5), "m", spec), one)
     bag = bag_of(buffers, [0, 1, 30, 0, 29])
     same(fd.next_from_wire(p, state, bag, "m", spec), one)
+    bad = list(buffers)
+    for i in (44, 52):  # a list where a number belongs, in the last partition
+        bad[i] = wire.recordset_to_bytes(fastrec.RecordSet(
+            metrics_records={"m": fastrec.MetricsRecord({"acc": [1.0, 2.0], "n": i})}))
+    one = error_of(lambda: p.next_columnar(state, wire.metrics_columns(bad, "m", spec)))
+    assert "buffer 44" in str(one)
+    same_error(error_of(lambda: fd.next_from_wire(p, state, bag_of(bad, [0, 1, 30, 0, 29]), "m",
+                                                  spec)), one)
 
 
 # -- reliability -------------------------------------------------------------------------------

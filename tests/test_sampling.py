@@ -121,13 +121,15 @@ def test_count_non_finite_rows():
         _sampling.count_non_finite_rows(np.array(1.0))
 
 
-@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
 @settings(max_examples=150, deadline=None)
-@given(hnp.arrays(st.sampled_from(FLOAT_DTYPES), hnp.array_shapes(min_dims=0, max_dims=4,
-                                                                  max_side=5),
+@given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
                   elements=st.sampled_from(SPECIALS)),
-       st.booleans(), st.data())
-def test_count_non_finite_matches_numpy(a, transpose, data):
+       st.sampled_from(FLOAT_DTYPES), st.booleans(), st.data())
+def test_count_non_finite_matches_numpy(a, dtype, transpose, data):
+    # Cast here, not in hypothesis: 1e300 -> float16 is inf and 5e-324 -> float32 is 0 by
+    # design, which hypothesis (rightly, for its own strategies) refuses under some NumPys.
+    with np.errstate(over="ignore", under="ignore"):
+        a = a.astype(dtype)
     if transpose:
         a = a.T
     if a.ndim:
@@ -1262,6 +1264,7 @@ def _two_thread_case(monkeypatch, threshold):
     from fastrec import sampling
     monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", threshold)
     monkeypatch.setattr(sampling, "_KEY_CHUNK", 700)   # several chunks, one shorter
+    monkeypatch.setattr(sampling, "_spare_core", lambda: True)
     rng = np.random.default_rng(5)
     n = 5_000
     col = rng.standard_normal(n)
@@ -1288,10 +1291,16 @@ def test_columnar_keys_on_a_second_thread_give_the_one_thread_result(monkeypatch
     assert repr(split.result) == repr(serial.result)
 
 
+def test_spare_core_is_a_bool():
+    from fastrec import sampling
+    assert sampling._spare_core() in (True, False)
+
+
 def test_columnar_finalizer_error_with_keys_on_a_second_thread(monkeypatch):
     import threading
     from fastrec import sampling
     monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", 1)
+    monkeypatch.setattr(sampling, "_spare_core", lambda: True)
 
     boom = fails_after_probe(RuntimeError)
 
@@ -1375,12 +1384,12 @@ def _divide_no_nan(a, b):
 
 
 TFF_FINALIZERS = {"accuracy": lambda x: x, "loss": lambda x: _divide_no_nan(x[0], x[1]),
-                  "custom_sum": lambda x: sum(np.sum(t) for t in x)}
+                  "custom_sum": lambda x: np.add.reduce([np.sum(t) for t in x])}
 
 
 def tff_functional_finalizer(m):
     return {"accuracy": m["accuracy"], "loss": _divide_no_nan(m["loss"][0], m["loss"][1]),
-            "custom_sum": sum(np.sum(t) for t in m["custom_sum"])}
+            "custom_sum": np.add.reduce([np.sum(t) for t in m["custom_sum"]])}
 
 
 def tff_random_metrics(seed):
@@ -1910,3 +1919,43 @@ def test_float32_narrowing_matches_numpy_at_the_range_edge():
     out = p.next(p.initialize(), [{"s": x, "v": edge} for x in edge])
     assert out.result[0]["s"].tobytes() == expected.tobytes()
     assert out.result[0]["v"][0].tobytes() == expected.tobytes()
+
+
+# -- pickling the process (worker processes receive it, e.g. fastrec.dask) -------------------
+
+def _double(v):
+    return v * 2
+
+
+def _pair_sum(v):
+    return v[0] + v[1]
+
+
+@pytest.mark.parametrize("seed", [7, None])
+def test_process_pickles_and_unpickles_to_the_same_process(seed):
+    spec = {"x": TensorSpec("float32"), "p": [TensorSpec("int64"), TensorSpec("int64")]}
+    p = FinalizeThenSampleFactory(4, seed=seed).create({"x": _double, "p": _pair_sum}, spec)
+    q = pickle.loads(pickle.dumps(p))
+    clients = [{"x": float(i), "p": [i, 2 * i]} for i in range(30)]
+    start = p.initialize()
+    a, b = p.next(start, clients), q.next(start, clients)
+    assert np.array_equal(a.state["keys"], b.state["keys"])
+    for name in ("x", "p"):
+        assert np.array_equal(a.result[0][name], b.result[0][name])
+    if seed is not None:  # the seed travels: a fresh initialize() agrees too
+        assert q.initialize()["seed"] == p.initialize()["seed"]
+
+
+def test_pickled_process_snapshots_the_spec_at_create():
+    spec = {"x": TensorSpec("float32")}
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": _double}, spec)
+    spec["x"] = TensorSpec("int8")   # edited after create: the process keeps what it was given
+    q = pickle.loads(pickle.dumps(p))
+    out = q.next(q.initialize(), [{"x": 0.5}])
+    assert out.result[0]["x"].dtype == np.float32 and out.result[0]["x"].tolist() == [1.0]
+
+
+def test_functional_process_pickles():
+    p = FinalizeThenSampleFactory(3, seed=1).create(dict, {"x": TensorSpec("float64")})
+    q = pickle.loads(pickle.dumps(p))
+    assert q.next(q.initialize(), [{"x": 2.0}]).result[0]["x"].tolist() == [2.0]

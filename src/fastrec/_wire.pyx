@@ -28,6 +28,8 @@ cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
     object PyNumber_Index(object o)
     Py_ssize_t PY_SSIZE_T_MAX
+    Py_ssize_t PyUnicode_Tailmatch(object s, object sub, Py_ssize_t start, Py_ssize_t end,
+                                   int direction) except -1
 
 cdef enum:
     NOGIL_BYTES = 1 << 16   # copies at least this big run without the GIL
@@ -354,6 +356,27 @@ cdef class _Dec:
         self.c.err_off = 0
 
 
+# One decoder reused across calls (its scratch stays warm). Decoding holds the GIL
+# except inside large copies, so a call that finds it busy (another thread got in
+# during such a copy) takes a fresh one.
+cdef _Dec _shared_dec = _Dec.__new__(_Dec)
+cdef bint _shared_busy = False
+
+
+cdef inline _Dec _acquire():
+    global _shared_busy
+    if _shared_busy:
+        return _Dec.__new__(_Dec)
+    _shared_busy = True
+    return _shared_dec
+
+
+cdef inline void _release(_Dec d):
+    global _shared_busy
+    if d is _shared_dec:
+        _shared_busy = False
+
+
 cdef int _check(fr_status st, _Dec d, str what) except -1:
     if st != FR_OK:
         _raise(st, &d.c, what)
@@ -461,9 +484,9 @@ cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dic
             _check(fr_pb_fail(&d.c, f.ptr, "nesting deeper than 100"), d, what)
         key.ptr = f.ptr
         key.len = 0
-        items = {}
-        keys = []
-        values = []
+        items = {} if f.number != 1 else None
+        keys = [] if f.number == 1 else None
+        values = [] if f.number == 1 else None
         q = f.ptr
         qend = f.ptr + f.len
         unknown = False
@@ -535,13 +558,28 @@ def configs_record_from_bytes(buf):
 
 
 def recordset_from_bytes(buf):
-    cdef _In inp = _input(buf)
-    cdef _Dec d = _Dec.__new__(_Dec)
-    d.start(inp)
+    cdef _In inp = None
+    cdef const uint8_t *ptr
+    cdef size_t n
+    if PyBytes_CheckExact(buf):
+        ptr = <const uint8_t *>PyBytes_AS_STRING(buf)
+        n = <size_t>PyBytes_GET_SIZE(buf)
+    else:
+        inp = _input(buf)
+        ptr = inp.ptr
+        n = inp.len
+    cdef _Dec d = _acquire()
     cdef dict p = {}, m = {}, c = {}
-    _recordset_merge(d, inp.ptr, inp.len, 0, p, m, c, "RecordSet")
-    if d.empty_seen:
-        _refuse_empty(list(m.values()) + list(c.values()), "RecordSet")
+    try:
+        d.c.base = ptr
+        d.c.err = NULL
+        d.c.err_off = 0
+        d.empty_seen = False
+        _recordset_merge(d, ptr, n, 0, p, m, c, "RecordSet")
+        if d.empty_seen:
+            _refuse_empty(list(m.values()) + list(c.values()), "RecordSet")
+    finally:
+        _release(d)
     return recordset_from_dicts(p, m, c)
 
 
@@ -644,10 +682,7 @@ cdef class _Items:
         if self.vals != NULL:
             for k in range(self.n):
                 fr_value_free(&self.vals[k])
-        free(self.vals)
-        free(self.keys)
-        free(self.key_lens)
-        free(self.sizes)
+        free(self.vals)   # the whole block
 
 
 cdef inline dict _data_of(object record):
@@ -669,19 +704,23 @@ cdef list _sorted_keys(dict data):
     keys.sort()   # code-point order is UTF-8 byte order
     for i in range(len(keys) - 1):
         # A prefix pair is always adjacent after sorting; only then differ.
-        if (<str>keys[i + 1]).startswith(<str>keys[i]):
+        if PyUnicode_Tailmatch(keys[i + 1], keys[i], 0, PY_SSIZE_T_MAX, -1) == 1:
             keys.sort(key=_map_sort_key)
             break
     return keys
 
 
-def _utf8_key(k):
-    if not isinstance(k, str):
+cdef bytes _key_bytes(object k):
+    cdef const uint8_t *p
+    cdef size_t n
+    if type(k) is not str and not isinstance(k, str):
         raise TypeError(f"record keys must be str, got {type(k).__name__}")
-    try:
-        return str.encode(k, "utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(str(e)) from e
+    p = _utf8(k, &n)
+    return PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
+
+
+def _utf8_key(k):
+    return _key_bytes(k)
 
 
 def _map_sort_key(k):
@@ -696,12 +735,15 @@ cdef _Items _prepare_items(object record, bint configs, bint sort):
     cdef Py_ssize_t k, n = len(keys)
     cdef int ok
     it.keep = [keys]
-    it.vals = <fr_value *>malloc(<size_t>(n if n else 1) * sizeof(fr_value))
-    it.keys = <const uint8_t **>malloc(<size_t>(n if n else 1) * sizeof(uint8_t *))
-    it.key_lens = <size_t *>malloc(<size_t>(n if n else 1) * sizeof(size_t))
-    it.sizes = <size_t *>malloc(<size_t>(n if n else 1) * sizeof(size_t))
-    if it.vals == NULL or it.keys == NULL or it.key_lens == NULL or it.sizes == NULL:
+    cdef size_t m = <size_t>(n if n else 1)
+    # one block: values, then key pointers, key lengths and value sizes
+    cdef char *block = <char *>malloc(m * (sizeof(fr_value) + sizeof(uint8_t *) + 2 * sizeof(size_t)))
+    if block == NULL:
         raise MemoryError()
+    it.vals = <fr_value *>block
+    it.keys = <const uint8_t **>(block + m * sizeof(fr_value))
+    it.key_lens = <size_t *>(block + m * (sizeof(fr_value) + sizeof(uint8_t *)))
+    it.sizes = it.key_lens + m
     for k in range(n):
         fr_value_init(&it.vals[k])
     it.n = n
@@ -841,7 +883,7 @@ cdef _Params _prepare_params(object record):
     r.arrays = []
     r.body = 0
     for k, v in data.items():
-        kb = _utf8_key(k)
+        kb = _key_bytes(k)
         r.keys.append(kb)
         r.body += fr_pb_len_field_size(1, <size_t>len(kb))
         a = _prepare_array(v)
@@ -880,11 +922,19 @@ cdef _RS _prepare_recordset(object rs):
     r.entries = []
     r.body = 0
     cdef size_t body
-    for number, records in ((1, rs.parameters_records), (2, rs.metrics_records),
-                            (3, rs.configs_records)):
-        data = _data_of(records)
+    cdef int number
+    if isinstance(rs, RecordSet):
+        groups = ((<RecordSet>rs)._params._data, (<RecordSet>rs)._metrics._data,
+                  (<RecordSet>rs)._configs._data)
+    else:
+        groups = (_data_of(rs.parameters_records), _data_of(rs.metrics_records),
+                  _data_of(rs.configs_records))
+    for number in range(1, 4):
+        data = <dict>groups[number - 1]
+        if not data:
+            continue
         for k in _sorted_keys(data):
-            kb = _utf8_key(k)
+            kb = _key_bytes(k)
             rec = data[k]
             if number == 1:
                 prep = _prepare_params(rec)
@@ -957,7 +1007,7 @@ cdef bytes _metadata_body(object metadata):
         else:
             if not isinstance(x, str):
                 raise TypeError(f"metadata {name!r} must be a str, not {type(x).__name__}")
-            b = _utf8_key(x)
+            b = _key_bytes(x)
             if b:
                 parts.append((num, wt, b))
                 size += fr_pb_len_field_size(num, <size_t>len(b))
@@ -988,7 +1038,7 @@ cdef bytes _error_body(object error):
         reason = ""
     if not isinstance(reason, str):
         raise TypeError(f"error 'reason' must be a str, not {type(reason).__name__}")
-    rb = _utf8_key(reason)
+    rb = _key_bytes(reason)
     u = fr_pb_zigzag64(i)
     size = (fr_pb_tag_size(1) + fr_pb_varint_size(u) if u else 0) + \
         (fr_pb_len_field_size(2, <size_t>len(rb)) if rb else 0)
@@ -1203,8 +1253,13 @@ def metrics_columns(buffers, record, spec, *, wire="recordset"):
         if ptrs == NULL or lens == NULL or slow == NULL:
             raise MemoryError()
         for i in range(n):
+            b = bufs[i]
+            if PyBytes_CheckExact(b):   # kept alive by bufs
+                ptrs[i] = <const uint8_t *>PyBytes_AS_STRING(b)
+                lens[i] = <size_t>PyBytes_GET_SIZE(b)
+                continue
             try:
-                inp = _input(bufs[i])
+                inp = _input(b)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"buffer {i}: {e}") from None
             inputs[i] = inp

@@ -48,12 +48,16 @@ from __future__ import annotations
 import functools
 import importlib
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import cloudpickle  # type: ignore[import-untyped]  # (no stubs; comes with dask)
 import dask
 import dask.array as da
 import dask.bag as db
+import dask.local
+import dask.threaded
 import numpy as np
 from dask.base import get_scheduler
 
@@ -148,7 +152,10 @@ def next_from_wire(process: AggregationProcess, state: dict, buffers: db.Bag, re
     spec, wire=wire)`` on its worker, then go through ``process.next_columnar`` as in
     :func:`next_columnar`: the result is ``process.next_columnar(state,
     metrics_columns(all_buffers, record, spec, wire=wire))``. Vectorized finalizers must work
-    row by row (see :func:`next_columnar`).
+    row by row (see :func:`next_columnar`). Example::
+
+        replies = db.from_sequence(list_of_reply_bytes, npartitions=64)
+        out = fastrec.dask.next_from_wire(process, state, replies, "eval", spec)
     """
     _check_process(process)
     if not isinstance(buffers, db.Bag):
@@ -178,6 +185,7 @@ def _finish(process, state, runs, split_every, scheduler, collection):
                                            split_every=split_every)
     if scheduler is None:  # Dask's choice for the caller's collection (or the active Client)
         scheduler = get_scheduler(collections=[collection])
+    _check_shippable(process, scheduler)
     (summary,) = dask.compute(tree, scheduler=scheduler)
     if summary.failure is not None:
         raise summary.failure
@@ -227,9 +235,28 @@ def _run_columns(process, start, template, blocks, offset):
 
 
 def _run_wire(process, start, part, offsets, i, ingest):
+    offset = offsets[i]
+
     def run():
-        return process.next_columnar(start, ingest(part), client_offset=offsets[i])
-    return _attempt(run, len(part), offsets[i])
+        try:
+            columns = ingest(part)
+        except ValueError as e:
+            raise _global_buffer(e, offset, len(part)) from None
+        return process.next_columnar(start, columns, client_offset=offset)
+    return _attempt(run, len(part), offset)
+
+
+def _global_buffer(error, offset, n):
+    """``error`` naming the buffer by its global index, as one machine's metrics_columns does.
+
+    TODO(wire): metrics_columns names a bad buffer by its position in the sequence it gets
+    ("buffer 3, record ..."); a ``buffer_offset=`` argument would make this rewrite needless.
+    """
+    text = str(error)
+    m = re.match(r"buffer (\d+),", text)
+    if type(error) is not ValueError or len(error.args) != 1 or m is None or int(m[1]) >= n:
+        return error
+    return ValueError(f"buffer {int(m[1]) + offset}{text[m.end(1):]}")
 
 
 def _attempt(run, n, offset):
@@ -307,6 +334,20 @@ def _check_process(process):
     if not isinstance(process, AggregationProcess):
         raise TypeError(f"process must be a fastrec AggregationProcess, got "
                         f"{type(process).__name__}")
+
+
+def _check_shippable(process, scheduler):
+    """A clear TypeError, before any work, if worker processes cannot receive ``process``."""
+    if scheduler in _IN_PROCESS or scheduler in (dask.threaded.get, dask.local.get_sync):
+        return
+    try:
+        cloudpickle.dumps(process)
+    except Exception as e:
+        raise TypeError(f"the process must pickle (cloudpickle) to reach worker processes: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+_IN_PROCESS = ("sync", "synchronous", "single-threaded", "threads", "threading")
 
 
 def _shared(obj):

@@ -56,6 +56,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -159,6 +161,20 @@ _INT64_MAX = (1 << 63) - 1
 # finishes as soon as possible whether or not the second thread gets a core of its own.
 _OVERLAP_MIN_CLIENTS = 200_000
 _KEY_CHUNK = 1 << 16
+
+
+def _spare_core() -> bool:
+    """Whether a second thread is likely to get a core of its own. On an oversubscribed
+    machine the two threads' GIL hand-offs cost more than the overlap saves, so the keys are
+    then drawn on the calling thread (same result either way): the 1-minute load average
+    must leave a core free (without a load average, as on Windows: 2+ cores suffice)."""
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        return False
+    try:
+        return os.getloadavg()[0] <= cores - 1
+    except (AttributeError, OSError):
+        return True
 
 
 class _KeyChunks:
@@ -291,7 +307,26 @@ class FinalizeThenSampleFactory:
             raise TypeError("`metric_finalizers` must be a mapping of metric name to callable or "
                             f"a callable, got {type(metric_finalizers).__name__}")
         seed = None if self._seed is None else _seed_words(np.random.SeedSequence(self._seed))
-        return AggregationProcess(self._sample_size, seed, specs, finalizers)
+        process = AggregationProcess(self._sample_size, seed, specs, finalizers)
+        # What pickling rebuilds the process from: a snapshot, so that later edits of the
+        # caller's spec do not change what a worker unpickles.
+        process._metrics_type = copy.deepcopy(local_unfinalized_metrics_type)
+        return process
+
+
+def _rebuild_process(sample_size, seed_words, metrics_type, finalizers):
+    factory = FinalizeThenSampleFactory(sample_size)
+    process = factory.create(finalizers, metrics_type)
+    if seed_words is not None:
+        process._seed = _seed_pair(seed_words)
+    return process
+
+
+def _seed_pair(words) -> tuple:
+    if (not isinstance(words, tuple) or len(words) != 2
+            or not all(type(w) is int and 0 <= w < 2**64 for w in words)):
+        raise TypeError(f"a pickled process's seed must be two 64-bit words, got {words!r}")
+    return words
 
 
 def _seed_words(seq) -> tuple:
@@ -339,6 +374,7 @@ class AggregationProcess:
     """
 
     def __init__(self, sample_size, seed_words, specs, finalizers):
+        self._metrics_type = None
         self._k = sample_size
         self._seed = seed_words
         self._specs = specs
@@ -356,6 +392,20 @@ class AggregationProcess:
         self._ordered_specs = tuple(specs[n] for n in self._names)
         self._out_names, self._layouts = self._probe()
         self._layout_of = dict(zip(self._out_names, self._layouts))
+
+    def __reduce__(self):
+        """Pickle as what :meth:`FinalizeThenSampleFactory.create` was given.
+
+        Worker processes (e.g. ``fastrec.dask``) receive the process this way; the finalizers
+        must pickle too (lambdas do with ``cloudpickle``, which Dask uses). Unpickling runs
+        ``create``'s checks and its one probe call of each finalizer again.
+        """
+        if self._metrics_type is None:
+            raise TypeError("only an AggregationProcess built by FinalizeThenSampleFactory.create "
+                            "can be pickled")
+        fins = self._functional if self._functional is not None else dict(zip(self._names,
+                                                                               self._fins))
+        return (_rebuild_process, (self._k, self._seed, self._metrics_type, fins))
 
     def _probe(self):
         """Finalize an example of ones once: the finalized names, structures and dtypes."""
@@ -442,7 +492,7 @@ class AggregationProcess:
         measurements)``. An empty round returns ``state`` itself, empty ``(0,) + shape``
         arrays as the current sample and zero measurements.
 
-        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v * 2},
+        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v + v},
         ...                                                 {"x": TensorSpec("float32")})
         >>> out = p.next(p.initialize(), [{"x": 0.5}, {"x": float("nan")}])
         >>> out.result[0]["x"], out.measurements
@@ -512,7 +562,7 @@ class AggregationProcess:
         # rows, then helps with the rest.
         s0, s1, rnd = st.seed[0], st.seed[1], st.round
         chunks = (_KeyChunks(s0, s1, rnd, offset, n, self._k)
-                  if n >= _OVERLAP_MIN_CLIENTS else None)
+                  if n >= _OVERLAP_MIN_CLIENTS and _spare_core() else None)
         background = _Background(chunks.work) if chunks is not None else None
         try:
             if self._functional is None:
