@@ -21,6 +21,9 @@ SUITES = [
     ("array", "Arrays: `array_from_numpy` / `Array.numpy()` vs Flower's numpy.save/numpy.load path"),
     ("records", "Records: fastrec vs flwr 1.15.2"),
     ("sampling", "FinalizeThenSample: fastrec vs a plain NumPy implementation"),
+    ("wire", "Wire format: fastrec.wire vs flwr 1.15.2's serde + protobuf"),
+    ("pipeline", "End to end: serialized client Messages to one round's sample"),
+    ("dask", "fastrec.dask: rounds on a LocalCluster of 2 worker processes vs one process"),
     ("app", "fastrec.app (Flower 1.42 records, object wire format) vs flwr 1.42.0 "
             "(run in a flwr 1.42 environment)"),
 ]

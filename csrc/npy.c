@@ -192,6 +192,12 @@ static fr_status skip_trailing(parser *p)
             comment = 1;
             c = peek(p, 0);
         }
+        if (c == '\\' && !comment && is_newline(peek(p, 1))) {
+            /* an explicit line join: the next line continues this one */
+            p->i++;
+            skip_newline(p);
+            continue;
+        }
         if (is_newline(c)) {
             skip_newline(p);
             first = 0;
@@ -567,10 +573,30 @@ static fr_status parse_shape(parser *p)
 
 enum { KEY_DESCR = 1, KEY_FORTRAN = 2, KEY_SHAPE = 4 };
 
+/* Whether the value skipped from `start` is one literal_eval could read: a
+ * bare word must be True, False or None (anything else is a name). */
+static int plain_literal(const parser *p, size_t start)
+{
+    size_t a = start, b = p->i;
+    while (a < b && (p->s[a] == ' ' || p->s[a] == '\t'))
+        a++;
+    while (b > a && (p->s[b - 1] == ' ' || p->s[b - 1] == '\t' || is_newline(p->s[b - 1])))
+        b--;
+    if (a < b && (is_ident_char(p->s[a]) && !(p->s[a] >= '0' && p->s[a] <= '9'))) {
+        size_t n = b - a;
+        const char *w = (const char *)p->s + a;
+        return (n == 4 && (memcmp(w, "True", 4) == 0 || memcmp(w, "None", 4) == 0)) ||
+               (n == 5 && memcmp(w, "False", 5) == 0);
+    }
+    return a < b;
+}
+
 static fr_status parse_dict(parser *p)
 {
     fr_npy_header *h = p->h;
     int seen = 0;
+    fr_status pending[3] = {FR_OK, FR_OK, FR_OK};
+    char pending_msg[3][FR_NPY_MSG_LEN];
     p->i++; /* '{' */
     skip_ws(p);
     if (peek(p, 0) != '}') {
@@ -615,7 +641,10 @@ static fr_status parse_dict(parser *p)
             }
             p->i++;
             skip_ws(p);
-            /* A repeated key overrides, as in a Python dict literal. */
+            /* A repeated key overrides, as in a Python dict literal. numpy
+             * evaluates the whole dict before checking the values, so a value
+             * of the wrong type only counts if no later key overrides it. */
+            size_t value_start = p->i;
             if (key == KEY_DESCR) {
                 st = parse_descr(p);
             } else if (key == KEY_FORTRAN) {
@@ -623,8 +652,19 @@ static fr_status parse_dict(parser *p)
             } else {
                 st = parse_shape(p);
             }
+            int slot = key == KEY_DESCR ? 0 : key == KEY_FORTRAN ? 1 : 2;
             if (st != FR_OK) {
-                return st;
+                size_t fail_at = p->i;
+                memcpy(pending_msg[slot], h->msg, FR_NPY_MSG_LEN);
+                p->i = value_start;
+                if (skip_value(p) != FR_OK || !plain_literal(p, value_start)) {
+                    memcpy(h->msg, pending_msg[slot], FR_NPY_MSG_LEN);
+                    p->i = fail_at;
+                    return st;
+                }
+                pending[slot] = st;
+            } else {
+                pending[slot] = FR_OK;
             }
             seen |= key;
             skip_ws(p);
@@ -643,6 +683,12 @@ static fr_status parse_dict(parser *p)
         }
     }
     p->i++; /* '}' */
+    for (int slot = 0; slot < 3; slot++) {
+        if (pending[slot] != FR_OK) {
+            memcpy(h->msg, pending_msg[slot], FR_NPY_MSG_LEN);
+            return pending[slot];
+        }
+    }
     if (seen != (KEY_DESCR | KEY_FORTRAN | KEY_SHAPE)) {
         return fail(p, FR_ERR_VALUE, "header does not contain the correct keys: missing %s",
                     !(seen & KEY_DESCR) ? "'descr'"

@@ -235,8 +235,6 @@ fr_status fr_wire_entry_decode(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int
                 return st;
         }
     }
-    if (v->kind == FR_V_NONE && !*unknown)
-        return fr_pb_fail(c, ptr, "record value with no member of its oneof set");
     return FR_OK;
 }
 
@@ -501,4 +499,240 @@ void fr_wire_array_put_head(fr_pb_writer *w, const uint8_t *dtype, size_t dtype_
         fr_pb_put_tag(w, 4, FR_PB_LEN);
         fr_pb_put_varint(w, data_len);
     }
+}
+
+/* ----------------------------------------------------------------- columns */
+
+static int put_number(const fr_wire_leaf *L, uint8_t *dst, int kind, double d, int64_t i,
+                      uint64_t u, int write)
+{
+    double x;
+    int64_t xi;
+    switch (L->out_type) {
+    case FR_COL_F64:
+        x = kind == FR_V_DOUBLE ? d : kind == FR_V_SINT64 ? (double)i : (double)u;
+        if (write)
+            memcpy(dst, &x, sizeof x);
+        return FR_FILL_OK;
+    case FR_COL_I64:
+        if (kind == FR_V_DOUBLE)
+            return FR_FILL_KIND;
+        if (kind == FR_V_UINT64) {
+            if (u > (uint64_t)L->imax)
+                return FR_FILL_RANGE;
+            xi = (int64_t)u;
+        } else {
+            if (i < L->imin || i > L->imax)
+                return FR_FILL_RANGE;
+            xi = i;
+        }
+        if (write)
+            memcpy(dst, &xi, sizeof xi);
+        return FR_FILL_OK;
+    default: /* FR_COL_U64 */
+        if (kind == FR_V_DOUBLE)
+            return FR_FILL_KIND;
+        if (kind == FR_V_SINT64) {
+            if (i < 0)
+                return FR_FILL_RANGE;
+            u = (uint64_t)i;
+        }
+        if (u > L->umax)
+            return FR_FILL_RANGE;
+        if (write)
+            memcpy(dst, &u, sizeof u);
+        return FR_FILL_OK;
+    }
+}
+
+static int put_element(const fr_wire_leaf *L, uint8_t *dst, const fr_value *v, size_t k,
+                       int write)
+{
+    switch (v->kind) {
+    case FR_V_DOUBLE_LIST:
+        return put_number(L, dst, FR_V_DOUBLE, ((const double *)v->items)[k], 0, 0, write);
+    case FR_V_SINT_LIST:
+        return put_number(L, dst, FR_V_SINT64, 0, ((const int64_t *)v->items)[k], 0, write);
+    default: /* FR_V_UINT_LIST */
+        return put_number(L, dst, FR_V_UINT64, 0, 0, ((const uint64_t *)v->items)[k], write);
+    }
+}
+
+int fr_wire_leaf_fill(const fr_wire_leaf *L, size_t row, const fr_value *v)
+{
+    uint8_t *dst = L->out + row * L->stride;
+    int is_list = v->kind == FR_V_DOUBLE_LIST || v->kind == FR_V_SINT_LIST ||
+                  v->kind == FR_V_UINT_LIST;
+    int st, pass;
+    size_t k;
+    if (L->width == 0) {
+        if (v->kind != FR_V_DOUBLE && v->kind != FR_V_SINT64 && v->kind != FR_V_UINT64)
+            return FR_FILL_KIND;
+        return put_number(L, dst, v->kind, v->d, v->i, v->u, 1);
+    }
+    if (!is_list)
+        return FR_FILL_KIND;
+    if (v->n != L->width)
+        return FR_FILL_LENGTH;
+    if (L->elem >= 0)
+        return put_element(L, dst, v, (size_t)L->elem, 1);
+    /* check every element before writing any */
+    for (pass = 0; pass < 2; pass++)
+        for (k = 0; k < v->n; k++)
+            if ((st = put_element(L, dst + 8 * k, v, k, pass)) != FR_FILL_OK)
+                return st;
+    return FR_FILL_OK;
+}
+
+static int span_eq(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
+{
+    return na == nb && (na == 0 || memcmp(a, b, na) == 0);
+}
+
+/* Validate a ParametersRecord body; 0 if fine. */
+static int params_ok(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int depth, fr_wire_array *a)
+{
+    const uint8_t *p = ptr, *end = ptr + len;
+    fr_pb_field f;
+    while (p < end) {
+        if (fr_pb_next_field(c, &p, end, depth, &f) != FR_OK)
+            return 1;
+        if (f.wire_type != FR_PB_LEN)
+            continue;
+        if (f.number == 1 && fr_pb_check_utf8(c, &f) != FR_OK)
+            return 1;
+        if (f.number == 2 && fr_wire_array_decode(c, f.ptr, f.len, depth + 1, a) != FR_OK)
+            return 1;
+    }
+    return 0;
+}
+
+/* Validate a Metrics/ConfigsRecord body, filling the leaves (if any) from it. */
+static int record_scan(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int depth, int configs,
+                       fr_wire_leaf *leaves, size_t nleaves, size_t row, fr_value *v)
+{
+    const uint8_t *p = ptr, *end = ptr + len;
+    fr_pb_field f;
+    fr_span key;
+    int unknown;
+    size_t k;
+    while (p < end) {
+        if (fr_pb_next_field(c, &p, end, depth, &f) != FR_OK)
+            return 1;
+        if (f.number != 1 || f.wire_type != FR_PB_LEN)
+            continue;
+        if (fr_wire_entry_decode(c, f.ptr, f.len, configs, depth + 1, &key, v, &unknown) != FR_OK)
+            return 1;
+        if (unknown || v->kind == FR_V_NONE)
+            return 1;
+        for (k = 0; k < nleaves; k++) {
+            fr_wire_leaf *L = &leaves[k];
+            if (!span_eq(key.ptr, key.len, L->name, L->name_len))
+                continue;
+            if (L->seen || fr_wire_leaf_fill(L, row, v) != FR_FILL_OK)
+                return 1;
+            L->seen = 1;
+        }
+    }
+    return 0;
+}
+
+static int strings_ok(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int depth, uint32_t mask)
+{
+    const uint8_t *p = ptr, *end = ptr + len;
+    fr_pb_field f;
+    while (p < end) {
+        if (fr_pb_next_field(c, &p, end, depth, &f) != FR_OK)
+            return 1;
+        if (f.wire_type == FR_PB_LEN && f.number < 32 && (mask >> f.number & 1) &&
+            fr_pb_check_utf8(c, &f) != FR_OK)
+            return 1;
+    }
+    return 0;
+}
+
+int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8_t *rec,
+                        size_t rec_len, fr_wire_leaf *leaves, size_t nleaves, size_t row,
+                        fr_value *v, fr_wire_array *a)
+{
+    fr_pb_ctx c;
+    fr_pb_field f, g;
+    const uint8_t *p = buf, *end = buf + len, *q, *qend;
+    const uint8_t *rs = buf;
+    size_t rs_len = len, k;
+    int depth = 0, found = 0;
+    c.base = buf;
+    c.err = NULL;
+    c.err_off = 0;
+    if (message) {
+        int ncontent = 0, nerror = 0;
+        while (p < end) {
+            if (fr_pb_next_field(&c, &p, end, 0, &f) != FR_OK)
+                return 1;
+            if (f.wire_type != FR_PB_LEN)
+                continue;
+            if (f.number == 1) {  /* Metadata: strings are fields 2, 5, 6, 8 */
+                if (strings_ok(&c, f.ptr, f.len, 1, 1u << 2 | 1u << 5 | 1u << 6 | 1u << 8))
+                    return 1;
+            } else if (f.number == 2) {
+                ncontent++;
+                rs = f.ptr;
+                rs_len = f.len;
+            } else if (f.number == 3) {
+                nerror++;
+            }
+        }
+        if (ncontent != 1 || nerror != 0)
+            return 1;
+        depth = 1;
+        p = rs;
+        end = rs + rs_len;
+    }
+    for (k = 0; k < nleaves; k++)
+        leaves[k].seen = 0;
+    while (p < end) {
+        fr_span key = {NULL, 0};
+        int unknown = 0, target;
+        if (fr_pb_next_field(&c, &p, end, depth, &f) != FR_OK)
+            return 1;
+        if (f.wire_type != FR_PB_LEN || f.number < 1 || f.number > 3)
+            continue;
+        /* the entry's key first (it may follow the value) */
+        for (q = f.ptr, qend = f.ptr + f.len; q < qend;) {
+            if (fr_pb_next_field(&c, &q, qend, depth + 1, &g) != FR_OK)
+                return 1;
+            if (g.wire_type != FR_PB_LEN || g.number > 2)
+                unknown = 1;
+            else if (g.number == 1) {
+                if (fr_pb_check_utf8(&c, &g) != FR_OK)
+                    return 1;
+                key.ptr = g.ptr;
+                key.len = g.len;
+            }
+        }
+        if (unknown)
+            return 1;
+        target = f.number == 2 && span_eq(key.ptr, key.len, rec, rec_len);
+        if (target && found++)
+            return 1;
+        for (q = f.ptr, qend = f.ptr + f.len; q < qend;) {
+            if (fr_pb_next_field(&c, &q, qend, depth + 1, &g) != FR_OK)
+                return 1;
+            if (g.wire_type != FR_PB_LEN || g.number != 2)
+                continue;
+            if (f.number == 1) {
+                if (params_ok(&c, g.ptr, g.len, depth + 2, a))
+                    return 1;
+            } else if (record_scan(&c, g.ptr, g.len, depth + 2, f.number == 3,
+                                   target ? leaves : NULL, target ? nleaves : 0, row, v)) {
+                return 1;
+            }
+        }
+    }
+    if (!found)
+        return 1;
+    for (k = 0; k < nleaves; k++)
+        if (!leaves[k].seen)
+            return 1;
+    return 0;
 }

@@ -102,10 +102,10 @@ fr_status fr_wire_value_merge(fr_pb_ctx *c, fr_value *v, const uint8_t *ptr, siz
  * other field (an unknown number, or key/value with another wire type):
  * protobuf's parser then keeps the whole entry as an unknown field of the
  * map's message instead of inserting it, so the caller must drop it (for a
- * repeated entry message, as in Flower 1.42, ignore the flag). An entry that
- * is kept but whose value is missing or has no member set is FR_ERR_VALUE
- * (Flower's from_proto fails on the empty oneof).
- * Errors as fr_wire_value_merge. */
+ * repeated entry message, as in Flower 1.42, ignore the flag). A missing value
+ * or one with no member set leaves v->kind == FR_V_NONE: Flower's from_proto
+ * fails on that empty oneof, but only if no later entry replaces the key, so
+ * the caller decides. Errors as fr_wire_value_merge. */
 fr_status fr_wire_entry_decode(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int configs,
                                int depth, fr_span *key, fr_value *v, int *unknown);
 
@@ -151,5 +151,50 @@ size_t fr_wire_array_size(size_t dtype_len, const int64_t *shape, size_t ndim, s
 void fr_wire_array_put_head(fr_pb_writer *w, const uint8_t *dtype, size_t dtype_len,
                             const int64_t *shape, size_t ndim, const uint8_t *stype,
                             size_t stype_len, size_t data_len);
+
+/* ------------------------------------------------------------------------
+ * Columns straight from client replies (fastrec.wire.metrics_columns).
+ *
+ * A leaf is one output column fed by the metric named `name` of the chosen
+ * MetricsRecord: the scalar value (width 0, elem -1), the whole list value of
+ * exactly `width` elements (elem -1), or element `elem` of a list value of
+ * exactly `width` elements. Values are written as double (FR_COL_F64) or as
+ * int64 / uint64 within [imin, imax] / [0, umax]; row r of the column starts
+ * at out + r * stride bytes.
+ * ------------------------------------------------------------------------ */
+enum { FR_COL_F64 = 1, FR_COL_I64 = 2, FR_COL_U64 = 3 };
+enum { FR_FILL_OK = 0, FR_FILL_KIND = 1, FR_FILL_LENGTH = 2, FR_FILL_RANGE = 3 };
+
+typedef struct {
+    const uint8_t *name;
+    size_t name_len;
+    size_t width;
+    int64_t elem;
+    int out_type;
+    int64_t imin, imax;
+    uint64_t umax;
+    uint8_t *out;
+    size_t stride;
+    int seen;          /* scratch for fr_wire_columns_row */
+} fr_wire_leaf;
+
+/* Write value v into row `row` of the leaf's column: FR_FILL_OK, or why not
+ * (a list where a number is wanted or the reverse, a list of another length,
+ * a number outside the column's integer range or a float for an integer
+ * column). Nothing is written unless FR_FILL_OK. */
+int fr_wire_leaf_fill(const fr_wire_leaf *leaf, size_t row, const fr_value *v);
+
+/* The fast path for one serialized RecordSet (message = 0) or Message
+ * (message = 1): validate the whole of buf as the full decoder would and fill
+ * row `row` of every leaf from the MetricsRecord named rec. Returns 0 when the
+ * row is filled; 1 when the caller must take the general path instead: any
+ * error, any missing or unconvertible value, and the rare inputs whose meaning
+ * depends on replacement (a record or metric key occurring twice, a map entry
+ * with unknown fields, an empty oneof). It never reads outside buf, allocates
+ * only scratch bounded by the input, and needs no Python (callable without the
+ * GIL). `v` and `a` are reusable scratch. */
+int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8_t *rec,
+                        size_t rec_len, fr_wire_leaf *leaves, size_t nleaves, size_t row,
+                        fr_value *v, fr_wire_array *a);
 
 #endif

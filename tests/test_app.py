@@ -251,12 +251,14 @@ def test_value_table(value, names):
 
 
 @needs_next
-@given(st.lists(st.tuples(st.sampled_from(["get", "pop", "popitem", "setdefault", "update",
-                                           "clear", "set", "del", "copy"]),
-                          keys, metric_vals), max_size=12))
-@settings(max_examples=150, deadline=None)
-def test_mapping_methods_match(ops):
-    ours, theirs = app.MetricRecord({"a": 1}), fa.MetricRecord({"a": 1})
+@pytest.mark.parametrize("name", ["MetricRecord", "ConfigRecord"])
+@given(ops=st.lists(st.tuples(st.sampled_from(["get", "pop", "popitem", "setdefault", "update",
+                                               "clear", "set", "del", "copy"]),
+                              keys, st.one_of(metric_vals, st.just("s"), st.just(None))),
+                    max_size=12))
+@settings(max_examples=100, deadline=None)
+def test_mapping_methods_match(name, ops):
+    ours, theirs = getattr(app, name)({"a": 1}), getattr(fa, name)({"a": 1})
     for op, k, v in ops:
         if op == "set":
             calls = [lambda r: r.__setitem__(k, v)]
@@ -275,6 +277,8 @@ def test_mapping_methods_match(ops):
         for call in calls:
             o, t = _outcome(call, ours), _outcome(call, theirs)
             assert o[0] == t[0]
+            if o[0] != "ok":
+                assert o[1] == t[1]  # same message
         assert dict(ours) == dict(theirs)
         assert ours.deflate() == theirs.deflate()
 

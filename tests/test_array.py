@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fastrec
+import fastrec.wire
 from fastrec import Array, array_from_numpy
 from _optional import OptionalModule
 
@@ -275,6 +276,30 @@ def test_repr_matches_flower_dataclass():
     FlwrArray = flwr_common.Array
     args = ("float32", [1, 2], NUMPY_STYPE, b"\x00\x01")
     assert repr(Array(*args)) == repr(FlwrArray(*args))
+
+
+def test_dataclass_tools_behave_as_on_flower_array():
+    import dataclasses
+
+    from flwr.common import Array as FlwrArray
+    from flwr.common import serde
+
+    args = ("float32", [1, 2], NUMPY_STYPE, b"\x00\x01")
+    ours, theirs = Array(*args), FlwrArray(*args)
+    assert vars(ours) == vars(theirs)
+    assert dataclasses.is_dataclass(ours) and dataclasses.is_dataclass(Array)
+    assert [(f.name, f.type) for f in dataclasses.fields(ours)] == \
+        [(f.name, f.type) for f in dataclasses.fields(theirs)]
+    assert dataclasses.asdict(ours) == dataclasses.asdict(theirs)
+    assert dataclasses.astuple(ours) == dataclasses.astuple(theirs)
+    r = dataclasses.replace(ours, stype="raw")
+    assert type(r) is Array and r.stype == "raw" and ours.stype == NUMPY_STYPE
+    assert r.data is ours.data
+    with pytest.raises(TypeError):
+        dataclasses.replace(ours, nope=1)
+    assert serde.array_to_proto(ours) == serde.array_to_proto(theirs)
+    assert serde.array_to_proto(ours).SerializeToString() == \
+        fastrec.wire.array_to_bytes(ours)
 
 
 def test_pickle_and_deepcopy():
@@ -784,3 +809,37 @@ def test_concurrent_use_from_threads():
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = [r for rs in pool.map(work, arrays) for r in rs]
     assert results == [(True, True)] * 20
+
+
+def _npy_with_header(text):
+    h = text.encode("latin1")
+    h += b" " * ((64 - (10 + len(h) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + struct.pack("<d", 1.5)
+
+
+_BODY = "'descr': '<f8', 'fortran_order': False, 'shape': (1,)"
+
+
+@pytest.mark.parametrize("text", [
+    "{'descr': '<f8', 'fortran_order': False, 'shape': 'x', 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': [1, 2], 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': foo, 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': 3, 'fortran_order': False, 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'fortran_order': 3, 'shape': (1,), }",
+    "{'descr': '<f8', 'fortran_order': False, 'shape': (1,), 'shape': 'x'}",
+    "{'descr': 'garbage', 'descr': '<f8', 'fortran_order': False, 'shape': (1,), }",
+    "{'descr': '<f8', 'descr': 'zz', 'fortran_order': False, 'shape': (1,), }",
+    "{" + _BODY + ", }\\\n",
+    "{" + _BODY + ", } \\\n# comment",
+    "{" + _BODY + ", }\\ ",
+    "{'descr': '<f8', \\\n'fortran_order': False, 'shape': (1,), }",
+])
+def test_repeated_keys_and_line_joins_agree_with_numpy_load(text):
+    data = _npy_with_header(text)
+    try:
+        want = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError:
+        with pytest.raises(ValueError):
+            Array("float64", [1], NUMPY_STYPE, data).numpy()
+    else:
+        assert_same_array(Array("float64", [1], NUMPY_STYPE, data).numpy(), want)

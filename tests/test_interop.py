@@ -142,3 +142,28 @@ def test_round_trip_property(m, c, p):
         [_fields(a) for a in p.values()]
     assert f.metrics_records["m"].count_bytes() == rs.metrics_records["m"].count_bytes()
     assert fastrec.from_flwr(f) == rs
+
+
+def test_flower_serde_accepts_fastrec_records():
+    # Flower's Message does not check its content's type; its serde reads the
+    # records through the Mapping protocol and each Array through vars().
+    from flwr.common import serde
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    from fastrec import wire
+    rs = _sample_recordset()
+    rs.metrics_records["train"]["n"] = 2**64 - 1   # 2**70 has no protobuf encoding
+    msg = fc.Message(fc.Metadata(1, "id", 2, 3, "", "g", 10.0, "train"), content=rs)
+    msg.metadata.created_at = 5.0
+    data = serde.message_to_proto(msg).SerializeToString(deterministic=True)
+    flwr_msg = fc.Message(fc.Metadata(1, "id", 2, 3, "", "g", 10.0, "train"),
+                          content=fastrec.to_flwr(rs))
+    flwr_msg.metadata.created_at = 5.0
+    assert data == serde.message_to_proto(flwr_msg).SerializeToString(deterministic=True)
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    back = serde.message_from_proto(proto)
+    assert fastrec.from_flwr(back.content) == rs
+    md, content, err = wire.message_from_bytes(data)
+    assert content == rs and err is None and md["created_at"] == 5.0
+    assert wire.message_to_bytes(md, content) == data

@@ -1101,3 +1101,63 @@ def test_fuzz_hostile_keys_match_flower(kind, mode, keep, first):
         res[side] += (len(src),)
     assert_same_outcome(res["fastrec"], res["flwr"])
     assert res["fastrec"] == res["flwr"]
+
+
+class _FloatProxy:
+    __class__ = property(lambda self: float)
+
+
+class _IntProxy:
+    __class__ = property(lambda self: int)
+
+
+class _StrProxy:
+    __class__ = property(lambda self: str)
+
+    def __len__(self):
+        return 4
+
+
+class _ListProxy:
+    __class__ = property(lambda self: list)
+
+    def __len__(self):
+        return 3
+
+    def __iter__(self):
+        return iter([1.0, 2.0, 3.0])
+
+    def __getitem__(self, i):
+        return [1.0, 2.0, 3.0][i]
+
+
+class _ListSub(list):
+    pass
+
+
+PROXY_CASES = [
+    ("MetricsRecord", lambda: _FloatProxy()),
+    ("MetricsRecord", lambda: _ListProxy()),
+    ("MetricsRecord", lambda: _ListSub([1.0, _FloatProxy()])),
+    ("MetricsRecord", lambda: _ListSub([1, _IntProxy()])),
+    ("MetricsRecord", lambda: [1, _IntProxy()]),
+    ("MetricsRecord", lambda: _ListSub([1.0, 2])),
+    ("ConfigsRecord", lambda: _FloatProxy()),
+    ("ConfigsRecord", lambda: _ListProxy()),
+    ("ConfigsRecord", lambda: [_FloatProxy()]),
+    ("ConfigsRecord", lambda: _ListSub(["ab", "c"])),
+    ("ConfigsRecord", lambda: _ListSub([b"ab", _IntProxy()])),
+    ("ConfigsRecord", lambda: _StrProxy()),
+    ("ConfigsRecord", lambda: [_StrProxy(), "x"]),
+]
+
+
+@pytest.mark.parametrize("kind,make", PROXY_CASES)
+def test_isinstance_semantics_in_list_rule_and_count_bytes(kind, make):
+    # Flower's checks and count_bytes use isinstance, which honours __class__.
+    def run(mod):
+        try:
+            return "ok", getattr(mod, kind)({"a": make()}).count_bytes()
+        except Exception as e:  # noqa: BLE001 - the outcome is compared
+            return type(e).__name__, str(e)
+    assert run(fastrec) == run(fc)

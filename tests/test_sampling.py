@@ -46,7 +46,10 @@ def assert_tree_equal(a, b):
 
 
 def test_docstrings():
-    assert doctest.testmod(fastrec.sampling, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+    import fastrec.spec
+    for module in (fastrec.sampling, fastrec.spec):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1258,6 +1261,7 @@ def test_fuzz_hostile_round_builder_reaches_accepted_rounds():
 def _two_thread_case(monkeypatch, threshold):
     from fastrec import sampling
     monkeypatch.setattr(sampling, "_OVERLAP_MIN_CLIENTS", threshold)
+    monkeypatch.setattr(sampling, "_KEY_CHUNK", 700)   # several chunks, one shorter
     rng = np.random.default_rng(5)
     n = 5_000
     col = rng.standard_normal(n)
@@ -1356,3 +1360,553 @@ def test_errors_name_the_global_client_index(functional):
     with pytest.raises(ZeroDivisionError) as info:
         q.next(q.initialize(), clients_ab(3), client_offset=7)
     assert "client 7" in " ".join(getattr(info.value, "__notes__", []))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ported from TFF 0.87: learning/metrics/sampling_aggregation_factory_test.py
+# ----------------------------------------------------------------------------------------------
+
+TFF_SPEC = {"accuracy": TensorSpec("float32"), "loss": TensorSpec("float32", (2,)),
+            "custom_sum": [TensorSpec("float32", (1,)), TensorSpec("float32", (2,))]}
+
+
+def _divide_no_nan(a, b):
+    return a / b if b != 0 else np.float32(0.0) * a
+
+
+TFF_FINALIZERS = {"accuracy": lambda x: x, "loss": lambda x: _divide_no_nan(x[0], x[1]),
+                  "custom_sum": lambda x: sum(np.sum(t) for t in x)}
+
+
+def tff_functional_finalizer(m):
+    return {"accuracy": m["accuracy"], "loss": _divide_no_nan(m["loss"][0], m["loss"][1]),
+            "custom_sum": sum(np.sum(t) for t in m["custom_sum"])}
+
+
+def tff_random_metrics(seed):
+    rng = np.random.default_rng(seed)
+    return {"accuracy": np.float32(rng.random()),
+            "loss": rng.random(2).astype(np.float32),
+            "custom_sum": [rng.random(1).astype(np.float32), rng.random(2).astype(np.float32)]}
+
+
+@pytest.mark.parametrize("bad, exc, message", [(0, ValueError, "must be positive"),
+                                               (-1, ValueError, "must be positive"),
+                                               (None, TypeError, "sample_size"),
+                                               ("5", TypeError, "sample_size")])
+def test_tff_build_factory_fails_with_invalid_sample_size(bad, exc, message):
+    with pytest.raises(exc, match=message):
+        FinalizeThenSampleFactory(sample_size=bad)
+
+
+@pytest.mark.parametrize("bad", [1.0, [lambda x: x, lambda x: x + 1]])
+def test_tff_create_fails_with_invalid_metric_finalizers(bad):
+    with pytest.raises(TypeError, match="metric_finalizers"):
+        FinalizeThenSampleFactory(10).create(bad, TFF_SPEC)
+
+
+def test_tff_create_fails_with_mismatched_finalizers_and_metrics_type():
+    with pytest.raises(ValueError, match="The metric names in `metric_finalizers` do not match "
+                                         "those"):
+        FinalizeThenSampleFactory(10).create({"num_examples": lambda x: x}, TFF_SPEC)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("sample_size, per_round", [(5, 2), (3, 3), (2, 3)])
+def test_tff_finalize_then_sample_returns_expected_samples(sample_size, per_round, functional):
+    fins = tff_functional_finalizer if functional else TFF_FINALIZERS
+    process = FinalizeThenSampleFactory(sample_size).create(fins, TFF_SPEC)
+    state = process.initialize()
+    everyone = []
+    for round_i in range(5):
+        clients = [tff_random_metrics(round_i + c) for c in range(per_round)]
+        everyone += clients
+        out = process.next(state, clients)
+        state = out.state
+        current, total = out.result
+        expected_current = [tff_functional_finalizer(c) for c in clients]
+        expected_total = [tff_functional_finalizer(c) for c in everyone]
+        for name in TFF_SPEC:
+            assert current[name].shape == (min(sample_size, per_round),)
+            assert current[name].dtype == np.float32
+            assert set(current[name].tolist()) <= {float(e[name]) for e in expected_current}
+            assert total[name].shape == (min(sample_size, per_round * (round_i + 1)),)
+            assert set(total[name].tolist()) <= {float(e[name]) for e in expected_total}
+
+
+@pytest.mark.parametrize("sample_size", [6, 5, 1])
+def test_tff_finalize_then_sample_returns_correct_measurements(sample_size):
+    process = FinalizeThenSampleFactory(sample_size).create(lambda x: x,
+                                                           {"loss": TensorSpec("float32")})
+    out = process.next(process.initialize(),
+                       [collections.OrderedDict(loss=v) for v in [1.0, np.nan, np.inf, 2.0, 3.0]])
+    assert out.measurements == collections.OrderedDict(loss=np.array(2, dtype=np.int64))
+    out = process.next(out.state,
+                       [collections.OrderedDict(loss=v) for v in [1.0, 4.0, np.inf, 2.0, 3.0]])
+    assert out.measurements == collections.OrderedDict(loss=np.array(1, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ported from TFF 0.87: aggregators/sampling_test.py (reservoir structure and merge)
+# ----------------------------------------------------------------------------------------------
+
+STRUCT_SPEC = {"a": TensorSpec("int32", (3,)), "b": [TensorSpec("float32"), TensorSpec("bool")]}
+
+
+def test_tff_initial_reservoir_of_a_structure_of_tensors():
+    p = FinalizeThenSampleFactory(5, seed=42).create(lambda m: m, {
+        "a": TensorSpec("float32"), "b": [TensorSpec("int64", (2,)), TensorSpec("bool")]})
+    state = p.initialize()
+    assert state["keys"].shape == (0,) and state["keys"].dtype == np.uint64
+    assert_tree_equal(state["samples"], {"a": np.zeros(0, np.float32),
+                                         "b": [np.zeros((0, 2), np.int64), np.zeros(0, bool)]})
+    assert state["samples"]["b"][0].dtype == np.int64 and state["samples"]["b"][1].dtype == bool
+
+
+def test_tff_sample_value_of_a_structure_of_tensors():
+    # TFF's exact random values are its int32 chain's; ours are the documented 64-bit keys.
+    # What carries over: a sample of one from a structure is that client's rows, per leaf.
+    p = FinalizeThenSampleFactory(1, seed=42).create(lambda m: m, STRUCT_SPEC)
+    clients = [collections.OrderedDict(a=list(range(i, i + 3)), b=[float(i), i % 2 == 0])
+               for i in range(6)]
+    out = p.next(p.initialize(), clients[:1])
+    assert_tree_equal(out.result[0], {"a": np.array([[0, 1, 2]], np.int32),
+                                      "b": [np.array([0.0], np.float32), np.array([True])]})
+    out = p.next(p.initialize(), clients)
+    (i,) = out.state["indices"].tolist()
+    assert_tree_equal(out.result[0], {"a": np.array([[i, i + 1, i + 2]], np.int32),
+                                      "b": [np.array([float(i)], np.float32),
+                                            np.array([i % 2 == 0])]})
+
+
+def _hand_state(p, keys, samples, first_index=0, round_=1):
+    n = len(keys)
+    return {"seed": p.initialize()["seed"], "round": round_,
+            "keys": np.array(keys, np.uint64), "rounds": np.zeros(n, np.int64),
+            "indices": np.arange(first_index, first_index + n, dtype=np.int64),
+            "samples": samples}
+
+
+@pytest.mark.parametrize("b_keys, b_samples, keys, samples", [
+    ([2, 4, 6, 8], [6, 12, 18, 24], [3, 5, 4, 6, 8], [9, 15, 12, 18, 24]),   # downsample
+    ([2], [6], [1, 3, 5, 2], [3, 9, 15, 6]),                                   # keep all
+    ([5, 5, 5, 5, 5], [-1] * 5, [5] * 5, [15, -1, -1, -1, -1]),                # ties: a first
+])
+def test_tff_merge_scalar(b_keys, b_samples, keys, samples):
+    p = FinalizeThenSampleFactory(5, seed=42).create({"x": lambda v: v},
+                                                    {"x": TensorSpec("int32")})
+    a = _hand_state(p, [1, 3, 5], {"x": np.array([3, 9, 15], np.int32)})
+    b = _hand_state(p, b_keys, {"x": np.array(b_samples, np.int32)}, first_index=3)
+    merged = p.merge(a, b)
+    assert merged["keys"].tolist() == keys
+    assert merged["samples"]["x"].tolist() == samples
+    assert merged["samples"]["x"].dtype == np.int32
+
+
+def test_tff_merge_structure_of_tensors():
+    p = FinalizeThenSampleFactory(5, seed=42).create(lambda m: m, STRUCT_SPEC)
+    a_samples = {"a": np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4]], np.int32),
+                 "b": [np.array([0.0, 1.0, 2.0], np.float32), np.array([True, False, True])]}
+    b_samples = {"a": np.array([[0, -1, -2], [-1, -2, -3], [-2, -3, -4], [-3, -4, -5]], np.int32),
+                 "b": [np.array([-1.0, -2.0, -3.0, -4.0], np.float32),
+                       np.array([True, False, False, True])]}
+    a = _hand_state(p, [1, 3, 5], a_samples)
+    b = _hand_state(p, [2, 4, 6, 8], b_samples, first_index=3)
+    merged = p.merge(a, b)
+    assert merged["keys"].tolist() == [3, 5, 4, 6, 8]
+    kept = [1, 2, 4, 5, 6]   # positions in the concatenation of a's and b's entries
+
+    def cat(x, y):
+        return np.concatenate([x, y])[kept]
+    assert_tree_equal(merged["samples"], {"a": cat(a_samples["a"], b_samples["a"]),
+                                          "b": [cat(a_samples["b"][0], b_samples["b"][0]),
+                                                cat(a_samples["b"][1], b_samples["b"][1])]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantics: fresh entropy, per-leaf arrays, arrival order, casts, mappings, the probe
+# ----------------------------------------------------------------------------------------------
+
+def test_unseeded_trials_are_fresh_and_uniform():
+    n, k, trials = 20, 5, 4000
+    p = FinalizeThenSampleFactory(k).create({"id": lambda v: v}, {"id": TensorSpec("int64")})
+    clients = [{"id": i} for i in range(n)]
+    counts = np.zeros(n)
+    seen = set()
+    for _ in range(trials):
+        state = p.initialize()
+        seen.add(state["seed"])
+        counts[p.next(state, clients).result[0]["id"]] += 1
+    assert len(seen) == trials
+    assert counts.sum() == k * trials
+    # 19 dof, critical value at p = 1e-6: 63.7 (fresh entropy: a fair sampler fails 1e-6).
+    assert chi_square_inclusion(counts, trials, k / n) < 63.7
+
+
+def test_workers_sharing_an_unseeded_start_state_agree():
+    p = FinalizeThenSampleFactory(4).create({"x": lambda v: v}, {"x": TensorSpec("float64")})
+    start = p.initialize()
+    clients = [{"x": float(i)} for i in range(30)]
+    whole = p.next(start, clients)
+    merged = p.merge(p.next(p.round_start(start), clients[:11]).state,
+                     p.next(p.round_start(start), clients[11:], client_offset=11).state)
+    assert_tree_equal(merged["samples"], whole.state["samples"])
+
+
+def test_samples_are_per_leaf_arrays_with_one_client_per_row():
+    spec = {"loss": TensorSpec("float32", (2,)), "hist": TensorSpec("int64", (3,))}
+    fins = {"loss": lambda v: [v[0], v[1]], "hist": lambda v: {"sum": v.sum(), "raw": v}}
+    p = FinalizeThenSampleFactory(4, seed=3).create(fins, spec)
+    clients = [{"loss": [float(i), -float(i)], "hist": [i, 2 * i, 3 * i]} for i in range(10)]
+    out = p.next(p.initialize(), clients)
+    current, total = out.result
+    loss, hist = current["loss"], current["hist"]
+    assert isinstance(loss, list) and [x.shape for x in loss] == [(4,), (4,)]
+    assert loss[0].dtype == np.float32 and hist["sum"].dtype == np.int64
+    assert hist["raw"].shape == (4, 3)
+    ids = out.state["indices"]
+    assert loss[0].tolist() == ids.tolist() and loss[1].tolist() == (-ids).tolist()
+    assert hist["raw"].tolist() == [[i, 2 * i, 3 * i] for i in ids.tolist()]
+    assert out.measurements == {"loss": [0, 0], "hist": {"sum": 0, "raw": 0}}
+    assert_tree_equal(total, out.state["samples"])
+
+
+def test_arrival_order_over_rounds():
+    p = FinalizeThenSampleFactory(8, seed=1).create({"x": lambda v: v}, {"x": TensorSpec("int64")})
+    state = p.initialize()
+    for r in range(6):
+        out = p.next(state, [{"x": 100 * r + i} for i in range(7)])
+        state = out.state
+        pairs = list(zip(state["rounds"].tolist(), state["indices"].tolist()))
+        assert pairs == sorted(pairs)
+        assert state["samples"]["x"].tolist() == [100 * r_ + i for r_, i in pairs]
+        assert out.result[0]["x"].tolist() == sorted(out.result[0]["x"].tolist())
+    everyone = p.next(p.initialize(), [{"x": i} for i in range(8)])
+    assert everyone.result[0]["x"].tolist() == list(range(8))
+
+
+def test_values_reach_finalizers_in_the_declared_dtype():
+    seen = []
+    spec = {"s": TensorSpec("float32"), "p": TensorSpec("float32", (2,)), "n": TensorSpec("int16")}
+    fins = {"s": lambda v: seen.append(("s", v)) or v, "p": lambda v: seen.append(("p", v)) or v[0] * v[1],
+            "n": lambda v: seen.append(("n", v)) or v}
+    p = FinalizeThenSampleFactory(10, seed=0).create(fins, spec)
+    seen.clear()
+    clients = [{"s": 0.1, "p": [3e38, 10.0], "n": 7},
+               {"s": 2, "p": np.array([1.5, 2.0]), "n": np.int64(-3)},
+               {"s": np.float64(0.25), "p": (1, 2), "n": np.uint8(4)}]
+    with np.errstate(over="ignore"):
+        out = p.next(p.initialize(), clients)
+    for name, v in seen:
+        if name == "p":
+            assert type(v) is np.ndarray and v.dtype == np.float32 and v.shape == (2,)
+        else:
+            assert type(v) is (np.float32 if name == "s" else np.int16)
+    assert seen[0][1] == np.float32(0.1)
+    # 3e38 * 10 overflows float32: inf, counted non-finite, as in TFF.
+    assert out.measurements == {"s": 0, "p": 1, "n": 0}
+    assert out.result[0]["p"].tolist()[0] == np.inf
+    for bad in ({"n": 2**15}, {"n": -2**15 - 1}, {"p": [2**2000, 1.0]}):
+        with pytest.raises(ValueError, match="client 1"):
+            p.next(p.initialize(), [clients[0], dict(clients[0], **bad)])
+
+
+@pytest.mark.parametrize("spec, value, expected", [
+    (TensorSpec("uint64", (2,)), [2**63, 1], [2**63, 1]),
+    (TensorSpec("float64", (1,)), [2**64], [2.0**64]),
+    (TensorSpec("int64", (2,)), [2**62, -2**63], [2**62, -2**63]),
+    (TensorSpec("uint64"), 2**64 - 1, 2**64 - 1),
+])
+def test_list_values_are_typed_by_the_spec(spec, value, expected):
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v}, {"x": spec})
+    out = p.next(p.initialize(), [{"x": value}])
+    assert out.result[0]["x"][0].tolist() == expected
+    assert out.result[0]["x"].dtype == spec.dtype
+
+
+@pytest.mark.parametrize("spec, value, exc", [
+    (TensorSpec("uint64", (2,)), [2**64, 1], ValueError),
+    (TensorSpec("uint64", (1,)), [-1], ValueError),
+    (TensorSpec("int64", (2,)), [1.5, 2], TypeError),
+    (TensorSpec("int64", (1,)), [True], TypeError),
+    (TensorSpec("float64", (1,)), [10**400], ValueError),
+    (TensorSpec("float64", (1,)), ["1.5"], TypeError),
+    (TensorSpec("float64", (2,)), [[1.0], [2.0, 3.0]], ValueError),
+])
+def test_list_values_out_of_the_spec_are_rejected(spec, value, exc):
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v}, {"x": spec})
+    with pytest.raises(exc, match="client 0, metric 'x'"):
+        p.next(p.initialize(), [{"x": value}])
+
+
+def test_mapping_specs_values_and_columns():
+    spec = {"m": {"x": TensorSpec("float32"), "y": [TensorSpec("int64"), TensorSpec("float64", (2,))]}}
+    fins = {"m": lambda v: {"ratio": v["x"] / v["y"][0], "y": v["y"][1]}}
+    p = FinalizeThenSampleFactory(3, seed=2).create(fins, spec)
+    assert_tree_equal(p.initialize()["samples"], {"m": {"ratio": np.zeros(0, np.float32),
+                                                        "y": np.zeros((0, 2))}})
+    clients = [{"m": {"y": [i + 1, [i, -i]], "x": 2.0 * (i + 1)}} for i in range(8)]
+    out = p.next(p.initialize(), clients)
+    assert out.result[0]["m"]["ratio"].tolist() == [2.0] * 3
+    assert out.result[0]["m"]["y"][:, 0].tolist() == out.state["indices"].tolist()
+    with pytest.raises(ValueError, match="client 3, metric 'm'.*keys"):
+        p.next(p.initialize(), clients[:3] + [{"m": {"x": 1.0}}])
+    with pytest.raises(TypeError, match="client 0, metric 'm'"):
+        p.next(p.initialize(), [{"m": [1.0, [1, [1.0, 2.0]]]}])
+    vec = FinalizeThenSampleFactory(3, seed=2).create({"m": vectorized(fins["m"])}, spec)
+    cols = {"m": {"x": np.array([2.0 * (i + 1) for i in range(8)], np.float32),
+                  "y": [np.arange(1, 9), np.array([[i, -i] for i in range(8)], float)]}}
+    col_out = vec.next_columnar(vec.initialize(), cols)
+    assert_tree_equal(col_out.result, out.result)
+    rows = FinalizeThenSampleFactory(3, seed=2).create(fins, spec).next_columnar(
+        p.initialize(), cols)
+    assert_tree_equal(rows.result, out.result)
+
+
+def test_probe_at_create():
+    with pytest.raises(TypeError, match="metric 'x'") as info:
+        FinalizeThenSampleFactory(2).create({"x": lambda v: v["missing"]},
+                                            {"x": TensorSpec("float32")})
+    assert info.value.__cause__ is not None
+    with pytest.raises(TypeError, match="metric 'x'"):
+        FinalizeThenSampleFactory(2).create({"x": lambda v: "text"}, {"x": TensorSpec("float32")})
+    with pytest.raises(TypeError, match="metric finalizer"):
+        FinalizeThenSampleFactory(2).create(lambda m: m["nope"], {"x": TensorSpec("float32")})
+    shapes = []
+    FinalizeThenSampleFactory(2).create({"x": lambda v: shapes.append(v.shape) or v.sum()},
+                                        {"x": TensorSpec("float32", (None, 3))})
+    assert shapes == [(1, 3)]
+    FinalizeThenSampleFactory(2).create({"x": vectorized(lambda c: shapes.append(c.shape) or c)},
+                                        {"x": TensorSpec("int8", (2,))})
+    assert shapes[-1] == (1, 2)
+    with np.errstate(all="raise"):   # the probe's 1/0-style warnings are silenced
+        FinalizeThenSampleFactory(2).create({"x": lambda v: v / (v - v)},
+                                            {"x": TensorSpec("float32")})
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_empty_first_round_returns_the_full_structure(functional):
+    fins = ((lambda m: {"r": m["loss"][0] / m["loss"][1], "h": [m["h"], m["h"].sum()]})
+            if functional else {"loss": lambda v: v[0] / v[1], "h": lambda v: [v, v.sum()]})
+    spec = {"loss": TensorSpec("float32", (2,)), "h": TensorSpec("int32", (3,))}
+    p = FinalizeThenSampleFactory(3, seed=0).create(fins, spec)
+    out = p.next(p.initialize(), [])
+    if functional:
+        assert out.measurements == {"r": 0, "h": [0, 0]}
+        expect = {"r": np.zeros(0, np.float32), "h": [np.zeros((0, 3), np.int32),
+                                                      np.zeros(0, np.int64)]}
+    else:
+        assert out.measurements == {"loss": 0, "h": [0, 0]}
+        expect = {"loss": np.zeros(0, np.float32), "h": [np.zeros((0, 3), np.int32),
+                                                         np.zeros(0, np.int64)]}
+    assert_tree_equal(out.result[0], expect)
+    assert_tree_equal(out.result[1], expect)
+    leaf = out.result[0]["h"][0]
+    assert leaf.dtype == np.int32
+    col = p.next_columnar(p.initialize(), {"loss": np.zeros((0, 2)), "h": np.zeros((0, 3), int)})
+    assert_tree_equal(col.result[0], expect)
+
+
+def test_client_structure_differing_from_the_probe_names_metric_and_global_index():
+    p = FinalizeThenSampleFactory(2, seed=0).create(
+        {"x": lambda v: [v, v] if v < 5 else [v]}, {"x": TensorSpec("float64")})
+    with pytest.raises(ValueError, match=r"client 17, metric 'x'.*create\(\)"):
+        p.next(p.initialize(), [{"x": float(i)} for i in range(10)], client_offset=12)
+    q = FinalizeThenSampleFactory(2, seed=0).create(
+        {"x": lambda v: np.ones(3) if v < 5 else np.ones(4)}, {"x": TensorSpec("float64")})
+    with pytest.raises(ValueError, match="client 5, metric 'x'.*shape"):
+        q.next(q.initialize(), [{"x": float(i)} for i in range(10)])
+    f = FinalizeThenSampleFactory(2, seed=0).create(
+        lambda m: {"a": m["x"]} if m["x"] < 5 else {"b": m["x"]}, {"x": TensorSpec("float64")})
+    with pytest.raises(ValueError, match="client 5.*'b'.*create"):
+        f.next(f.initialize(), [{"x": float(i)} for i in range(10)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Crash cases found by fuzzing: each a clear exception
+# ----------------------------------------------------------------------------------------------
+
+def _deep(n):
+    v = 1.0
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+def _cyclic():
+    v = []
+    v.append(v)
+    return v
+
+
+@pytest.mark.parametrize("make", [lambda: _deep(100_000), _cyclic])
+def test_deep_and_cyclic_values_raise(make):
+    value = make()
+    with pytest.raises((ValueError, RecursionError)):
+        _sampling.map_leaves(lambda x: x, value)
+    with pytest.raises(TypeError, match="deeper"):
+        FinalizeThenSampleFactory(2).create({"x": lambda v: value}, {"x": TensorSpec("float64")})
+    calls = []
+    p = FinalizeThenSampleFactory(2, seed=0).create(
+        {"x": lambda v: calls.append(1) or (v if len(calls) == 1 else value)},
+        {"x": TensorSpec("float64")})
+    with pytest.raises(ValueError, match="client 0, metric 'x'"):
+        p.next(p.initialize(), [{"x": 1.0}])
+    for spec in (TensorSpec("float64"), TensorSpec("float64", (None,))):
+        q = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v}, {"x": spec})
+        with pytest.raises((TypeError, ValueError), match="client 0, metric 'x'"):
+            q.next(q.initialize(), [{"x": value}])
+    state = dict(p.initialize(), samples={"x": value})
+    with pytest.raises(ValueError, match=r"state\['samples'\]\['x'\]"):
+        p.next(state, [{"x": 1.0}])
+    with pytest.raises(ValueError, match=r"state_b\['samples'\]\['x'\]"):
+        p.merge(p.initialize(), state)
+    spec = [TensorSpec("float64")]
+    spec.append(spec)
+    with pytest.raises(ValueError, match="deeper"):
+        FinalizeThenSampleFactory(2).create(lambda m: m, {"x": spec})
+
+
+def test_small_numpy_integer_round_is_normalised():
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v}, {"x": TensorSpec("int64")})
+    state = p.next(p.initialize(), [{"x": 1}]).state
+    state["round"] = np.int8(127)
+    out = p.next(state, [{"x": 2}])
+    assert out.state["round"] == 128 and type(out.state["round"]) is int
+    assert out.state["rounds"].tolist()[-1] in (0, 127)
+    assert p.round_start(state)["round"] == 127
+    for bad in (True, 1.0, np.float64(2), -1, 2**63):
+        with pytest.raises((TypeError, ValueError), match="round"):
+            p.next(dict(state, round=bad), [{"x": 2}])
+
+
+def test_a_process_without_finalized_metrics_accepts_its_own_states():
+    p = FinalizeThenSampleFactory(2, seed=0).create(lambda m: {}, {"x": TensorSpec("float64")})
+    state = p.next(p.initialize(), [{"x": 1.0}]).state
+    assert state["samples"] == {}
+    out = p.next(state, [{"x": 2.0}, {"x": 3.0}])
+    assert out.measurements == {} and len(out.state["keys"]) == 2
+    assert p.merge(state, out.state)["samples"] == {}
+
+
+def test_vectorized_finalizer_returning_a_scalar_is_a_value_error():
+    with pytest.raises(ValueError, match="leading axis of 1"):
+        vectorized(lambda v: 3.0)(np.float64(1.0))
+    with pytest.raises(TypeError, match="leading axis of 1"):
+        FinalizeThenSampleFactory(2).create({"x": vectorized(lambda v: 3.0)},
+                                            {"x": TensorSpec("float64")})
+    calls = []
+    p = FinalizeThenSampleFactory(2, seed=0).create(
+        {"x": vectorized(lambda v: calls.append(1) or (v if len(calls) == 1 else 3.0))},
+        {"x": TensorSpec("float64")})
+    with pytest.raises(ValueError, match="leading axis of 3"):
+        p.next_columnar(p.initialize(), {"x": np.ones(3)})
+    with pytest.raises(ValueError, match="leading axis of 1"):
+        p.next(p.initialize(), [{"x": 1.0}])
+
+
+# ----------------------------------------------------------------------------------------------
+# Untrusted state: every field validated
+# ----------------------------------------------------------------------------------------------
+
+def _valid_state():
+    p = make_process(k=4, seed=3)
+    s = p.next(p.initialize(), clients_ab(9)).state
+    return p, p.next(s, clients_ab(9, 100)).state
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", [1, 2, 3]), ("seed", (1.0, 2)), ("seed", (True, 2)), ("seed", (2**64, 0)),
+    ("seed", "ab"),
+    ("round", "1"), ("round", None), ("round", 0),
+    ("keys", [1, 2, 3, 4]), ("keys", np.zeros((4, 1), np.uint64)),
+    ("rounds", np.full(4, 5, np.int64)), ("rounds", np.full(4, -1, np.int64)),
+    ("indices", np.full(4, -1, np.int64)), ("indices", np.zeros(4, np.int64)),
+    ("indices", np.arange(4, 0, -1, dtype=np.int64)),
+    ("keys", np.zeros(5, np.uint64)),
+    ("samples", None), ("samples", {"a": np.zeros(4, np.float32)}),
+    ("samples", {"a": np.zeros(4, np.float32), "b": np.zeros((4, 2), np.float32), "c": 1}),
+    ("samples", {"a": np.zeros(4, np.float64), "b": np.zeros((4, 2), np.float32)}),
+    ("samples", {"a": np.zeros(3, np.float32), "b": np.zeros((4, 2), np.float32)}),
+    ("samples", {"a": np.zeros(4, np.float32), "b": np.zeros((4, 3), np.float32)}),
+    ("samples", {"a": [0.0] * 4, "b": np.zeros((4, 2), np.float32)}),
+    ("samples", {"a": np.zeros(4, np.float32), "b": [np.zeros(4, np.float32)] * 2}),
+])
+def test_tampered_state_fields_are_rejected(field, value):
+    p, state = _valid_state()
+    if field == "rounds" or field == "indices":
+        state = dict(state, round=2)
+    bad = dict(state, **{field: value})
+    with pytest.raises((TypeError, ValueError)):
+        p.next(bad, clients_ab(3))
+    with pytest.raises((TypeError, ValueError)):
+        p.merge(state, bad)
+    with pytest.raises((TypeError, ValueError)):
+        p.round_start(bad)
+
+
+def test_state_with_more_clients_than_the_sample_size_is_rejected():
+    big = make_process(k=9, seed=3)
+    state = big.next(big.initialize(), clients_ab(9)).state
+    with pytest.raises(ValueError, match="sample_size"):
+        make_process(k=4, seed=3).next(state, clients_ab(2))
+
+
+def test_merge_of_states_whose_structures_disagree_names_the_metric():
+    p = make_process(k=4, seed=3)
+    q = make_process(k=4, seed=3, finalizers={"a": lambda v: [v, v], "b": lambda v: v})
+    a = p.next(p.initialize(), clients_ab(5)).state
+    b = q.next(q.initialize(), clients_ab(5, 10), client_offset=5).state
+    with pytest.raises(ValueError, match=r"state_b\['samples'\]\['a'\]"):
+        p.merge(a, b)
+    with pytest.raises(ValueError, match=r"state_a\['samples'\]\['a'\]"):
+        p.merge(b, a)
+
+
+def test_merge_of_a_client_held_by_both_states_with_different_keys_is_rejected():
+    p = make_process(k=4, seed=3)
+    a = p.next(p.initialize(), clients_ab(5)).state
+    b = dict(a, keys=a["keys"] + np.uint64(1))
+    with pytest.raises(ValueError, match="different keys"):
+        p.merge(a, b)
+    assert_tree_equal(p.merge(a, a)["samples"], a["samples"])
+
+
+def test_record_clients_read_directly_unless_a_subclass_overrides_reading():
+    from flwr.common import MetricsRecord as FlwrMetricsRecord
+
+    class Doubling(FlwrMetricsRecord):
+        def __getitem__(self, key):
+            v = super().__getitem__(key)
+            return 2 * v if isinstance(v, float) else v
+
+        def items(self):
+            return [(k, self[k]) for k in self]
+
+    class FastDoubling(fastrec.MetricsRecord):
+        def items(self):
+            return [(k, 2 * v if isinstance(v, float) else v) for k, v in dict.items(
+                {k: fastrec.MetricsRecord.__getitem__(self, k) for k in self})]
+
+    p = make_process(k=5, seed=2)
+    ref = p.next(p.initialize(), [{"a": 2.0 * i, "b": [float(i), 2.0 * i]} for i in range(8)])
+    for cls in (Doubling, FastDoubling):
+        got = p.next(p.initialize(), [cls({"a": float(i), "b": [float(i), 2.0 * i]})
+                                      for i in range(8)])
+        assert_tree_equal(got.result, ref.result)
+    plain = p.next(p.initialize(), [FlwrMetricsRecord({"a": 2.0 * i, "b": [float(i), 2.0 * i]})
+                                    for i in range(8)])
+    assert_tree_equal(plain.result, ref.result)
+
+
+def test_float32_narrowing_matches_numpy_at_the_range_edge():
+    edge = [3.4028234663852886e38, 3.4028235e38, 3.4028235677973362e38, 3.4028235677973366e38,
+            3.5e38, 1e39, -1e39, -3.4028235677973366e38, float("nan"), 1e-46, -0.0]
+    with np.errstate(over="ignore"):
+        expected = np.array(edge, np.float64).astype(np.float32)
+    p = FinalizeThenSampleFactory(20, seed=0).create(
+        {"s": lambda v: v, "v": lambda v: v}, {"s": TensorSpec("float32"),
+                                               "v": TensorSpec("float32", (len(edge),))})
+    out = p.next(p.initialize(), [{"s": x, "v": edge} for x in edge])
+    assert out.result[0]["s"].tobytes() == expected.tobytes()
+    assert out.result[0]["v"][0].tobytes() == expected.tobytes()

@@ -54,15 +54,16 @@ class Array(_Array15, _Inflatable):  # type: ignore[misc]
 class _AppDict(TypedDict[str, _T]):
     def copy(self) -> Self: ...
 
-class MetricRecord(_AppDict[MetricRecordValues], _Inflatable):
-    def __init__(self, metric_dict: Optional[MutableMapping[str, MetricRecordValues]] = None,
-                 keep_input: bool = True) -> None: ...
+class _ValueRecord(_AppDict[_T], _Inflatable):
     def count_bytes(self) -> int: ...
 
-class ConfigRecord(_AppDict[ConfigRecordValues], _Inflatable):
+class MetricRecord(_ValueRecord[MetricRecordValues]):
+    def __init__(self, metric_dict: Optional[MutableMapping[str, MetricRecordValues]] = None,
+                 keep_input: bool = True) -> None: ...
+
+class ConfigRecord(_ValueRecord[ConfigRecordValues]):
     def __init__(self, config_dict: Optional[MutableMapping[str, ConfigRecordValues]] = None,
                  keep_input: bool = True) -> None: ...
-    def count_bytes(self) -> int: ...
 
 class ArrayRecord(_AppDict[Array], _Inflatable):
     def __init__(self, *args: Any, numpy_ndarrays: Optional[list[np.ndarray]] = None,

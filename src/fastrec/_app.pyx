@@ -17,7 +17,7 @@ cimport cython
 from cpython.object cimport PyObject, PyTypeObject, PyObject_IsInstance, PyObject_GenericSetAttr
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from libc.string cimport memcpy, memchr
+from libc.string cimport memcpy, memchr, memcmp
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, INT64_MIN, UINT64_MAX
 from libc.stdlib cimport malloc, realloc, free
 
@@ -410,37 +410,16 @@ cdef int _fill_from_numpy(Array a, object ndarray) except -1:
 # MetricRecord and ConfigRecord: the 1.15 kernels, 1.42 names, protobuf bodies
 # ----------------------------------------------------------------------------
 
-cdef class MetricRecord(_AppDict):
-    """Flower 1.42's ``MetricRecord``: ``str`` keys; ``int``/``float`` values or lists of them.
-
-    >>> from fastrec.app import MetricRecord
-    >>> r = MetricRecord({"accuracy": 0.94})
-    >>> r["loss-historic"] = [0.9, 0.5]
-    >>> MetricRecord.inflate(r.deflate()) == r
-    True
-    """
-
-    def __cinit__(self, *args, **kwargs):
-        self._kind = K_METRICS
-        self._exact = type(self) is MetricRecord
-
-    def __init__(self, metric_dict=None, keep_input=True):
-        self._fill(metric_dict, keep_input)
+cdef class _ValueRecord(_AppDict):
+    """What MetricRecord and ConfigRecord share: count_bytes and the protobuf object body."""
 
     def count_bytes(self):
-        """Bytes stored: 8 per number (lists: 8 per element) plus the key lengths."""
+        """Bytes stored (Flower's rule for this record type) plus the key lengths."""
         return _count_bytes(self)
 
     def deflate(self):
-        """The object content: header plus the protobuf ``MetricRecord`` body."""
-        return _deflate_values(self, False)
-
-    @classmethod
-    def inflate(cls, object_content, children=None):
-        """Rebuild a MetricRecord from its content (``ValueError`` if malformed)."""
-        if children:
-            raise ValueError("`MetricRecord` objects do not have children.")
-        return _inflate_values(cls, object_content, False)
+        """The object content: header plus the protobuf record body."""
+        return _deflate_values(self, self._kind == K_CONFIGS)
 
     @property
     def object_id(self):
@@ -456,7 +435,34 @@ cdef class MetricRecord(_AppDict):
         return True
 
 
-cdef class ConfigRecord(_AppDict):
+cdef class MetricRecord(_ValueRecord):
+    """Flower 1.42's ``MetricRecord``: ``str`` keys; ``int``/``float`` values or lists of them.
+
+    >>> from fastrec.app import MetricRecord
+    >>> r = MetricRecord({"accuracy": 0.94})
+    >>> r["loss-historic"] = [0.9, 0.5]
+    >>> MetricRecord.inflate(r.deflate()) == r
+    True
+    >>> r.count_bytes()  # (8 + 8) + (2 * 8 + 13)
+    45
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self._kind = K_METRICS
+        self._exact = type(self) is MetricRecord
+
+    def __init__(self, metric_dict=None, keep_input=True):
+        self._fill(metric_dict, keep_input)
+
+    @classmethod
+    def inflate(cls, object_content, children=None):
+        """Rebuild a MetricRecord from its content (``ValueError`` if malformed)."""
+        if children:
+            raise ValueError("`MetricRecord` objects do not have children.")
+        return _inflate_values(cls, object_content, False)
+
+
+cdef class ConfigRecord(_ValueRecord):
     """Flower 1.42's ``ConfigRecord``: ``str`` keys; ``int``/``float``/``str``/``bytes``/``bool``
     values or homogeneous lists of them.
 
@@ -473,33 +479,12 @@ cdef class ConfigRecord(_AppDict):
     def __init__(self, config_dict=None, keep_input=True):
         self._fill(config_dict, keep_input)
 
-    def count_bytes(self):
-        """Bytes stored: bool 1, int/float 8, str/bytes their length; plus key lengths."""
-        return _count_bytes(self)
-
-    def deflate(self):
-        """The object content: header plus the protobuf ``ConfigRecord`` body."""
-        return _deflate_values(self, True)
-
     @classmethod
     def inflate(cls, object_content, children=None):
         """Rebuild a ConfigRecord from its content (``ValueError`` if malformed)."""
         if children:
             raise ValueError("`ConfigRecord` objects do not have children.")
         return _inflate_values(cls, object_content, True)
-
-    @property
-    def object_id(self):
-        """SHA-256 (hex) of ``deflate()`` (recomputed each time, as in Flower)."""
-        return hashlib.sha256(self.deflate()).hexdigest()
-
-    @property
-    def children(self):
-        return None
-
-    @property
-    def is_dirty(self):
-        return True
 
 
 # ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 """Array: Flower-compatible serialized array backed by the C .npy kernels (csrc/npy.c)."""
 
 import ast
+import dataclasses
 import warnings
 
 import numpy as np
@@ -42,6 +43,14 @@ cdef enum:
     DESCR_CACHE_MAX = 256
 
 cdef str _NUMPY_STYPE = "numpy.ndarray"
+
+
+# Flower's Array dataclass fields (types as objects, as Flower's module has no
+# postponed annotations). Array below publishes them, so the dataclasses module
+# (fields/asdict/astuple/replace/is_dataclass) treats a fastrec Array as the
+# dataclass Flower's Array is.
+_ArrayFields = dataclasses.make_dataclass(
+    "Array", [("dtype", str), ("shape", list[int]), ("stype", str), ("data", bytes)])
 
 
 # numpy.save's warnings for headers that need format 2.0 or 3.0, in the installed numpy's own
@@ -251,6 +260,23 @@ cdef class Array:
     """
 
     __match_args__ = ("dtype", "shape", "stype", "data")
+    __dataclass_fields__ = _ArrayFields.__dataclass_fields__
+    __dataclass_params__ = _ArrayFields.__dataclass_params__
+
+    @property
+    def __dict__(self):
+        """The four fields as a new dict, like ``vars()`` of Flower's dataclass.
+
+        Flower's serde builds its protobuf message with ``ProtoArray(**vars(array))``.
+        Unlike a dataclass instance's ``__dict__`` the dict is a snapshot: writing
+        to it does not change the Array.
+
+        >>> from fastrec import Array
+        >>> vars(Array("float32", [1], "raw", b"abcd"))
+        {'dtype': 'float32', 'shape': [1], 'stype': 'raw', 'data': b'abcd'}
+        """
+        return {"dtype": self.dtype, "shape": self.shape, "stype": self.stype,
+                "data": self.data}
 
     def __init__(self, dtype, shape, stype, data):
         self.dtype = dtype

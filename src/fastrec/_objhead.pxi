@@ -101,6 +101,80 @@ cdef bint _valid_id_slow(str cid) except -1:
     return True
 
 
+cdef struct _HeadSpans:
+    Py_ssize_t sp1   # the first space: the class name is content[:sp1]
+    Py_ssize_t sp2   # the second space: child ids are content[sp1 + 1:sp2]
+    Py_ssize_t hn    # the NUL: the body starts at hn + 1
+
+
+cdef int _head_fast(const unsigned char* p, Py_ssize_t n, _HeadSpans* out) except -1:
+    """1 if the header is the common, plainly valid kind (ASCII, three parts, lowercase
+    or uppercase hex ids, a decimal length equal to the body's), 0 if only Flower's
+    general rules can decide. ValueError: no NUL, or a plain length that is wrong."""
+    cdef const unsigned char* nul = <const unsigned char*>memchr(p, 0, n)
+    if nul == NULL:
+        raise ValueError("Unexpected format for object content. Head and body could not "
+                         "be split.")
+    cdef Py_ssize_t hn = nul - p
+    cdef Py_ssize_t i, sp1 = -1, sp2 = -1, nsp = 0, run = 0, nd
+    cdef unsigned char c
+    cdef int64_t blen = 0
+    out.hn = hn
+    for i in range(hn):
+        c = p[i]
+        if c >= 0x80:
+            return 0
+        if c == 0x20:
+            nsp += 1
+            if nsp == 1:
+                sp1 = i
+            elif nsp == 2:
+                sp2 = i
+            else:
+                return 0
+    if nsp != 2:
+        return 0
+    # children: runs of 64 hex digits separated by commas (empty runs allowed)
+    for i in range(sp1 + 1, sp2):
+        c = p[i]
+        if c == 0x2C:
+            if run != 0 and run != 64:
+                return 0
+            run = 0
+        elif _is_lower_hex(c):
+            run += 1
+        else:
+            return 0
+    if run != 0 and run != 64:
+        return 0
+    nd = hn - sp2 - 1
+    if nd < 1 or nd > 18:
+        return 0
+    for i in range(sp2 + 1, hn):
+        c = p[i]
+        if not (48 <= c <= 57):
+            return 0
+        blen = blen * 10 + (c - 48)
+    if blen != n - hn - 1:
+        raise ValueError(f"Object content length expected {blen} bytes but got "
+                         f"{n - hn - 1} bytes.")
+    out.sp1 = sp1
+    out.sp2 = sp2
+    return 1
+
+
+cdef Py_ssize_t _body_offset(bytes content, bytes expect) except -1:
+    """Where the body of `content` (an object of class `expect`) starts; ValueError
+    unless the header checks out. Allocation-free in the common case."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(content)
+    cdef _HeadSpans s
+    cdef Py_ssize_t en = PyBytes_GET_SIZE(expect)
+    if _head_fast(p, PyBytes_GET_SIZE(content), &s):
+        if s.sp1 == en and memcmp(p, PyBytes_AS_STRING(expect), en) == 0:
+            return s.hn + 1
+    return _parse_head(content, expect.decode("ascii")).body_off
+
+
 cdef _Head _parse_head(object content, str expect):
     """Split and check an object's header; ValueError unless it checks out."""
     if type(content) is not bytes:
@@ -110,66 +184,17 @@ cdef _Head _parse_head(object content, str expect):
             raise TypeError(f"object content must be bytes, got {type(content).__name__}")
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(content)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(content)
-    cdef const unsigned char* nul = <const unsigned char*>memchr(p, 0, n)
-    if nul == NULL:
-        raise ValueError("Unexpected format for object content. Head and body could not "
-                         "be split.")
-    cdef Py_ssize_t hn = nul - p
-    cdef Py_ssize_t i, sp1 = -1, sp2 = -1, nsp = 0, run = 0
-    cdef bint fast = True
-    cdef unsigned char c
-    cdef int64_t blen = 0
-    for i in range(hn):
-        c = p[i]
-        if c >= 0x80:
-            fast = False
-            break
-        if c == 0x20:
-            nsp += 1
-            if nsp == 1:
-                sp1 = i
-            elif nsp == 2:
-                sp2 = i
-            else:
-                break
+    cdef _HeadSpans s
     cdef _Head h = _Head.__new__(_Head)
+    cdef bint fast = _head_fast(p, n, &s)
+    cdef Py_ssize_t hn = s.hn
     h.body_off = hn + 1
-    cdef Py_ssize_t nd
-    if fast and nsp == 2:
-        # children: runs of 64 hex digits separated by commas (empty runs allowed)
-        run = 0
-        for i in range(sp1 + 1, sp2):
-            c = p[i]
-            if c == 0x2C:
-                if run != 0 and run != 64:
-                    fast = False
-                    break
-                run = 0
-            elif _is_lower_hex(c):
-                run += 1
-            else:
-                fast = False
-                break
-        if fast and run != 0 and run != 64:
-            fast = False
-        nd = hn - sp2 - 1
-        if fast and (nd < 1 or nd > 18):
-            fast = False
-        if fast:
-            for i in range(sp2 + 1, hn):
-                c = p[i]
-                if not (48 <= c <= 57):
-                    fast = False
-                    break
-                blen = blen * 10 + (c - 48)
-        if fast:
-            if blen != n - hn - 1:
-                raise ValueError(f"Object content length expected {blen} bytes but got "
-                                 f"{n - hn - 1} bytes.")
-            h.type_name = PyUnicode_DecodeUTF8(<const char*>p, sp1, NULL)
-            h.children_str = PyUnicode_DecodeUTF8(<const char*>p + sp1 + 1, sp2 - sp1 - 1, NULL)
-            _check_type(h.type_name, expect)
-            return h
+    if fast:
+        h.type_name = PyUnicode_DecodeUTF8(<const char*>p, s.sp1, NULL)
+        h.children_str = PyUnicode_DecodeUTF8(<const char*>p + s.sp1 + 1, s.sp2 - s.sp1 - 1,
+                                              NULL)
+        _check_type(h.type_name, expect)
+        return h
     # General path: exactly Flower's operations.
     try:
         head = content[:hn].decode("utf-8")

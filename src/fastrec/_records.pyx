@@ -196,11 +196,13 @@ cdef int _check_exact_list(int kind, list lst, bint app=False) except -1:
 
 
 cdef int _check_generic_list(int kind, object value, bint app=False) except -1:
+    # PyObject_IsInstance spelled out: Cython compiles isinstance() against a
+    # builtin type into a type check that ignores ``__class__``.
     if len(value) > 0:
         _is_valid_scalar(kind, value[0], app)
         t = type(value[0])
         for v in value:
-            if not isinstance(v, t):
+            if not PyObject_IsInstance(v, t):
                 raise _list_type_error(kind, app)
     return 0
 
@@ -341,13 +343,14 @@ cdef int64_t _count_bytes_fast(int kind, dict data) noexcept:
 
 
 def _var_bytes(value):
-    # Flower's ConfigsRecord.count_bytes.get_var_bytes, verbatim rules.
+    # Flower's ConfigsRecord.count_bytes.get_var_bytes, verbatim rules (with
+    # Python's isinstance, which honours __class__, unlike Cython's isinstance).
     var_bytes = 0
-    if isinstance(value, bool):
+    if PyObject_IsInstance(value, bool):
         var_bytes = 1
-    elif isinstance(value, (int, float)):
+    elif PyObject_IsInstance(value, _METRICS_TYPES):
         var_bytes = 8
-    if isinstance(value, (str, bytes)):
+    if PyObject_IsInstance(value, _STR_BYTES):
         var_bytes = len(value)
     if var_bytes == 0:
         raise ValueError("Config values must be either `bool`, `int`, `float`, "
@@ -364,12 +367,12 @@ cdef object _count_bytes(TypedDict rec):
     num_bytes = 0
     if rec._kind == K_METRICS:
         for k, v in rec.items():
-            num_bytes += 8 * len(v) if isinstance(v, list) else 8
+            num_bytes += 8 * len(v) if PyObject_IsInstance(v, list) else 8
             num_bytes += len(k)
     elif rec._kind == K_CONFIGS:
         for k, v in rec.items():
-            if isinstance(v, list):
-                if isinstance(v[0], _STR_BYTES):
+            if PyObject_IsInstance(v, list):
+                if PyObject_IsInstance(v[0], _STR_BYTES):
                     num_bytes += int(sum([len(s) for s in v]))
                 else:
                     num_bytes += _var_bytes(v[0]) * len(v)

@@ -17,17 +17,20 @@ cimport numpy as cnp
 from cpython.dict cimport PyDict_Size
 from cpython.list cimport PyList_AsTuple
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
-from cpython.long cimport PyLong_Check
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.complex cimport PyComplex_Check
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, int8_t, int16_t, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
+from libc.float cimport FLT_MAX
+from libc.math cimport INFINITY, NAN
 from libc.string cimport memcpy
 
 from fastrec._kernels cimport (
     FR_FT_COMPLEX64, FR_FT_COMPLEX128, FR_FT_FLOAT16, FR_FT_FLOAT32, FR_FT_FLOAT64,
     fr_client_keys, fr_count_nonfinite, fr_entry, fr_ftype, fr_gather_rows, fr_round_sample,
     fr_select_top)
+from fastrec._records cimport TypedDict as _TypedDict
 from fastrec._status cimport FR_ERR_NOMEM, FR_ERR_TYPE, FR_OK, fr_status, fr_status_name
 
 cnp.import_array()
@@ -266,6 +269,9 @@ cdef class _DType:
     cdef Py_ssize_t itemsize
     cdef object lo, hi
     cdef str accepts
+    cdef int typenum
+    cdef bint c_int_range   # lo/hi fit int64: range checks in C (all but uint64)
+    cdef int64_t clo, chi
 
     def __cinit__(self, dtype, str accepts_table="spec"):
         dt = np.dtype(dtype)
@@ -280,9 +286,51 @@ cdef class _DType:
         self.ftype = _ftype_of(dt)
         self.itemsize = dt.itemsize
         self.accepts = (_ACCEPTS if accepts_table == "spec" else _FINAL_ACCEPTS)[self.kind]
+        self.typenum = self.descr.type_num
         if dt.kind in "iu":
             info = np.iinfo(dt)
             self.lo, self.hi = int(info.min), int(info.max)
+            self.c_int_range = self.hi <= INT64_MAX
+            if self.c_int_range:
+                self.clo, self.chi = self.lo, self.hi
+
+
+# 2**128 - 2**103: FLT_MAX plus half an ulp, where IEEE round-to-nearest reaches infinity.
+cdef double _FLT_OVERFLOW = 3.4028235677973366e38
+
+
+cdef inline float _narrow(double x) noexcept nogil:
+    """``x`` rounded to float32 as NumPy (IEEE 754) casts it: past the float range C leaves
+    the conversion undefined, so overflow to ±inf is spelled out."""
+    if x != x:
+        return NAN
+    if x >= _FLT_OVERFLOW:
+        return INFINITY
+    if x <= -_FLT_OVERFLOW:
+        return -INFINITY
+    if x > FLT_MAX:
+        return FLT_MAX
+    if x < -FLT_MAX:
+        return -FLT_MAX
+    return <float>x
+
+
+cdef object _int_scalar(_DType d, int64_t i):
+    """The ``d`` integer scalar holding ``i`` (already in range)."""
+    cdef int8_t i8
+    cdef int16_t i16
+    cdef int32_t i32
+    # Same-width two's complement: an in-range value has the same bits signed or unsigned.
+    if d.itemsize == 8:
+        return PyArray_Scalar(&i, d.descr, None)
+    if d.itemsize == 4:
+        i32 = <int32_t>i
+        return PyArray_Scalar(&i32, d.descr, None)
+    if d.itemsize == 2:
+        i16 = <int16_t>i
+        return PyArray_Scalar(&i16, d.descr, None)
+    i8 = <int8_t>i
+    return PyArray_Scalar(&i8, d.descr, None)
 
 
 cdef object _check_int_range(_DType d, object v):
@@ -325,10 +373,12 @@ cdef object _from_elements(_DType d, object v):
     a uint64 or float64 spec each element fits."""
     try:
         obj = np.array(v, dtype=object)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RuntimeError) as e:   # RuntimeError: > 32 dimensions
         raise ValueError(f"expected a {d.dtype} array, got a value numpy cannot convert "
                          f"({e})") from None
-    for x in obj.flat:
+    if obj.ndim > 32:   # NumPy's iterators stop at 32 dimensions
+        raise ValueError(f"expected a {d.dtype} array, got lists nested {obj.ndim} deep")
+    for x in obj.reshape(-1):
         k = _number_kind(type(x))
         if k is None:
             if isinstance(x, (list, tuple)) or cnp.PyArray_Check(x):
@@ -355,7 +405,7 @@ cdef object _as_array(_DType d, object v, tuple shape, bint lists):
             # ndarray subclasses become plain views: their Python attributes (dtype, shape,
             # astype) may lie about the struct.
             a = np.asarray(v)
-        except (OverflowError, ValueError, TypeError) as e:
+        except (OverflowError, ValueError, TypeError, RuntimeError) as e:
             if not lists:
                 raise ValueError(f"expected a {d.dtype} array of shape {shape}, got a value "
                                  f"numpy cannot convert ({e})") from None
@@ -388,6 +438,7 @@ cdef object _to_scalar(_DType d, object v):
     cdef double x
     cdef float f
     cdef int64_t i
+    cdef int overflow = 0
     t = type(v)
     if t is d.scalar_type:
         return v
@@ -399,11 +450,11 @@ cdef object _to_scalar(_DType d, object v):
     if k not in d.accepts:
         raise TypeError(f"expected a {d.dtype} scalar, got {_describe(v)}")
     if d.kind == K_INT:
-        i_obj = _check_int_range(d, v)
-        if d.ftype == 0 and d.itemsize == 8 and d.dtype.kind == "i":
-            i = i_obj
-            return PyArray_Scalar(&i, d.descr, None)
-        return d.scalar_type(i_obj)
+        if t is int and d.c_int_range:
+            i = PyLong_AsLongLongAndOverflow(v, &overflow)
+            if overflow == 0 and d.clo <= i <= d.chi:
+                return _int_scalar(d, i)
+        return d.scalar_type(_check_int_range(d, v))
     if d.kind == K_FLOAT and (t is float or t is int):
         try:
             x = v   # int -> double: OverflowError past 1.8e308
@@ -412,7 +463,7 @@ cdef object _to_scalar(_DType d, object v):
         if d.itemsize == 8:
             return PyArray_Scalar(&x, d.descr, None)
         if d.itemsize == 4:
-            f = <float>x
+            f = _narrow(x)
             return PyArray_Scalar(&f, d.descr, None)
     try:
         return d.scalar_type(v)
@@ -440,14 +491,20 @@ cdef class CompiledSpec:
     cdef readonly tuple children
     cdef readonly tuple keys
     cdef object container
+    cdef int ndim
+    cdef cnp.npy_intp dims[8]   # -1: any size; used when ndim <= 8
 
     @staticmethod
     def leaf(dtype, tuple shape):
         cdef CompiledSpec s = CompiledSpec.__new__(CompiledSpec)
+        cdef int j
         s.dt = _DType(dtype)
         s.dtype = s.dt.dtype
         s.shape = shape
         s.tag = T_SCALAR if shape == () else T_ARRAY
+        s.ndim = len(shape)
+        for j in range(min(s.ndim, 8)):
+            s.dims[j] = -1 if shape[j] is None else shape[j]
         return s
 
     @staticmethod
@@ -482,12 +539,57 @@ cdef class CompiledSpec:
         return self.container(items)
 
 
+cdef bint _exact_array(CompiledSpec s, cnp.ndarray a) noexcept:
+    """Whether ``a`` (an exact ndarray) already has the spec's native dtype and shape: the
+    common case of numpy clients, checked on the struct, handed over as it is."""
+    cdef int j
+    if s.ndim > 8 or cnp.PyArray_NDIM(a) != s.ndim or cnp.PyArray_TYPE(a) != s.dt.typenum \
+            or not cnp.PyArray_ISNOTSWAPPED(a):
+        return False
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
+    for j in range(s.ndim):
+        if s.dims[j] >= 0 and dims[j] != s.dims[j]:
+            return False
+    return True
+
+
+cdef object _float_list(CompiledSpec s, list v):
+    """A list of exact Python floats under a 1-d float32/float64 spec as the spec's array,
+    filled in C; None for anything else (the general path decides)."""
+    cdef Py_ssize_t j, n = PyList_GET_SIZE(v)
+    cdef PyObject *x
+    if s.dt.kind != K_FLOAT or (s.dt.itemsize != 4 and s.dt.itemsize != 8) \
+            or (s.dims[0] >= 0 and n != s.dims[0]):
+        return None
+    for j in range(n):
+        if _TYPE(PyList_GET_ITEM(v, j)) != &PyFloat_Type:
+            return None
+    cdef cnp.npy_intp dim = n
+    cdef cnp.ndarray a = cnp.PyArray_SimpleNew(1, &dim, s.dt.typenum)
+    cdef float *f = <float *>cnp.PyArray_DATA(a)
+    cdef double *g = <double *>cnp.PyArray_DATA(a)
+    # Reading the list's storage runs no Python code: its size cannot change meanwhile.
+    for j in range(n):
+        x = PyList_GET_ITEM(v, j)
+        if s.dt.itemsize == 4:
+            f[j] = _narrow(PyFloat_AS_DOUBLE(<object>x))
+        else:
+            g[j] = PyFloat_AS_DOUBLE(<object>x)
+    return a
+
+
 cdef object _convert(CompiledSpec s, object v):
     """The value handed to the finalizer for ``v`` under spec ``s``: numbers become numpy
     scalars of the spec's dtype, arrays and lists ndarrays of it, structures new containers."""
     if s.tag == T_SCALAR:
         return _to_scalar(s.dt, v)
     if s.tag == T_ARRAY:
+        if cnp.PyArray_CheckExact(v) and _exact_array(s, <cnp.ndarray>v):
+            return v
+        if type(v) is list and s.ndim == 1:
+            a = _float_list(s, v)
+            if a is not None:
+                return a
         return _as_array(s.dt, v, s.shape, True)
     cdef tuple children = s.children
     cdef Py_ssize_t j, n = len(children)
@@ -758,10 +860,15 @@ cdef class _Acc:
     cdef list flat
     cdef int64_t *counts
     cdef Py_ssize_t nleaves
+    cdef _DType d0          # the first leaf's dtype and scalar type: the one-leaf fast path
+    cdef object scalar0     # exact numpy scalar type of a shape-() first leaf, else None
 
     def __cinit__(self, Layout layout, Py_ssize_t nsample):
         self.layout = layout
         self.dts = layout._dts
+        self.d0 = layout._dts[0] if layout._dts else None
+        self.scalar0 = (self.d0.scalar_type if self.d0 is not None and layout.shapes[0] == ()
+                        else None)
         self.shapes = layout.shapes
         self.nleaves = len(layout.shapes)
         self.outs = [np.empty((nsample,) + s, d) for d, s in zip(layout.dtypes, layout.shapes)]
@@ -787,7 +894,7 @@ cdef class _Acc:
             if d.itemsize == 8:
                 bad = _double_bad(g)
             else:
-                f = <float>g   # stored as the probe's float32: the cast decides
+                f = _narrow(g)   # stored as the probe's float32: the cast decides
                 bad = _float_bad(f)
         else:
             x = _final_leaf(d, shape, x)
@@ -800,7 +907,12 @@ cdef class _Acc:
     cdef int add(self, object v, int64_t slot) except -1:
         cdef Py_ssize_t j
         if self.layout.single:
-            if not PyFloat_Check(v) and type(v) is not (<_DType>self.dts[0]).scalar_type:
+            if type(v) is self.scalar0:   # the common case: a numpy scalar of the probe's type
+                self.counts[0] += _scalar_bad(self.d0, v) if self.d0.kind >= K_FLOAT else 0
+                if slot >= 0:
+                    self.outs[0][slot] = v
+                return 0
+            if not PyFloat_Check(v):
                 if isinstance(v, (list, tuple)) or (isinstance(v, Mapping)
                                                     and not cnp.PyArray_Check(v)):
                     raise ValueError(f"finalized value is a {type(v).__name__}, but at "
@@ -833,6 +945,39 @@ cdef object _key_error(int64_t i, object cv, tuple names):
     if extra:
         parts.append(f"unexpected metric(s) {extra}")
     return ValueError(f"client {i}: " + "; ".join(parts) + f" (expected exactly {list(names)})")
+
+
+cdef enum:
+    _READ_ITEMS = 0     # dict(cv.items())
+    _READ_FASTREC = 1   # an exact fastrec record: its C-level dict
+    _READ_FLWR = 2      # Flower's TypedDict, not overridden: cv.__dict__["_data"]
+
+_FLWR_TYPEDDICT = "flwr.common.record.typeddict"
+
+
+cdef int _reader_of(type t) except -1:
+    """How to read the clients of mapping type ``t`` (decided once per type)."""
+    if issubclass(t, _TypedDict):
+        return _READ_FASTREC
+    # Flower's records keep their items in ``self.__dict__["_data"]`` and read them only
+    # there; a subclass that overrides any reading method is read through items() instead.
+    for method in ("__getitem__", "__iter__", "__len__", "__contains__", "keys", "items"):
+        fn = getattr(t, method, None)
+        if getattr(fn, "__module__", None) != _FLWR_TYPEDDICT \
+                or getattr(fn, "__qualname__", None) != f"TypedDict.{method}":
+            return _READ_ITEMS
+    return _READ_FLWR
+
+
+cdef dict _read_client(object cv, int reader):
+    if reader == _READ_FASTREC and (<_TypedDict>cv)._exact:
+        return (<_TypedDict>cv)._data
+    if reader == _READ_FLWR:
+        d = getattr(cv, "__dict__", None)
+        data = d.get("_data") if type(d) is dict else None
+        if type(data) is dict:
+            return <dict>data
+    return dict(cv.items())
 
 
 cdef enum:
@@ -892,6 +1037,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef dict unfin
     cdef dict outd
     cdef tuple fins = finalizers if functional is None else None
+    cdef int reader = _READ_ITEMS
     mapping_type = None
     try:
         for i in range(n):
@@ -903,16 +1049,17 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         for i in range(n):
             cv = clients[i]
             gi = offset + i
-            # Exact dict and OrderedDict (no __getitem__ override) are read with the C API;
-            # other mappings are copied through items() once, which for records that wrap a
-            # dict (Flower's MetricsRecord) is one call instead of one per metric.
+            # Exact dict and OrderedDict (no __getitem__ override) are read with the C API,
+            # so are the dicts inside fastrec's and Flower's records; other mappings are
+            # copied through items() once, one call instead of one per metric.
             if type(cv) is not dict and type(cv) is not OrderedDict:
-                if type(cv) is not mapping_type:  # the ABC check is slow: once per type
+                if type(cv) is not mapping_type:  # the type checks are slow: once per type
                     if not isinstance(cv, Mapping):
                         raise TypeError(f"client {gi}: expected a mapping of metric name to "
                                         f"value, got {type(cv).__name__}")
                     mapping_type = type(cv)
-                cv = dict(cv.items())
+                    reader = _reader_of(mapping_type)
+                cv = _read_client(cv, reader)
             if PyDict_Size(cv) != m:
                 raise _key_error(gi, cv, names)
             if functional is not None:
@@ -927,8 +1074,9 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                     p = PyDict_GetItemWithError(cv, ctx_name)
                     if p == NULL:
                         raise _key_error(gi, cv, names)
+                    raw = <object>p   # owned: converting may run code that mutates cv
                     stage = _STAGE_CONVERT
-                    val = _convert(<CompiledSpec>specs[j], <object>p)
+                    val = _convert(<CompiledSpec>specs[j], raw)
                     if functional is not None:
                         unfin[ctx_name] = val
                         continue

@@ -123,3 +123,31 @@ cdef object value_to_py(const fr_value *v)
 # list elements go to v's scratch; strings are views into objects that `keep`
 # (a list the caller holds until the value is written) keeps alive.
 cdef int value_from_py(object value, bint configs, fr_value *v, list keep) except -1
+
+
+cdef extern from "wire.h" nogil:
+    enum:
+        FR_COL_F64
+        FR_COL_I64
+        FR_COL_U64
+        FR_FILL_OK
+        FR_FILL_KIND
+        FR_FILL_LENGTH
+        FR_FILL_RANGE
+
+    ctypedef struct fr_wire_leaf:
+        const uint8_t *name
+        size_t name_len
+        size_t width
+        int64_t elem
+        int out_type
+        int64_t imin, imax
+        uint64_t umax
+        uint8_t *out
+        size_t stride
+        int seen
+
+    int fr_wire_leaf_fill(const fr_wire_leaf *leaf, size_t row, const fr_value *v)
+    int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8_t *rec,
+                            size_t rec_len, fr_wire_leaf *leaves, size_t nleaves, size_t row,
+                            fr_value *v, fr_wire_array *a)

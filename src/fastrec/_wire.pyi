@@ -1,6 +1,6 @@
 # Typing stub for the compiled fastrec._wire module (src/fastrec/_wire.pyx).
-from collections.abc import Mapping
-from typing import Any, Optional, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, Tuple, Union
 
 from ._array import Array
 from ._records import ConfigsRecord, MetricsRecord, ParametersRecord, RecordSet
@@ -24,3 +24,5 @@ def message_from_bytes(
 ) -> Tuple[dict[str, Any], Optional[RecordSet], Optional[dict[str, Any]]]: ...
 def record_items_to_bytes(record: Mapping[str, Any], configs: bool, sort: bool = ...) -> bytes: ...
 def record_items_from_bytes(buf: _Buffer, configs: bool, map_entries: bool = ...) -> dict[str, Any]: ...
+def metrics_columns(buffers: Sequence[_Buffer], record: str, spec: Mapping[str, Any], *,
+                    wire: Literal["recordset", "message"] = ...) -> dict[str, Any]: ...

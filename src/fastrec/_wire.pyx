@@ -28,6 +28,8 @@ cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
     object PyNumber_Index(object o)
     Py_ssize_t PY_SSIZE_T_MAX
+    Py_ssize_t PyUnicode_Tailmatch(object s, object sub, Py_ssize_t start, Py_ssize_t end,
+                                   int direction) except -1
 
 cdef enum:
     NOGIL_BYTES = 1 << 16   # copies at least this big run without the GIL
@@ -313,11 +315,32 @@ cdef extern from "Python.h":
 # Decoding
 # ---------------------------------------------------------------------------
 
+cdef class _Empty:
+    """Placeholder for a record value whose oneof is empty, at byte `offset`."""
+    cdef Py_ssize_t offset
+
+    def __cinit__(self, Py_ssize_t offset):
+        self.offset = offset
+
+
+cdef int _refuse_empty(object records, str what) except -1:
+    """ValueError if a placeholder survived in these record dicts (Flower's
+    from_proto cannot convert an empty oneof)."""
+    for rec in records:
+        data = rec if type(rec) is dict else (<TypedDict>rec)._data
+        for v in data.values():
+            if type(v) is _Empty:
+                raise ValueError(f"malformed {what} at byte {(<_Empty>v).offset}: record value "
+                                 "with no member of its oneof set")
+    return 0
+
+
 cdef class _Dec:
     """Decoder state: the error context and reusable scratch for values/arrays."""
     cdef fr_pb_ctx c
     cdef fr_value v
     cdef fr_wire_array a
+    cdef bint empty_seen
 
     def __cinit__(self):
         fr_value_init(&self.v)
@@ -331,6 +354,27 @@ cdef class _Dec:
         self.c.base = inp.ptr
         self.c.err = NULL
         self.c.err_off = 0
+
+
+# One decoder reused across calls (its scratch stays warm). Decoding holds the GIL
+# except inside large copies, so a call that finds it busy (another thread got in
+# during such a copy) takes a fresh one.
+cdef _Dec _shared_dec = _Dec.__new__(_Dec)
+cdef bint _shared_busy = False
+
+
+cdef inline _Dec _acquire():
+    global _shared_busy
+    if _shared_busy:
+        return _Dec.__new__(_Dec)
+    _shared_busy = True
+    return _shared_dec
+
+
+cdef inline void _release(_Dec d):
+    global _shared_busy
+    if d is _shared_dec:
+        _shared_busy = False
 
 
 cdef int _check(fr_status st, _Dec d, str what) except -1:
@@ -357,7 +401,12 @@ cdef int _items_merge(_Dec d, const uint8_t *ptr, size_t len, bint configs, int 
                                     &unknown), d, what)
         if map_entries and unknown:
             continue   # protobuf keeps such an entry as an unknown field
-        out[_str(key)] = value_to_py(&d.v)
+        if d.v.kind == FR_V_NONE:
+            # An error only if no later entry replaces this key: checked at the end.
+            out[_str(key)] = _Empty(<Py_ssize_t>(f.ptr - d.c.base))
+            d.empty_seen = True
+        else:
+            out[_str(key)] = value_to_py(&d.v)
     return 0
 
 
@@ -435,9 +484,9 @@ cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dic
             _check(fr_pb_fail(&d.c, f.ptr, "nesting deeper than 100"), d, what)
         key.ptr = f.ptr
         key.len = 0
-        items = {}
-        keys = []
-        values = []
+        items = {} if f.number != 1 else None
+        keys = [] if f.number == 1 else None
+        values = [] if f.number == 1 else None
         q = f.ptr
         qend = f.ptr + f.len
         unknown = False
@@ -493,8 +542,10 @@ def record_items_from_bytes(buf, bint configs, bint map_entries=True):
     cdef _Dec d = _Dec.__new__(_Dec)
     d.start(inp)
     cdef dict out = {}
-    _items_merge(d, inp.ptr, inp.len, configs, 0, out,
-                 "ConfigsRecord" if configs else "MetricsRecord", map_entries)
+    what = "ConfigsRecord" if configs else "MetricsRecord"
+    _items_merge(d, inp.ptr, inp.len, configs, 0, out, what, map_entries)
+    if d.empty_seen:
+        _refuse_empty((out,), what)
     return out
 
 
@@ -507,11 +558,28 @@ def configs_record_from_bytes(buf):
 
 
 def recordset_from_bytes(buf):
-    cdef _In inp = _input(buf)
-    cdef _Dec d = _Dec.__new__(_Dec)
-    d.start(inp)
+    cdef _In inp = None
+    cdef const uint8_t *ptr
+    cdef size_t n
+    if PyBytes_CheckExact(buf):
+        ptr = <const uint8_t *>PyBytes_AS_STRING(buf)
+        n = <size_t>PyBytes_GET_SIZE(buf)
+    else:
+        inp = _input(buf)
+        ptr = inp.ptr
+        n = inp.len
+    cdef _Dec d = _acquire()
     cdef dict p = {}, m = {}, c = {}
-    _recordset_merge(d, inp.ptr, inp.len, 0, p, m, c, "RecordSet")
+    try:
+        d.c.base = ptr
+        d.c.err = NULL
+        d.c.err_off = 0
+        d.empty_seen = False
+        _recordset_merge(d, ptr, n, 0, p, m, c, "RecordSet")
+        if d.empty_seen:
+            _refuse_empty(list(m.values()) + list(c.values()), "RecordSet")
+    finally:
+        _release(d)
     return recordset_from_dicts(p, m, c)
 
 
@@ -587,6 +655,8 @@ def message_from_bytes(buf):
     cdef _Dec d = _Dec.__new__(_Dec)
     d.start(inp)
     md, content, err = _message_parse(d, inp.ptr, inp.len, True)
+    if d.empty_seen and content is not None:
+        _refuse_empty(list(content[1].values()) + list(content[2].values()), "Message")
     metadata = dict(zip(_METADATA_FIELDS, md))
     rs = None if content is None else recordset_from_dicts(content[0], content[1], content[2])
     error = None if err is None else {"code": err[0], "reason": err[1] if err[1] else None}
@@ -612,10 +682,7 @@ cdef class _Items:
         if self.vals != NULL:
             for k in range(self.n):
                 fr_value_free(&self.vals[k])
-        free(self.vals)
-        free(self.keys)
-        free(self.key_lens)
-        free(self.sizes)
+        free(self.vals)   # the whole block
 
 
 cdef inline dict _data_of(object record):
@@ -637,19 +704,23 @@ cdef list _sorted_keys(dict data):
     keys.sort()   # code-point order is UTF-8 byte order
     for i in range(len(keys) - 1):
         # A prefix pair is always adjacent after sorting; only then differ.
-        if (<str>keys[i + 1]).startswith(<str>keys[i]):
+        if PyUnicode_Tailmatch(keys[i + 1], keys[i], 0, PY_SSIZE_T_MAX, -1) == 1:
             keys.sort(key=_map_sort_key)
             break
     return keys
 
 
-def _utf8_key(k):
-    if not isinstance(k, str):
+cdef bytes _key_bytes(object k):
+    cdef const uint8_t *p
+    cdef size_t n
+    if type(k) is not str and not isinstance(k, str):
         raise TypeError(f"record keys must be str, got {type(k).__name__}")
-    try:
-        return str.encode(k, "utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(str(e)) from e
+    p = _utf8(k, &n)
+    return PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
+
+
+def _utf8_key(k):
+    return _key_bytes(k)
 
 
 def _map_sort_key(k):
@@ -664,12 +735,15 @@ cdef _Items _prepare_items(object record, bint configs, bint sort):
     cdef Py_ssize_t k, n = len(keys)
     cdef int ok
     it.keep = [keys]
-    it.vals = <fr_value *>malloc(<size_t>(n if n else 1) * sizeof(fr_value))
-    it.keys = <const uint8_t **>malloc(<size_t>(n if n else 1) * sizeof(uint8_t *))
-    it.key_lens = <size_t *>malloc(<size_t>(n if n else 1) * sizeof(size_t))
-    it.sizes = <size_t *>malloc(<size_t>(n if n else 1) * sizeof(size_t))
-    if it.vals == NULL or it.keys == NULL or it.key_lens == NULL or it.sizes == NULL:
+    cdef size_t m = <size_t>(n if n else 1)
+    # one block: values, then key pointers, key lengths and value sizes
+    cdef char *block = <char *>malloc(m * (sizeof(fr_value) + sizeof(uint8_t *) + 2 * sizeof(size_t)))
+    if block == NULL:
         raise MemoryError()
+    it.vals = <fr_value *>block
+    it.keys = <const uint8_t **>(block + m * sizeof(fr_value))
+    it.key_lens = <size_t *>(block + m * (sizeof(fr_value) + sizeof(uint8_t *)))
+    it.sizes = it.key_lens + m
     for k in range(n):
         fr_value_init(&it.vals[k])
     it.n = n
@@ -809,7 +883,7 @@ cdef _Params _prepare_params(object record):
     r.arrays = []
     r.body = 0
     for k, v in data.items():
-        kb = _utf8_key(k)
+        kb = _key_bytes(k)
         r.keys.append(kb)
         r.body += fr_pb_len_field_size(1, <size_t>len(kb))
         a = _prepare_array(v)
@@ -848,11 +922,19 @@ cdef _RS _prepare_recordset(object rs):
     r.entries = []
     r.body = 0
     cdef size_t body
-    for number, records in ((1, rs.parameters_records), (2, rs.metrics_records),
-                            (3, rs.configs_records)):
-        data = _data_of(records)
+    cdef int number
+    if isinstance(rs, RecordSet):
+        groups = ((<RecordSet>rs)._params._data, (<RecordSet>rs)._metrics._data,
+                  (<RecordSet>rs)._configs._data)
+    else:
+        groups = (_data_of(rs.parameters_records), _data_of(rs.metrics_records),
+                  _data_of(rs.configs_records))
+    for number in range(1, 4):
+        data = <dict>groups[number - 1]
+        if not data:
+            continue
         for k in _sorted_keys(data):
-            kb = _utf8_key(k)
+            kb = _key_bytes(k)
             rec = data[k]
             if number == 1:
                 prep = _prepare_params(rec)
@@ -925,7 +1007,7 @@ cdef bytes _metadata_body(object metadata):
         else:
             if not isinstance(x, str):
                 raise TypeError(f"metadata {name!r} must be a str, not {type(x).__name__}")
-            b = _utf8_key(x)
+            b = _key_bytes(x)
             if b:
                 parts.append((num, wt, b))
                 size += fr_pb_len_field_size(num, <size_t>len(b))
@@ -956,7 +1038,7 @@ cdef bytes _error_body(object error):
         reason = ""
     if not isinstance(reason, str):
         raise TypeError(f"error 'reason' must be a str, not {type(reason).__name__}")
-    rb = _utf8_key(reason)
+    rb = _key_bytes(reason)
     u = fr_pb_zigzag64(i)
     size = (fr_pb_tag_size(1) + fr_pb_varint_size(u) if u else 0) + \
         (fr_pb_len_field_size(2, <size_t>len(rb)) if rb else 0)
@@ -991,4 +1073,220 @@ def message_to_bytes(metadata, content=None, error=None):
         _put_recordset(&w, r)
     else:
         fr_pb_put_len_field(&w, 3, PyBytes_AS_STRING(eb), <size_t>len(eb))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Columns straight from serialized client replies
+# ---------------------------------------------------------------------------
+
+import numpy as np
+
+
+cdef class _Leaves:
+    """The C leaves of a spec, the numpy columns they fill, and how to return them."""
+    cdef fr_wire_leaf *leaves
+    cdef Py_ssize_t n
+    cdef list names        # metric name (str) per leaf
+    cdef list dtypes       # declared dtype per leaf
+    cdef list columns      # the array each leaf writes into
+    cdef list keep
+
+    def __dealloc__(self):
+        free(self.leaves)
+
+
+cdef list _leaf_specs(object spec):
+    """[(metric name, TensorSpec, width, elem, container)] for a metrics spec."""
+    from .spec import TensorSpec
+    out = []
+    if not hasattr(spec, "items"):
+        raise TypeError(f"spec must be a mapping of metric name to TensorSpec, got "
+                        f"{type(spec).__name__}")
+    for name, s in spec.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metric names must be str, got {type(name).__name__}")
+        if isinstance(s, TensorSpec):
+            if s.shape == ():
+                out.append((name, s, 0, -1, None))
+            elif len(s.shape) == 1 and s.shape[0] is not None:
+                out.append((name, s, s.shape[0], -1, None))
+            else:
+                raise TypeError(f"metric {name!r}: metrics_columns reads a scalar or a fixed-"
+                                f"length list per client, not shape {s.shape}")
+        elif isinstance(s, (list, tuple)):
+            for j, c in enumerate(s):
+                if not isinstance(c, TensorSpec) or c.shape != ():
+                    raise TypeError(f"metric {name!r}: a list spec's items must be scalar "
+                                    f"TensorSpecs, got {c!r}")
+                out.append((name, c, len(s), j, type(s)))
+        else:
+            raise TypeError(f"metric {name!r}: metrics_columns supports TensorSpec and lists "
+                            f"or tuples of scalar TensorSpecs, got {type(s).__name__}")
+    return out
+
+
+cdef _Leaves _make_leaves(object spec, Py_ssize_t n_rows):
+    cdef _Leaves L = _Leaves.__new__(_Leaves)
+    specs = _leaf_specs(spec)
+    L.n = len(specs)
+    L.leaves = <fr_wire_leaf *>malloc((L.n if L.n else 1) * sizeof(fr_wire_leaf))
+    if L.leaves == NULL:
+        raise MemoryError()
+    L.names, L.dtypes, L.columns, L.keep = [], [], [], []
+    cdef Py_ssize_t k
+    cdef fr_wire_leaf *leaf
+    cdef object col
+    for k, (name, s, width, elem, _) in enumerate(specs):
+        leaf = &L.leaves[k]
+        nb = name.encode("utf-8")
+        L.keep.append(nb)
+        leaf.name = <const uint8_t *>PyBytes_AS_STRING(nb)
+        leaf.name_len = <size_t>len(nb)
+        leaf.width = width
+        leaf.elem = elem
+        dt = s.dtype
+        kind = dt.kind
+        if kind == "i" or kind == "b":
+            leaf.out_type = FR_COL_I64
+            info = np.iinfo(dt) if kind == "i" else None
+            leaf.imin = int(info.min) if info is not None else 0
+            leaf.imax = int(info.max) if info is not None else 1
+            work = np.int64
+        elif kind == "u":
+            leaf.out_type = FR_COL_U64
+            leaf.umax = int(np.iinfo(dt).max)
+            work = np.uint64
+        else:
+            leaf.out_type = FR_COL_F64
+            work = np.float64
+        col = np.empty((n_rows, width) if (width and elem < 0) else (n_rows,), dtype=work)
+        leaf.out = <uint8_t *>(<size_t>col.ctypes.data)
+        leaf.stride = 8 * width if (width and elem < 0) else 8
+        L.names.append(name)
+        L.dtypes.append(dt)
+        L.columns.append(col)
+    L.keep.append(specs)
+    return L
+
+
+_FILL_REASON = {FR_FILL_KIND: "value of the wrong kind", FR_FILL_LENGTH: "list of the wrong length",
+                FR_FILL_RANGE: "value outside the column's integer range"}
+
+
+cdef int _slow_row(_Leaves L, Py_ssize_t i, object buf, str record, bint message,
+                   fr_value *v) except -1:
+    """The general path for one reply: full decode, then the same fill, with errors."""
+    cdef Py_ssize_t k
+    cdef int st
+    try:
+        if message:
+            _, rs, err = message_from_bytes(buf)
+            if rs is None:
+                raise ValueError(f"the message carries an error ({err}), not content")
+        else:
+            rs = recordset_from_bytes(buf)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"buffer {i}: {e}") from None
+    rec = rs.metrics_records.get(record)
+    if rec is None:
+        raise ValueError(f"buffer {i}: no MetricsRecord {record!r} (it has "
+                         f"{sorted(rs.metrics_records)})")
+    for k in range(L.n):
+        name = L.names[k]
+        if name not in rec:
+            raise ValueError(f"buffer {i}, record {record!r}: no metric {name!r}")
+        value = rec[name]
+        value_from_py(value, False, v, [])
+        st = fr_wire_leaf_fill(&L.leaves[k], <size_t>i, v)
+        if st != FR_FILL_OK:
+            leaf = L.leaves[k]
+            want = (f"a list of {leaf.width} numbers" if leaf.width else "a number")
+            raise ValueError(f"buffer {i}, record {record!r}, metric {name!r}: "
+                             f"{_FILL_REASON[st]} for {L.dtypes[k]} column (want {want}, "
+                             f"got {value!r:.80})")
+    return 0
+
+
+def metrics_columns(buffers, record, spec, *, wire="recordset"):
+    """Read the MetricsRecord ``record`` of every serialized reply into columns for ``spec``.
+
+    ``buffers`` are bytes-like serialized ``RecordSet``s (``wire="recordset"``) or
+    ``Message``s (``wire="message"``). The result is the batch
+    ``AggregationProcess.next_columnar`` takes: per metric, a scalar ``TensorSpec``
+    gives an (n,) column in its dtype, a shape-(m,) spec an (n, m) column from a list
+    value of m numbers, and a list/tuple of scalar specs a list/tuple of (n,) columns
+    from the list value's elements. The replies are parsed in C without the GIL and
+    without Python objects per reply; a malformed reply, a missing record or metric, or
+    a value of the wrong kind, length or range is a ``ValueError`` naming the buffer
+    index, the record and the metric.
+
+    >>> from fastrec import MetricsRecord, RecordSet, TensorSpec
+    >>> from fastrec.wire import metrics_columns, recordset_to_bytes
+    >>> bufs = [recordset_to_bytes(RecordSet(metrics_records={"eval": MetricsRecord(
+    ...     {"acc": 0.5 * i, "hist": [i, 1]})})) for i in range(3)]
+    >>> cols = metrics_columns(bufs, "eval", {"acc": TensorSpec("float32"),
+    ...                                       "hist": TensorSpec("int64", (2,))})
+    >>> cols["acc"], cols["hist"].tolist()
+    (array([0. , 0.5, 1. ], dtype=float32), [[0, 1], [1, 1], [2, 1]])
+    """
+    if wire not in ("recordset", "message"):
+        raise ValueError(f"wire must be 'recordset' or 'message', got {wire!r}")
+    if not isinstance(record, str):
+        raise TypeError(f"record must be a str, got {type(record).__name__}")
+    cdef bint message = wire == "message"
+    cdef list bufs = list(buffers)
+    cdef Py_ssize_t n = len(bufs), i
+    cdef _Leaves L = _make_leaves(spec, n)
+    cdef list inputs = [None] * n
+    cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
+    cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
+    cdef uint8_t *slow = <uint8_t *>malloc(n if n else 1)
+    cdef _Dec d = _Dec.__new__(_Dec)
+    cdef _In inp
+    cdef bytes rb = record.encode("utf-8")
+    cdef const uint8_t *rp = <const uint8_t *>PyBytes_AS_STRING(rb)
+    cdef size_t rlen = <size_t>len(rb)
+    cdef fr_wire_leaf *leaves = L.leaves
+    cdef size_t nleaves = <size_t>L.n
+    try:
+        if ptrs == NULL or lens == NULL or slow == NULL:
+            raise MemoryError()
+        for i in range(n):
+            b = bufs[i]
+            if PyBytes_CheckExact(b):   # kept alive by bufs
+                ptrs[i] = <const uint8_t *>PyBytes_AS_STRING(b)
+                lens[i] = <size_t>PyBytes_GET_SIZE(b)
+                continue
+            try:
+                inp = _input(b)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"buffer {i}: {e}") from None
+            inputs[i] = inp
+            ptrs[i] = inp.ptr
+            lens[i] = inp.len
+        with nogil:
+            for i in range(n):
+                slow[i] = <uint8_t>fr_wire_columns_row(ptrs[i], lens[i], message, rp, rlen,
+                                                       leaves, nleaves, <size_t>i, &d.v, &d.a)
+        for i in range(n):
+            if slow[i]:
+                _slow_row(L, i, bufs[i], record, message, &d.v)
+    finally:
+        free(ptrs)
+        free(lens)
+        free(slow)
+    # Assemble the batch in the spec's structure, in the declared dtypes.
+    out = {}
+    cdef Py_ssize_t k = 0
+    for name, s in spec.items():
+        if isinstance(s, (list, tuple)):
+            cols = []
+            for _ in s:
+                cols.append(L.columns[k].astype(L.dtypes[k], copy=False))
+                k += 1
+            out[name] = type(s)(cols) if isinstance(s, tuple) else cols
+        else:
+            out[name] = L.columns[k].astype(L.dtypes[k], copy=False)
+            k += 1
     return out

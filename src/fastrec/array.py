@@ -22,7 +22,11 @@ Differences from ``numpy.load`` on untrusted bytes (everything else agrees):
 * a few exotic Python-literal spellings inside the header that no writer produces
   raise ``ValueError``: escape sequences or triple quotes in the keys, and a
   subarray descr such as ``('<f4', (2,))`` (numpy only loads that one when the
-  array is empty, with extra axes).
+  array is empty, with extra axes);
+* a repeated key's overridden value is only checked to be one literal-looking
+  value (balanced brackets, closed strings, no bare names but ``True``/``False``/
+  ``None``), not parsed as Python: e.g. ``'shape': 1 2, 'shape': (3,)`` loads here
+  while ``literal_eval`` refuses it.
 """
 
 from ._array import Array, array_from_numpy

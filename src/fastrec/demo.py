@@ -6,6 +6,11 @@ Every round, many clients report Keras-style unfinalized metrics as ``MetricsRec
 NaN or infinite loss. The server finalizes every client's metrics, counts the non-finite ones
 and keeps a uniform sample of clients for the round and over all rounds.
 
+Each client's reply travels as a serialized Flower 1.15 ``Message``
+(:func:`fastrec.wire.message_to_bytes`); the server reads the replies straight into columns
+(:func:`fastrec.wire.metrics_columns`) and samples them with ``next_columnar``, and prints the
+throughput of each stage.
+
 The round's clients arrive in chunks, as they would from several workers: each chunk is
 processed on its own with ``client_offset`` and the chunks' reservoirs are merged, which gives
 exactly the one-machine result.
@@ -24,7 +29,9 @@ import time
 import numpy as np
 
 from .records import MetricsRecord
-from .sampling import FinalizeThenSampleFactory, TensorSpec
+from . import wire
+from .records import RecordSet
+from .sampling import FinalizeThenSampleFactory, TensorSpec, vectorized
 
 SPEC = {"loss": [TensorSpec("float64"), TensorSpec("float64")],
         "accuracy": [TensorSpec("float64"), TensorSpec("float64")],
@@ -37,6 +44,9 @@ def _ratio(pair):
 
 
 FINALIZERS = {"loss": _ratio, "accuracy": _ratio, "num_examples": int}
+# The same finalizers over columns (one call per metric per chunk), for the wire path.
+COLUMN_FINALIZERS = {"loss": vectorized(_ratio), "accuracy": vectorized(_ratio),
+                     "num_examples": vectorized(lambda column: column)}
 
 
 def simulate_clients(rng: np.random.Generator, n: int, diverge: float = 0.005) -> list:
@@ -103,15 +113,21 @@ def _describe(values) -> str:
 
 
 def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: int,
-        progress: bool = True, out=None, err=None) -> dict:
+        progress: bool = True, out=None, err=None, dask_workers: int = 0) -> dict:
     """Run the simulation; print the summary to ``out`` (stdout), the progress bar to ``err``
-    (stderr); return the final state, last round's sample, measurements and sampling time."""
+    (stderr); return the final state, last round's sample, measurements and sampling time.
+
+    ``dask_workers``: run each round with :func:`fastrec.dask.next` on a local Dask cluster
+    of that many worker processes (one partition per chunk); same results."""
+    if dask_workers:
+        return _run_on_dask(dask_workers, rounds, clients, sample_size, seed, chunk, progress,
+                            out, err)
     out = sys.stdout if out is None else out
-    process = FinalizeThenSampleFactory(sample_size, seed=seed).create(FINALIZERS, SPEC)
+    process = FinalizeThenSampleFactory(sample_size, seed=seed).create(COLUMN_FINALIZERS, SPEC)
     rng = np.random.default_rng(seed)
     state = process.initialize()
     bar = Progress(rounds * clients, stream=err, enabled=progress)
-    sampling_s = 0.0
+    sampling_s = encode_s = ingest_s = 0.0
     per_round = []
     current = {}
     for r in range(rounds):
@@ -122,10 +138,20 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
         non_finite = dict.fromkeys(FINALIZERS, 0)
         for a in range(0, clients, chunk):
             batch = simulate_clients(rng, min(chunk, clients - a))
+            # Each client replies with a Flower 1.15 Message on the wire; the server reads
+            # the replies' MetricsRecord straight into columns and samples those.
             t0 = time.perf_counter()
-            part = process.next(start, batch, client_offset=a)
+            replies = [wire.message_to_bytes(
+                {"run_id": 1, "src_node_id": a + i + 1, "message_type": "evaluate"},
+                RecordSet(metrics_records={"eval": rec})) for i, rec in enumerate(batch)]
+            t1 = time.perf_counter()
+            columns = wire.metrics_columns(replies, "eval", SPEC, wire="message")
+            t2 = time.perf_counter()
+            part = process.next_columnar(start, columns, client_offset=a)
             round_state = process.merge(round_state, part.state)
-            sampling_s += time.perf_counter() - t0
+            t3 = time.perf_counter()
+            encode_s, ingest_s, sampling_s = encode_s + t1 - t0, ingest_s + t2 - t1, \
+                sampling_s + t3 - t2
             for name, count in part.measurements.items():
                 non_finite[name] += count
             bar.update(len(batch), f"round {r + 1}/{rounds}")
@@ -137,6 +163,67 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
         per_round.append(non_finite)
     bar.close()
 
+    _summary(out, rounds, clients, sample_size, seed, per_round, current, state, sampling_s)
+    total = rounds * clients
+    print(f"wire: replies as Flower Message bytes; per stage: encode {_rate(total, encode_s)}, "
+          f"ingest (metrics_columns) {_rate(total, ingest_s)}, finalize + sample "
+          f"{_rate(total, sampling_s)}", file=out)
+    return {"state": state, "current": current, "measurements": per_round,
+            "sampling_seconds": sampling_s}
+
+
+def _run_on_dask(workers, rounds, clients, sample_size, seed, chunk, progress, out, err):
+    """:func:`run` with each round on a LocalCluster of ``workers`` processes (loopback)."""
+    import logging
+
+    import dask
+    import dask.bag as db
+    from distributed import Client, LocalCluster
+
+    from . import dask as fdask
+
+    out = sys.stdout if out is None else out
+    process = FinalizeThenSampleFactory(sample_size, seed=seed).create(FINALIZERS, SPEC)
+    rng = np.random.default_rng(seed)
+    state = process.initialize()
+    bar = Progress(rounds * clients, stream=err, enabled=progress)
+    simulate_s = bag_s = sampling_s = 0.0
+    per_round, current = [], {}
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster):
+        for r in range(rounds):
+            t0 = time.perf_counter()  # the same chunks, drawn in the same order, as without Dask
+            chunks = [simulate_clients(rng, min(chunk, clients - a))
+                      for a in range(0, clients, chunk)]
+            t1 = time.perf_counter()
+            # One opaque graph value per chunk: db.from_sequence would tokenize and wrap every
+            # record, which costs more than finalizing it.
+            bag = db.from_delayed([dask.delayed(c, pure=False, traverse=False) for c in chunks]
+                                  or [dask.delayed([], pure=False, traverse=False)])
+            t2 = time.perf_counter()
+            result = fdask.next(process, state, bag)
+            t3 = time.perf_counter()
+            simulate_s, bag_s, sampling_s = (simulate_s + t1 - t0, bag_s + t2 - t1,
+                                             sampling_s + t3 - t2)
+            state, current = result.state, result.result[0]
+            per_round.append(result.measurements)
+            bar.update(clients, f"round {r + 1}/{rounds}")
+    bar.close()
+    _summary(out, rounds, clients, sample_size, seed, per_round, current, state, sampling_s)
+    total = rounds * clients
+    print(f"dask: {workers} worker processes; per stage: simulate {_rate(total, simulate_s)}, "
+          f"graph {_rate(total, bag_s)}, ship + finalize + sample + merge on the "
+          f"cluster {_rate(total, sampling_s)}", file=out)
+    return {"state": state, "current": current, "measurements": per_round,
+            "sampling_seconds": sampling_s}
+
+
+def _rate(n, seconds):
+    return f"{n / seconds if seconds > 0 else float('inf'):,.0f} clients/s"
+
+
+def _summary(out, rounds, clients, sample_size, seed, per_round, current, state, sampling_s):
     total_clients = rounds * clients
     print(f"fastrec demo: {rounds} rounds x {clients:,} clients, sample size {sample_size}, "
           f"seed {seed}", file=out)
@@ -158,8 +245,6 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
     rate = total_clients / sampling_s if sampling_s > 0 else float("inf")
     print(f"\nthroughput: {total_clients:,} clients finalized and sampled in {sampling_s:.3f} s "
           f"({rate:,.0f} clients/s, excluding the simulation of their records)", file=out)
-    return {"state": state, "current": current, "measurements": per_round,
-            "sampling_seconds": sampling_s}
 
 
 def _positive(text: str) -> int:
@@ -188,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_positive, default=5_000,
                    help="clients per worker chunk within a round (default 5,000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dask-workers", type=_non_negative, default=0, metavar="N",
+                   help="run the rounds on a local Dask cluster of N worker processes "
+                        "(needs fastrec[dask]; default 0: in this process)")
     return p
 
 
@@ -195,5 +283,5 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fastrec demo``; returns the exit status."""
     args = build_parser().parse_args(argv)
     run(args.rounds, args.clients, args.sample_size, args.seed, args.chunk,
-        progress=not args.quiet)
+        progress=not args.quiet, dask_workers=args.dask_workers)
     return 0

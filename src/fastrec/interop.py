@@ -41,9 +41,8 @@ def _flwr_app():
         return None
     if (major, minor) < (1, 19):
         return None
-    # By name: mypy checks this module with whichever Flower is installed (1.15 has no flwr.app).
     import importlib
-    return importlib.import_module("flwr.app")
+    return importlib.import_module("flwr.app")  # not imported by name: 1.15 has no flwr.app
 
 
 _APP_SUPPORTED = "RecordDict, ArrayRecord, MetricRecord, ConfigRecord or Array"

@@ -154,10 +154,43 @@ _INT64_MAX = (1 << 63) - 1
 
 # Columnar rounds at least this large draw their keys on a second thread while the
 # finalizers and non-finite counts run: the key loop releases the GIL, and at this size
-# it outweighs the ~0.1 ms a thread costs to start. The calling thread also draws a share
-# of the keys after its own work (finalizers, non-finite counts), so both finish together.
+# it outweighs the ~0.1 ms a thread costs to start. The keys are cut into chunks that both
+# threads take in turn: the calling thread joins in once its own work is done, so the round
+# finishes as soon as possible whether or not the second thread gets a core of its own.
 _OVERLAP_MIN_CLIENTS = 200_000
-_MAIN_THREAD_KEY_SHARE = 0.15
+_KEY_CHUNK = 1 << 16
+
+
+class _KeyChunks:
+    """The round's reservoir over clients [offset, offset + n), drawn chunk by chunk by
+    whichever thread calls :meth:`work`; :meth:`reservoir` combines the chunks' top k."""
+
+    def __init__(self, s0, s1, rnd, offset, n, k, chunk=_KEY_CHUNK):
+        self._args = (s0, s1, rnd)
+        self._offset, self._n, self._k, self._chunk = offset, n, k, chunk
+        self._next = 0
+        self._lock = threading.Lock()
+        self._parts = []
+
+    def work(self):
+        while True:
+            with self._lock:
+                start = self._next
+                if start >= self._n:
+                    return
+                self._next = min(start + self._chunk, self._n)
+            size = min(self._chunk, self._n - start)
+            keys, idx, pos = _sampling.round_sample(*self._args, self._offset + start, size,
+                                                    self._k)
+            self._parts.append((start, keys, idx, pos + start))
+
+    def reservoir(self):
+        parts = sorted(self._parts, key=lambda p: p[0])   # batch order: ties by position
+        keys = np.concatenate([p[1] for p in parts])
+        indices = np.concatenate([p[2] for p in parts])
+        positions = np.concatenate([p[3] for p in parts])
+        top = _sampling.select_top(keys, self._k)
+        return keys[top], indices[top], positions[top]
 
 
 class _Background:
@@ -216,6 +249,11 @@ class FinalizeThenSampleFactory:
 
     @property
     def sample_size(self) -> int:
+        """Clients kept at most, per round and over all rounds.
+
+        >>> FinalizeThenSampleFactory(7).sample_size
+        7
+        """
         return self._sample_size
 
     def create(self, metric_finalizers, local_unfinalized_metrics_type) -> "AggregationProcess":
@@ -344,10 +382,21 @@ class AggregationProcess:
 
     @property
     def sample_size(self) -> int:
+        """Clients kept at most, per round and over all rounds.
+
+        >>> FinalizeThenSampleFactory(7).create({"x": float}, {"x": TensorSpec("int64")}).sample_size
+        7
+        """
         return self._k
 
     def initialize(self) -> dict:
-        """The empty reservoir at round 0 (fresh OS entropy as the seed, if unseeded)."""
+        """The empty reservoir at round 0 (fresh OS entropy as the seed, if unseeded).
+
+        >>> p = FinalizeThenSampleFactory(3).create({"x": float}, {"x": TensorSpec("int64")})
+        >>> s = p.initialize()
+        >>> s["round"], s["samples"], s["seed"] != p.initialize()["seed"]
+        (0, {'x': array([], dtype=float64)}, True)
+        """
         seed = self._seed if self._seed is not None else _seed_words(np.random.SeedSequence())
         return {"seed": seed, "round": 0, "keys": np.empty(0, np.uint64),
                 "rounds": np.empty(0, np.int64), "indices": np.empty(0, np.int64),
@@ -392,6 +441,14 @@ class AggregationProcess:
         ``MeasuredProcessOutput(state, (current_round_samples, total_rounds_samples),
         measurements)``. An empty round returns ``state`` itself, empty ``(0,) + shape``
         arrays as the current sample and zero measurements.
+
+        >>> p = FinalizeThenSampleFactory(5, seed=0).create({"x": lambda v: v * 2},
+        ...                                                 {"x": TensorSpec("float32")})
+        >>> out = p.next(p.initialize(), [{"x": 0.5}, {"x": float("nan")}])
+        >>> out.result[0]["x"], out.measurements
+        (array([ 1., nan], dtype=float32), {'x': 1})
+        >>> p.next(out.state, []).result[0]["x"]
+        array([], dtype=float32)
         """
         st = self._check_state(state)
         offset = _check_int(client_offset, "client_offset", 0, _INT64_MAX)
@@ -451,12 +508,12 @@ class AggregationProcess:
             rows = [{name: _row(cols[name], i) for name in self._spec_names} for i in range(n)]
             return self.next(state, rows, client_offset=offset)
         # Keys depend only on (seed, round, index), not on the values. In a large round a
-        # second thread draws most of them while this one runs the finalizers and counts
-        # non-finite rows, then draws the rest; the two reservoirs merge into the round's.
+        # second thread draws them while this one runs the finalizers and counts non-finite
+        # rows, then helps with the rest.
         s0, s1, rnd = st.seed[0], st.seed[1], st.round
-        split = int(n * _MAIN_THREAD_KEY_SHARE) if n >= _OVERLAP_MIN_CLIENTS else 0
-        background = (_Background(_sampling.round_sample, s0, s1, rnd, offset + split, n - split,
-                                  self._k) if split else None)
+        chunks = (_KeyChunks(s0, s1, rnd, offset, n, self._k)
+                  if n >= _OVERLAP_MIN_CLIENTS else None)
+        background = _Background(chunks.work) if chunks is not None else None
         try:
             if self._functional is None:
                 finalized = {name: _call_finalizer(fin.fn, cols[name], name)
@@ -479,21 +536,16 @@ class AggregationProcess:
                     raise _sampling.with_context(e, f"metric {name!r}") from None
                 leaves_of[name] = leaves
                 measurements[name] = layout.build([count_non_finite_rows(c) for c in leaves])
-            if background is None:
+            if chunks is None:
                 keys, indices, positions = _sampling.round_sample(s0, s1, rnd, offset, n, self._k)
             else:
-                keys, indices, positions = _sampling.round_sample(s0, s1, rnd, offset, split,
-                                                                  self._k)
+                chunks.work()
         finally:
             if background is not None:
                 background.join()
-        if background is not None:
-            b_keys, b_indices, b_positions = background.result()
-            keys = np.concatenate([keys, b_keys])
-            indices = np.concatenate([indices, b_indices])
-            positions = np.concatenate([positions, b_positions + split])
-            top = _sampling.select_top(keys, self._k)
-            keys, indices, positions = keys[top], indices[top], positions[top]
+        if background is not None and chunks is not None:
+            background.result()
+            keys, indices, positions = chunks.reservoir()
         order = np.argsort(positions, kind="stable")
         keys, indices, positions = keys[order], indices[order], positions[order]
         samples = [layout.build([_sampling.gather_rows(c, positions) for c in leaves_of[name]])

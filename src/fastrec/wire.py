@@ -27,7 +27,7 @@ varint is rejected (protobuf keeps its low 32 bits).
 
 from ._wire import (array_from_bytes, array_to_bytes, configs_record_from_bytes,
                     configs_record_to_bytes, message_from_bytes, message_to_bytes,
-                    metrics_record_from_bytes, metrics_record_to_bytes,
+                    metrics_columns, metrics_record_from_bytes, metrics_record_to_bytes,
                     parameters_record_from_bytes, parameters_record_to_bytes,
                     recordset_from_bytes, recordset_to_bytes)
 
@@ -37,5 +37,5 @@ __all__ = [
     "metrics_record_from_bytes", "metrics_record_to_bytes",
     "configs_record_from_bytes", "configs_record_to_bytes",
     "recordset_from_bytes", "recordset_to_bytes",
-    "message_from_bytes", "message_to_bytes",
+    "message_from_bytes", "message_to_bytes", "metrics_columns",
 ]
