@@ -43,24 +43,10 @@ def _same(c):
     return c
 
 
-class _Shippable(fastrec.AggregationProcess):
-    """TODO(core, issue 11): the core's AggregationProcess does not pickle yet; until it does,
-    the benchmark ships this stand-in, rebuilt on the worker from its factory arguments."""
-
-    def __reduce__(self):
-        return (make_process, self._factory_args)
-
-
 def make_process(k=SAMPLE, vectorized=True):
     wrap = fastrec.vectorized if vectorized else (lambda f: f)
     fin = {"loss": wrap(_ratio), "accuracy": wrap(_ratio), "num_examples": wrap(_same)}
-    p = fastrec.FinalizeThenSampleFactory(k, seed=0).create(fin, SPEC)
-    try:
-        pickle.dumps(p)
-    except TypeError:
-        p.__class__ = _Shippable
-        p._factory_args = (k, vectorized)
-    return p
+    return fastrec.FinalizeThenSampleFactory(k, seed=0).create(fin, SPEC)
 
 
 def dask_columns(n, chunks, seed=0):

@@ -24,8 +24,7 @@ import dask.bag as db  # noqa: E402
 
 import fastrec  # noqa: E402
 import fastrec.dask as fd  # noqa: E402
-from fastrec import (AggregationProcess, FinalizeThenSampleFactory, TensorSpec,  # noqa: E402
-                     vectorized)
+from fastrec import FinalizeThenSampleFactory, TensorSpec, vectorized  # noqa: E402
 
 # The workers cannot import this file: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -33,32 +32,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 SPEC = {"loss": [TensorSpec("float64"), TensorSpec("float64")], "n": TensorSpec("int64")}
 
 
-def _core_process_pickles():
-    p = FinalizeThenSampleFactory(2, seed=0).create({"x": float}, {"x": TensorSpec("int64")})
-    try:
-        cloudpickle.loads(cloudpickle.dumps(p))
-    except TypeError:
-        return False
-    return True
-
-
-# Worker processes need the process itself, so AggregationProcess must pickle. Until the core's
-# does (TODO(core, issue 11): its compiled specs and layouts have no __reduce__), the tests ship
-# a stand-in that pickles as its factory arguments and is rebuilt by create() on the worker.
-CORE_PROCESS_PICKLES = _core_process_pickles()
-
-
-class _Shippable(AggregationProcess):
-    def __reduce__(self):
-        return (create, self._factory_args)
-
-
 def create(k, seed, finalizers, spec):
-    p = FinalizeThenSampleFactory(k, seed=seed).create(finalizers, spec)
-    if not CORE_PROCESS_PICKLES:
-        p.__class__ = _Shippable
-        p._factory_args = (k, seed, finalizers, spec)
-    return p
+    return FinalizeThenSampleFactory(k, seed=seed).create(finalizers, spec)
 
 
 def _loss(v):
@@ -130,11 +105,6 @@ def same_error(a, b):
     assert getattr(a, "__notes__", None) == getattr(b, "__notes__", None)
 
 
-NEEDS_CORE_PICKLE = pytest.mark.skipif(not CORE_PROCESS_PICKLES, reason=(
-    "TODO(core, issue 11): AggregationProcess does not pickle, so the demo's process cannot "
-    "be shipped to worker processes"))
-
-
 # -- without a cluster ---------------------------------------------------------------------------
 
 def test_docstrings():
@@ -176,9 +146,11 @@ def test_argument_errors():
         fd.next(p, {"round": 0}, db.from_sequence(make_clients(3)))
     with pytest.raises(TypeError, match="mapping"):
         fd.next_columnar(p, p.initialize(), [1, 2])
+    for bad in (1, 0, 2.5, True):  # 1 would never shrink the reduction tree
+        with pytest.raises(ValueError, match="split_every"):
+            fd.next(p, p.initialize(), db.from_sequence(make_clients(3)), split_every=bad)
 
 
-@NEEDS_CORE_PICKLE
 def test_demo_on_a_dask_cluster():
     # Its own LocalCluster (created and closed by the demo), before the module's cluster exists.
     import io
@@ -194,7 +166,7 @@ def test_demo_on_a_dask_cluster():
     same(with_dask["state"], without["state"])
     same(with_dask["measurements"], without["measurements"])
     text = with_out.getvalue()
-    assert "dask: 1 worker processes; per stage: simulate" in text
+    assert "dask: 1 worker processes; per stage: encode" in text
 
     def summary(t):
         return [line for line in t.splitlines()

@@ -85,7 +85,7 @@ def next(process: AggregationProcess, state: dict, clients: db.Bag, *,
     >>> next(p, p.initialize(), bag, scheduler="sync").measurements
     {'x': 0}
     """
-    _check_process(process)
+    _check_args(process, split_every)
     if not isinstance(clients, db.Bag):
         raise TypeError(f"clients must be a dask.bag.Bag of client mappings, got "
                         f"{type(clients).__name__} (for a list, use process.next)")
@@ -114,7 +114,7 @@ def next_columnar(process: AggregationProcess, state: dict, batch: Mapping, *,
     >>> next_columnar(p, p.initialize(), {"x": col}, scheduler="sync").measurements
     {'x': 2}
     """
-    _check_process(process)
+    _check_args(process, split_every)
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of metric name to column, got "
                         f"{type(batch).__name__}")
@@ -157,7 +157,7 @@ def next_from_wire(process: AggregationProcess, state: dict, buffers: db.Bag, re
         replies = db.from_sequence(list_of_reply_bytes, npartitions=64)
         out = fastrec.dask.next_from_wire(process, state, replies, "eval", spec)
     """
-    _check_process(process)
+    _check_args(process, split_every)
     if not isinstance(buffers, db.Bag):
         raise TypeError(f"buffers must be a dask.bag.Bag of serialized replies, got "
                         f"{type(buffers).__name__}")
@@ -330,10 +330,14 @@ def _disagreement(a, b, error):
 
 # -- small helpers ---------------------------------------------------------------------------
 
-def _check_process(process):
+def _check_args(process, split_every):
     if not isinstance(process, AggregationProcess):
         raise TypeError(f"process must be a fastrec AggregationProcess, got "
                         f"{type(process).__name__}")
+    if split_every is not None and (isinstance(split_every, bool) or not isinstance(
+            split_every, int) or split_every < 2):  # 1 would never shrink the tree
+        raise ValueError(f"split_every must be an int >= 2 (or None: Dask's default), got "
+                         f"{split_every!r}")
 
 
 def _check_shippable(process, scheduler):

@@ -112,6 +112,13 @@ def _describe(values) -> str:
             + (f"  ({len(a) - finite.size} non-finite)" if finite.size < len(a) else ""))
 
 
+def _replies(batch, first):
+    """The clients' replies as Flower Message bytes (client ``first + i`` is node i + 1)."""
+    return [wire.message_to_bytes(
+        {"run_id": 1, "src_node_id": first + i + 1, "message_type": "evaluate"},
+        RecordSet(metrics_records={"eval": rec})) for i, rec in enumerate(batch)]
+
+
 def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: int,
         progress: bool = True, out=None, err=None, dask_workers: int = 0) -> dict:
     """Run the simulation; print the summary to ``out`` (stdout), the progress bar to ``err``
@@ -141,9 +148,7 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
             # Each client replies with a Flower 1.15 Message on the wire; the server reads
             # the replies' MetricsRecord straight into columns and samples those.
             t0 = time.perf_counter()
-            replies = [wire.message_to_bytes(
-                {"run_id": 1, "src_node_id": a + i + 1, "message_type": "evaluate"},
-                RecordSet(metrics_records={"eval": rec})) for i, rec in enumerate(batch)]
+            replies = _replies(batch, a)
             t1 = time.perf_counter()
             columns = wire.metrics_columns(replies, "eval", SPEC, wire="message")
             t2 = time.perf_counter()
@@ -173,7 +178,9 @@ def run(rounds: int, clients: int, sample_size: int, seed: int | None, chunk: in
 
 
 def _run_on_dask(workers, rounds, clients, sample_size, seed, chunk, progress, out, err):
-    """:func:`run` with each round on a LocalCluster of ``workers`` processes (loopback)."""
+    """:func:`run` with each round on a LocalCluster of ``workers`` processes (loopback):
+    the replies' bytes travel to the workers, which ingest and sample them
+    (:func:`fastrec.dask.next_from_wire`)."""
     import logging
 
     import dask
@@ -183,38 +190,36 @@ def _run_on_dask(workers, rounds, clients, sample_size, seed, chunk, progress, o
     from . import dask as fdask
 
     out = sys.stdout if out is None else out
-    process = FinalizeThenSampleFactory(sample_size, seed=seed).create(FINALIZERS, SPEC)
+    process = FinalizeThenSampleFactory(sample_size, seed=seed).create(COLUMN_FINALIZERS, SPEC)
     rng = np.random.default_rng(seed)
     state = process.initialize()
     bar = Progress(rounds * clients, stream=err, enabled=progress)
-    simulate_s = bag_s = sampling_s = 0.0
+    encode_s = sampling_s = 0.0
     per_round, current = [], {}
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
             Client(cluster):
         for r in range(rounds):
-            t0 = time.perf_counter()  # the same chunks, drawn in the same order, as without Dask
-            chunks = [simulate_clients(rng, min(chunk, clients - a))
-                      for a in range(0, clients, chunk)]
-            t1 = time.perf_counter()
-            # One opaque graph value per chunk: db.from_sequence would tokenize and wrap every
-            # record, which costs more than finalizing it.
-            bag = db.from_delayed([dask.delayed(c, pure=False, traverse=False) for c in chunks]
+            starts = range(0, clients, chunk)  # the same chunks, in the same order, as without
+            batches = [simulate_clients(rng, min(chunk, clients - a)) for a in starts]
+            t0 = time.perf_counter()
+            # One opaque graph value per chunk of replies (db.from_sequence would tokenize and
+            # wrap every reply).
+            bag = db.from_delayed([dask.delayed(_replies(b, a), pure=False, traverse=False)
+                                   for b, a in zip(batches, starts)]
                                   or [dask.delayed([], pure=False, traverse=False)])
-            t2 = time.perf_counter()
-            result = fdask.next(process, state, bag)
-            t3 = time.perf_counter()
-            simulate_s, bag_s, sampling_s = (simulate_s + t1 - t0, bag_s + t2 - t1,
-                                             sampling_s + t3 - t2)
+            t1 = time.perf_counter()
+            result = fdask.next_from_wire(process, state, bag, "eval", SPEC, wire="message")
+            encode_s, sampling_s = encode_s + t1 - t0, sampling_s + time.perf_counter() - t1
             state, current = result.state, result.result[0]
             per_round.append(result.measurements)
             bar.update(clients, f"round {r + 1}/{rounds}")
     bar.close()
     _summary(out, rounds, clients, sample_size, seed, per_round, current, state, sampling_s)
     total = rounds * clients
-    print(f"dask: {workers} worker processes; per stage: simulate {_rate(total, simulate_s)}, "
-          f"graph {_rate(total, bag_s)}, ship + finalize + sample + merge on the "
-          f"cluster {_rate(total, sampling_s)}", file=out)
+    print(f"dask: {workers} worker processes; per stage: encode {_rate(total, encode_s)}, "
+          f"ship + ingest + finalize + sample + merge on the cluster {_rate(total, sampling_s)}",
+          file=out)
     return {"state": state, "current": current, "measurements": per_round,
             "sampling_seconds": sampling_s}
 
