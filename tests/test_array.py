@@ -281,8 +281,8 @@ def test_repr_matches_flower_dataclass():
 def test_dataclass_tools_behave_as_on_flower_array():
     import dataclasses
 
-    from flwr.common import Array as FlwrArray
-    from flwr.common import serde
+    FlwrArray = flwr_common.Array
+    serde = flwr_common.serde
 
     args = ("float32", [1, 2], NUMPY_STYPE, b"\x00\x01")
     ours, theirs = Array(*args), FlwrArray(*args)

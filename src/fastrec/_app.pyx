@@ -17,6 +17,7 @@ cimport cython
 from cpython.object cimport PyObject, PyTypeObject, PyObject_IsInstance, PyObject_GenericSetAttr
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.dict cimport PyDict_Next
 from libc.string cimport memcpy, memchr, memcmp
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, INT64_MIN, UINT64_MAX
 from libc.stdlib cimport malloc, realloc, free

@@ -47,9 +47,18 @@ cdef bytes _deflate_values(TypedDict rec, bint config):
     w.cap = 0
     c.err = NULL
     cdef bytes name = b"ConfigRecord" if config else b"MetricRecord"
+    # Iterate the dict in C (no view/iterator objects) and share one `keep`
+    # list: records are deflated by the ten thousand, and every container
+    # allocated counts towards the next garbage collection.
+    cdef dict data = rec._data if rec._exact else dict(rec.items())
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* kp
+    cdef PyObject* vp
+    keep = []
     try:
-        for k, val in (rec._data.items() if rec._exact else rec.items()):
-            keep = []
+        while PyDict_Next(data, &pos, &kp, &vp):
+            k = <object>kp
+            val = <object>vp
             value_from_py(val, config, &v, keep)
             vsize = fr_wire_value_size(&v, &ok)
             if not ok:
