@@ -78,7 +78,10 @@ def _resolve(module: str, name: str, seen=()) -> tuple:
 def _compiled_modules() -> list:
     """Submodules that are extension modules (in an editable install they live elsewhere)."""
     candidates = {p.stem for p in PKG.glob("*.pyx")}
-    candidates |= {info.name for info in pkgutil.iter_modules(fastrec.__path__)}
+    # Extension modules are the private _* ones; importing the public ones would need their
+    # optional extras (fastrec.dask needs dask and cloudpickle).
+    candidates |= {info.name for info in pkgutil.iter_modules(fastrec.__path__)
+                   if info.name.startswith("_")}
     return sorted(name for name in candidates
                   if str(getattr(importlib.import_module(f"fastrec.{name}"), "__file__", ""))
                   .endswith(_EXT_SUFFIXES))
