@@ -559,7 +559,7 @@ def test_int_and_struct_specs():
 
 
 def test_flwr_metrics_record_clients_match_dicts():
-    from flwr.common import MetricsRecord as FlwrMetricsRecord
+    FlwrMetricsRecord = pytest.importorskip("flwr.common").MetricsRecord
     records = [FlwrMetricsRecord({"a": float(i), "b": [float(i), 2.0 * i]}) for i in range(40)]
     p = make_process(k=5, seed=2)
     expected = p.next(p.initialize(), clients_ab(40))
@@ -1437,7 +1437,11 @@ def test_tff_finalize_then_sample_returns_expected_samples(sample_size, per_roun
         expected_total = [tff_functional_finalizer(c) for c in everyone]
         for name in TFF_SPEC:
             assert current[name].shape == (min(sample_size, per_round),)
-            assert current[name].dtype == np.float32
+            # float32 as in TFF under NumPy 2; NumPy 1's value-based casting may widen a
+            # finalizer's result, and the sample keeps the dtype the finalizer gives.
+            assert current[name].dtype == np.asarray(expected_current[0][name]).dtype
+            if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+                assert current[name].dtype == np.float32
             assert set(current[name].tolist()) <= {float(e[name]) for e in expected_current}
             assert total[name].shape == (min(sample_size, per_round * (round_i + 1)),)
             assert set(total[name].tolist()) <= {float(e[name]) for e in expected_total}
@@ -1882,7 +1886,7 @@ def test_merge_of_a_client_held_by_both_states_with_different_keys_is_rejected()
 
 
 def test_record_clients_read_directly_unless_a_subclass_overrides_reading():
-    from flwr.common import MetricsRecord as FlwrMetricsRecord
+    FlwrMetricsRecord = pytest.importorskip("flwr.common").MetricsRecord
 
     class Doubling(FlwrMetricsRecord):
         def __getitem__(self, key):
