@@ -52,7 +52,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import cloudpickle  # type: ignore[import-untyped]  # (no stubs; comes with dask)
+import cloudpickle  # type: ignore[import-untyped, import-not-found, unused-ignore]  # no stubs
 import dask
 import dask.array as da
 import dask.bag as db
