@@ -194,6 +194,45 @@ def test_recordset_bytes_match_flower(rs):
         assert wire.recordset_to_bytes(wire.recordset_from_bytes(data)) == data
 
 
+@pytest.mark.parametrize("n", [1, 3, 63, 64, 65])
+def test_small_scalar_records_encode_like_flower(n):
+    """Records of exact scalars take a compiled fast path (up to 64 entries): its key
+    order (prefix keys, non-ASCII), value kinds and fall-backs must give Flower's bytes."""
+    keys = ["ab", "a", "abc", "b", "\u00e9", "\U0001F600", "", "a\x00"]
+    keys += [f"k{i:03d}" for i in range(n)]
+    keys = keys[:n]
+    m_vals = [0.25, -3, 2**63 - 1, -(2**63), math.nan, 0.0, 7, 1e300]
+    c_vals = [True, False, "s\u00e9", b"\x00b", 1.5, -1, "", b""]
+    m = MetricsRecord({k: m_vals[i % len(m_vals)] for i, k in enumerate(keys)})
+    c = ConfigsRecord({k: c_vals[i % len(c_vals)] for i, k in enumerate(keys)})
+    assert check_encode("metrics", m) is not None
+    assert check_encode("configs", c) is not None
+    rs = RecordSet(metrics_records={k: m for k in keys[:5]}, configs_records={"c": c, "": c})
+    assert check_encode("recordset", rs) is not None
+    data = wire.message_to_bytes({"run_id": 1}, content=rs)
+    assert norm(wire.message_from_bytes(data)[1]) == norm(rs)
+    # values the fast path hands to the general one: decided exactly as before
+    for odd in ({"big": 2**64 - 1}, {"l": [1.0, 2.0]}, {"u": [2**63, 1]}):
+        assert check_encode("metrics", MetricsRecord(odd)) is not None
+
+
+def test_fast_path_refusals_match_general_path():
+    rec = MetricsRecord({"a": 1.0})
+    rec.__setstate__(({"\ud800": 1.0}, None, None, None, rec.__getstate__()[4]))
+    with pytest.raises(ValueError):
+        wire.metrics_record_to_bytes(rec)
+    # a bool (which validation refuses) is encoded as the int it is, as before
+    rec.__setstate__(({"a": True}, None, None, None, rec.__getstate__()[4]))
+    assert wire.metrics_record_to_bytes(rec) == wire.metrics_record_to_bytes(
+        MetricsRecord({"a": 1}))
+    rec.__setstate__(({"a": object()}, None, None, None, rec.__getstate__()[4]))
+    with pytest.raises(TypeError):
+        wire.metrics_record_to_bytes(rec)
+    rs = RecordSet(metrics_records={"m": rec})
+    with pytest.raises(TypeError):
+        wire.recordset_to_bytes(rs)
+
+
 def test_value_kinds_and_edge_cases():
     rec = MetricsRecord({"big": 2**64 - 1, "neg": -5, "nan": math.nan, "inf": -math.inf,
                          "e": [], "u": [1, 2**63], "s": [-1, 2], "mix": [1, True], "": 0.0,

@@ -10,14 +10,15 @@ with the byte offset.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
+from cpython.dict cimport PyDict_Next
 from cpython.float cimport PyFloat_AsDouble, PyFloat_FromDouble
 from cpython.long cimport (PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong,
                            PyLong_FromLongLong, PyLong_FromUnsignedLongLong)
 from cpython.object cimport PyObject, PyObject_IsInstance
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport INT32_MAX, INT32_MIN, INT64_MAX, int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport INT32_MAX, INT32_MIN, INT64_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy, memmove
 
 from fastrec._array cimport Array
 from fastrec._records cimport (ConfigsRecord, MetricsRecord, ParametersRecord, RecordSet,
@@ -759,6 +760,229 @@ cdef _Items _prepare_items(object record, bint configs, bint sort):
     return it
 
 
+# --- fast path: records of exact scalars, prepared in a reused C arena --------
+#
+# Most records on the wire hold a handful of exact floats/ints (configs: also
+# bools, strs, bytes). For those, the entries are read straight off the dict
+# into a module-level arena (the GIL is held and no Python code runs between
+# preparing and writing, so one arena suffices), sorted in place, sized and
+# written: no per-record Python objects. Anything else (lists, subclasses,
+# ints beyond int64, non-str keys, big records) takes the general path, which
+# decides it exactly as before.
+
+cdef extern from "Python.h":
+    const char *_utf8_noexc "PyUnicode_AsUTF8AndSize"(PyObject *s, Py_ssize_t *size)
+    void PyErr_Clear()
+    Py_ssize_t PyDict_GET_SIZE(object d)
+    bint PyUnicode_CheckExact(PyObject *o)
+
+cdef struct _Ent:
+    const uint8_t *key
+    size_t klen
+    size_t vsize
+    fr_value v
+
+cdef struct _Rec:
+    const uint8_t *name
+    size_t nlen
+    uint32_t number
+    Py_ssize_t first
+    Py_ssize_t count
+    size_t body
+
+cdef enum:
+    _FAST_MAX = 64      # entries per record / records per group on the fast path
+
+cdef _Ent *_ents = NULL
+cdef Py_ssize_t _ents_cap = 0
+cdef _Rec *_recs = NULL
+cdef Py_ssize_t _recs_cap = 0
+
+
+cdef int _grow(Py_ssize_t ents, Py_ssize_t recs) except -1:
+    global _ents, _ents_cap, _recs, _recs_cap
+    cdef void *p
+    if ents > _ents_cap:
+        p = realloc(_ents, <size_t>(ents * 2) * sizeof(_Ent))
+        if p == NULL:
+            raise MemoryError()
+        _ents, _ents_cap = <_Ent *>p, ents * 2
+    if recs > _recs_cap:
+        p = realloc(_recs, <size_t>(recs * 2) * sizeof(_Rec))
+        if p == NULL:
+            raise MemoryError()
+        _recs, _recs_cap = <_Rec *>p, recs * 2
+    return 0
+
+
+cdef inline int _key_before(const uint8_t *a, size_t na, const uint8_t *b, size_t nb) noexcept:
+    """upb's deterministic map order (see _sorted_keys): a sorts before b."""
+    cdef int c = memcmp(a, b, na if na < nb else nb)
+    if c:
+        return c < 0
+    return na > nb
+
+
+cdef inline const uint8_t *_fast_utf8(PyObject *s, size_t *n) noexcept:
+    """UTF-8 of an exact str, or NULL (exception cleared) if it has none."""
+    cdef Py_ssize_t m
+    cdef const char *p = _utf8_noexc(s, &m)
+    if p == NULL:
+        PyErr_Clear()
+        return NULL
+    n[0] = <size_t>m
+    return <const uint8_t *>p
+
+
+cdef Py_ssize_t _fast_entries(dict data, bint configs, Py_ssize_t first) except -2:
+    """Put data's entries at _ents[first:], sorted; their count, or -1 if the
+    fast path does not apply."""
+    cdef Py_ssize_t n = PyDict_GET_SIZE(data), pos = 0, j = first, a
+    cdef PyObject *kp
+    cdef PyObject *vp
+    cdef _Ent *e
+    cdef _Ent tmp
+    cdef object tp
+    cdef int overflow, ok
+    cdef long long ll
+    if n > _FAST_MAX:
+        return -1
+    _grow(first + n, 0)
+    while PyDict_Next(data, &pos, &kp, &vp):
+        if not PyUnicode_CheckExact(kp):
+            return -1
+        e = &_ents[j]
+        e.key = _fast_utf8(kp, &e.klen)
+        if e.key == NULL:
+            return -1
+        e.v.n = 0
+        e.v.items = NULL
+        tp = type(<object>vp)
+        if tp is float:
+            e.v.kind = FR_V_DOUBLE
+            e.v.d = PyFloat_AS_DOUBLE(<object>vp)
+        elif tp is int:
+            overflow = 0
+            ll = PyLong_AsLongLongAndOverflow(<object>vp, &overflow)
+            if overflow:
+                return -1
+            e.v.kind = FR_V_SINT64
+            e.v.i = ll
+        elif not configs:
+            return -1
+        elif tp is bool:
+            e.v.kind = FR_V_BOOL
+            e.v.b = 1 if (<object>vp) is True else 0
+        elif tp is str:
+            e.v.kind = FR_V_STRING
+            e.v.s.ptr = _fast_utf8(vp, &e.v.s.len)
+            if e.v.s.ptr == NULL:
+                return -1
+        elif tp is bytes:
+            e.v.kind = FR_V_BYTES
+            e.v.s.ptr = <const uint8_t *>PyBytes_AS_STRING(<object>vp)
+            e.v.s.len = <size_t>PyBytes_GET_SIZE(<object>vp)
+        else:
+            return -1
+        e.vsize = fr_wire_value_size(&e.v, &ok)
+        # insertion sort: records are small
+        a = j
+        while a > first and _key_before(e.key, e.klen, _ents[a - 1].key, _ents[a - 1].klen):
+            a -= 1
+        if a < j:
+            tmp = e[0]
+            memmove(&_ents[a + 1], &_ents[a], <size_t>(j - a) * sizeof(_Ent))
+            _ents[a] = tmp
+        j += 1
+    return j - first
+
+
+cdef size_t _ents_body(Py_ssize_t first, Py_ssize_t count) noexcept:
+    cdef size_t body = 0
+    cdef Py_ssize_t k
+    for k in range(first, first + count):
+        body += fr_wire_entry_size(1, _ents[k].klen, _ents[k].vsize)
+    return body
+
+
+cdef void _put_ents(fr_pb_writer *w, Py_ssize_t first, Py_ssize_t count) noexcept:
+    cdef Py_ssize_t k
+    for k in range(first, first + count):
+        fr_wire_entry_put(w, 1, _ents[k].key, _ents[k].klen, &_ents[k].v, _ents[k].vsize)
+
+
+cdef object _fast_record_bytes(dict data, bint configs):
+    """The sorted record body of data, or None if the fast path does not apply."""
+    cdef Py_ssize_t n = _fast_entries(data, configs, 0)
+    cdef fr_pb_writer w
+    if n < 0:
+        return None
+    out = _new_out(_ents_body(0, n), &w)
+    _put_ents(&w, 0, n)
+    return out
+
+
+cdef Py_ssize_t _fast_recordset(RecordSet rs, size_t *body) except -2:
+    """Prepare rs's records in the arena (groups in field order, names sorted);
+    the number of records, or -1 if the fast path does not apply."""
+    cdef Py_ssize_t nrec = 0, nent = 0, cnt, pos, g0, a
+    cdef PyObject *kp
+    cdef PyObject *vp
+    cdef uint32_t number
+    cdef dict data
+    cdef _Rec *r
+    cdef _Rec tmp
+    if PyDict_GET_SIZE(rs._params._data):
+        return -1
+    body[0] = 0
+    for number in range(2, 4):
+        data = rs._metrics._data if number == 2 else rs._configs._data
+        if PyDict_GET_SIZE(data) > _FAST_MAX:
+            return -1
+        g0 = nrec
+        pos = 0
+        while PyDict_Next(data, &pos, &kp, &vp):
+            if not PyUnicode_CheckExact(kp) or not isinstance(<object>vp, TypedDict):
+                return -1
+            cnt = _fast_entries((<TypedDict>vp)._data, number == 3, nent)
+            if cnt < 0:
+                return -1
+            _grow(0, nrec + 1)
+            r = &_recs[nrec]
+            r.name = _fast_utf8(kp, &r.nlen)
+            if r.name == NULL:
+                return -1
+            r.number = number
+            r.first = nent
+            r.count = cnt
+            r.body = _ents_body(nent, cnt)
+            body[0] += fr_pb_len_field_size(number, fr_pb_len_field_size(1, r.nlen)
+                                            + fr_pb_len_field_size(2, r.body))
+            nent += cnt
+            a = nrec
+            while a > g0 and _key_before(r.name, r.nlen, _recs[a - 1].name, _recs[a - 1].nlen):
+                a -= 1
+            if a < nrec:
+                tmp = r[0]
+                memmove(&_recs[a + 1], &_recs[a], <size_t>(nrec - a) * sizeof(_Rec))
+                _recs[a] = tmp
+            nrec += 1
+    return nrec
+
+
+cdef void _put_fast_recordset(fr_pb_writer *w, Py_ssize_t nrec) noexcept:
+    cdef Py_ssize_t k
+    cdef _Rec *r
+    for k in range(nrec):
+        r = &_recs[k]
+        fr_pb_put_tag(w, r.number, FR_PB_LEN)
+        fr_pb_put_varint(w, fr_pb_len_field_size(1, r.nlen) + fr_pb_len_field_size(2, r.body))
+        fr_pb_put_len_field(w, 1, r.name, r.nlen)
+        fr_pb_put_tag(w, 2, FR_PB_LEN)
+        fr_pb_put_varint(w, r.body)
+        _put_ents(w, r.first, r.count)
+
+
 cdef void _put_items(fr_pb_writer *w, _Items it) noexcept:
     cdef Py_ssize_t k
     for k in range(it.n):
@@ -779,6 +1003,10 @@ def record_items_to_bytes(record, bint configs, bint sort=True):
     """A MetricsRecord (configs false) / ConfigsRecord body holding record's items,
     entries sorted by key bytes (``sort``, protobuf's deterministic map order) or
     in the record's order (a repeated-entry field)."""
+    if sort and isinstance(record, TypedDict):
+        out = _fast_record_bytes((<TypedDict>record)._data, configs)
+        if out is not None:
+            return out
     cdef _Items it = _prepare_items(record, configs, sort)
     cdef fr_pb_writer w
     out = _new_out(it.body, &w)
@@ -965,8 +1193,16 @@ cdef void _put_recordset(fr_pb_writer *w, _RS r):
 
 
 def recordset_to_bytes(rs):
-    cdef _RS r = _prepare_recordset(rs)
     cdef fr_pb_writer w
+    cdef size_t body
+    cdef Py_ssize_t nrec
+    if isinstance(rs, RecordSet):
+        nrec = _fast_recordset(<RecordSet>rs, &body)
+        if nrec >= 0:
+            out = _new_out(body, &w)
+            _put_fast_recordset(&w, nrec)
+            return out
+    cdef _RS r = _prepare_recordset(rs)
     out = _new_out(r.body, &w)
     _put_recordset(&w, r)
     return out
@@ -1057,19 +1293,28 @@ def message_to_bytes(metadata, content=None, error=None):
     cdef bytes md = _metadata_body(metadata)
     cdef bytes eb = None
     cdef _RS r = None
-    cdef size_t size = fr_pb_len_field_size(1, <size_t>len(md))
+    cdef size_t size = fr_pb_len_field_size(1, <size_t>len(md)), body = 0
+    cdef Py_ssize_t nrec = -1
     if content is not None:
-        r = _prepare_recordset(content)
-        size += fr_pb_len_field_size(2, r.body)
+        if isinstance(content, RecordSet):
+            nrec = _fast_recordset(<RecordSet>content, &body)
+        if nrec < 0:
+            r = _prepare_recordset(content)
+            body = r.body
+        size += fr_pb_len_field_size(2, body)
     else:
         eb = _error_body(error)
         size += fr_pb_len_field_size(3, <size_t>len(eb))
     cdef fr_pb_writer w
     out = _new_out(size, &w)
     fr_pb_put_len_field(&w, 1, PyBytes_AS_STRING(md), <size_t>len(md))
-    if r is not None:
+    if nrec >= 0:
         fr_pb_put_tag(&w, 2, FR_PB_LEN)
-        fr_pb_put_varint(&w, r.body)
+        fr_pb_put_varint(&w, body)
+        _put_fast_recordset(&w, nrec)
+    elif r is not None:
+        fr_pb_put_tag(&w, 2, FR_PB_LEN)
+        fr_pb_put_varint(&w, body)
         _put_recordset(&w, r)
     else:
         fr_pb_put_len_field(&w, 3, PyBytes_AS_STRING(eb), <size_t>len(eb))
