@@ -230,6 +230,24 @@ def test_config_deflate_inflate_equal_flower(d):
                  fa.ConfigRecord.inflate(theirs.deflate()))
 
 
+@needs_next
+@pytest.mark.parametrize("n", [1, 4, 64, 65])
+def test_deflate_fast_path_edges_equal_flower(n):
+    """Records of exact scalars and int64/float lists deflate through a compiled arena
+    (up to 64 entries, record order kept); the rest through the general encoder."""
+    m_vals = [0.5, [0.1, 0.2], [1, -(2**63), 2**63 - 1], [], [2**63, 1], 2**64 - 1, -7,
+              [1, 2.0], math.inf, [1.5] * 300]
+    c_vals = m_vals[:5] + [True, [True, False], "x\u00e9", [b"a", b""], b"", ""]
+    keys = ["", "b", "a", "\u00e9t\u00e9"] + [f"k{i}" for i in range(n)]
+    for cls, vals in (("MetricRecord", m_vals), ("ConfigRecord", c_vals)):
+        d = {k: vals[i % len(vals)] for i, k in enumerate(keys[:n])}
+        if cls == "MetricRecord":
+            d = {k: v for k, v in d.items() if v != [1, 2.0]} or {"": 1.0}
+        ours, theirs = getattr(app, cls)(d), getattr(fa, cls)(d)
+        assert ours.deflate() == theirs.deflate()
+        _same_values(getattr(app, cls).inflate(ours.deflate()), theirs)
+
+
 VALUES = [1, 1.5, True, "s", b"b", None, [1, True], [True, 1], [1, 2.0], [1.0, 2], [], ["a", 1],
           [b"a"], [[1]], {"a": 1}, np.float64(1.0), np.int64(3), 2**64, -(2**63) - 1, (1, 2),
           float("nan"), [np.float64(1.0), 2.0], [2.0, np.float64(1.0)]]

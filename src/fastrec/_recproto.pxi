@@ -19,6 +19,7 @@ from fastrec._wire cimport (FR_PB_LEN, FR_V_NONE, fr_pb_check_utf8, fr_pb_ctx, f
                             fr_pb_put_tag, fr_pb_put_varint, fr_pb_reserve, fr_pb_writer,
                             fr_pb_writer_free, fr_value, fr_value_free, fr_value_init, fr_value_reset,
                             fr_wire_value_merge, fr_wire_value_put, fr_wire_value_size,
+                            fast_entries, fast_items_body, fast_items_put,
                             value_from_py, value_to_py)
 
 
@@ -30,6 +31,27 @@ cdef int _pb_check(fr_status st, fr_pb_ctx* c, bint config) except -1:
     name = "ConfigRecord" if config else "MetricRecord"
     why = (<bytes>c.err).decode("ascii", "replace") if c.err != NULL else "invalid input"
     raise ValueError(f"malformed {name} body at byte {c.err_off}: {why}")
+
+
+cdef bytes _deflate_fast(dict data, bint config):
+    """The content of a record of exact scalars (the wire module's compiled arena),
+    written straight into the result; None if that fast path does not apply."""
+    cdef Py_ssize_t n = fast_entries(data, config, False, 0)
+    cdef fr_pb_writer w
+    if n < 0:
+        return None
+    cdef size_t body = fast_items_body(n)
+    cdef bytes name = b"ConfigRecord" if config else b"MetricRecord"
+    cdef Py_ssize_t name_n = PyBytes_GET_SIZE(name)
+    cdef Py_ssize_t hn = _head_len(name_n, 0, <Py_ssize_t>body)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, hn + <Py_ssize_t>body)
+    cdef char* dst = _write_head(PyBytes_AS_STRING(out), PyBytes_AS_STRING(name), name_n,
+                                 NULL, 0, <Py_ssize_t>body)
+    w.buf = <uint8_t*>dst
+    w.len = 0
+    w.cap = body
+    fast_items_put(&w, n)
+    return out
 
 
 cdef bytes _deflate_values(TypedDict rec, bint config):
@@ -51,6 +73,9 @@ cdef bytes _deflate_values(TypedDict rec, bint config):
     # list: records are deflated by the ten thousand, and every container
     # allocated counts towards the next garbage collection.
     cdef dict data = rec._data if rec._exact else dict(rec.items())
+    cdef bytes fast = _deflate_fast(data, config)
+    if fast is not None:
+        return fast
     cdef Py_ssize_t pos = 0
     cdef PyObject* kp
     cdef PyObject* vp

@@ -123,6 +123,11 @@ cdef object value_to_py(const fr_value *v)
 # list elements go to v's scratch; strings are views into objects that `keep`
 # (a list the caller holds until the value is written) keeps alive.
 cdef int value_from_py(object value, bint configs, fr_value *v, list keep) except -1
+# The compiled fast path for records of exact scalars (and lists of exact floats or
+# int64 ints): entries prepared in a reused arena, valid until the next call.
+cdef Py_ssize_t fast_entries(dict data, bint configs, bint sort, Py_ssize_t first) except -2
+cdef size_t fast_items_body(Py_ssize_t count) noexcept
+cdef void fast_items_put(fr_pb_writer *w, Py_ssize_t count) noexcept
 
 
 cdef extern from "wire.h" nogil:

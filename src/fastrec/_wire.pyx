@@ -780,6 +780,7 @@ cdef struct _Ent:
     const uint8_t *key
     size_t klen
     size_t vsize
+    Py_ssize_t ioff     # a list's elements: at _items[ioff:] (re-pointed when written)
     fr_value v
 
 cdef struct _Rec:
@@ -797,6 +798,53 @@ cdef _Ent *_ents = NULL
 cdef Py_ssize_t _ents_cap = 0
 cdef _Rec *_recs = NULL
 cdef Py_ssize_t _recs_cap = 0
+cdef uint64_t *_items = NULL     # list elements (double or int64) of the entries
+cdef Py_ssize_t _items_cap = 0, _items_len = 0
+
+
+cdef int _grow_items(Py_ssize_t n) except -1:
+    global _items, _items_cap
+    cdef void *p
+    if _items_len + n > _items_cap:
+        p = realloc(_items, <size_t>((_items_len + n) * 2) * sizeof(uint64_t))
+        if p == NULL:
+            raise MemoryError()
+        _items, _items_cap = <uint64_t *>p, (_items_len + n) * 2
+    return 0
+
+
+cdef int _fast_list(list items, _Ent *e) except -2:
+    """A non-empty list of exact floats or of exact int64 ints into _items: 0, or -1
+    if it is another kind of list (the general path decides those)."""
+    global _items_len
+    cdef Py_ssize_t k, n = len(items)
+    cdef object tp
+    cdef PyObject *x
+    cdef int overflow = 0
+    cdef long long ll
+    if n == 0 or n > (1 << 20):
+        return -1
+    tp = type(items[0])
+    if tp is not float and tp is not int:
+        return -1
+    _grow_items(n)
+    e.ioff = _items_len
+    for k in range(n):
+        x = <PyObject *>items[k]
+        if type(<object>x) is not tp:
+            return -1
+        if tp is float:
+            (<double *>&_items[_items_len + k])[0] = PyFloat_AS_DOUBLE(<object>x)
+        else:
+            ll = PyLong_AsLongLongAndOverflow(<object>x, &overflow)
+            if overflow:
+                return -1
+            (<int64_t *>&_items[_items_len + k])[0] = ll
+    e.v.kind = FR_V_DOUBLE_LIST if tp is float else FR_V_SINT_LIST
+    e.v.n = <size_t>n
+    e.v.items = &_items[_items_len]
+    _items_len += n
+    return 0
 
 
 cdef int _grow(Py_ssize_t ents, Py_ssize_t recs) except -1:
@@ -834,9 +882,11 @@ cdef inline const uint8_t *_fast_utf8(PyObject *s, size_t *n) noexcept:
     return <const uint8_t *>p
 
 
-cdef Py_ssize_t _fast_entries(dict data, bint configs, Py_ssize_t first) except -2:
-    """Put data's entries at _ents[first:], sorted; their count, or -1 if the
-    fast path does not apply."""
+cdef Py_ssize_t fast_entries(dict data, bint configs, bint sort, Py_ssize_t first) except -2:
+    """Put data's entries at _ents[first:] (sorted by key if ``sort``, else in the
+    dict's order); their count, or -1 if the fast path does not apply. ``first``
+    0 starts a new batch (the list-element arena is reset)."""
+    global _items_len
     cdef Py_ssize_t n = PyDict_GET_SIZE(data), pos = 0, j = first, a
     cdef PyObject *kp
     cdef PyObject *vp
@@ -847,6 +897,8 @@ cdef Py_ssize_t _fast_entries(dict data, bint configs, Py_ssize_t first) except 
     cdef long long ll
     if n > _FAST_MAX:
         return -1
+    if first == 0:
+        _items_len = 0
     _grow(first + n, 0)
     while PyDict_Next(data, &pos, &kp, &vp):
         if not PyUnicode_CheckExact(kp):
@@ -868,6 +920,9 @@ cdef Py_ssize_t _fast_entries(dict data, bint configs, Py_ssize_t first) except 
                 return -1
             e.v.kind = FR_V_SINT64
             e.v.i = ll
+        elif tp is list:
+            if _fast_list(<list>vp, e) < 0:
+                return -1
         elif not configs:
             return -1
         elif tp is bool:
@@ -885,6 +940,9 @@ cdef Py_ssize_t _fast_entries(dict data, bint configs, Py_ssize_t first) except 
         else:
             return -1
         e.vsize = fr_wire_value_size(&e.v, &ok)
+        if not sort:
+            j += 1
+            continue
         # insertion sort: records are small
         a = j
         while a > first and _key_before(e.key, e.klen, _ents[a - 1].key, _ents[a - 1].klen):
@@ -905,15 +963,50 @@ cdef size_t _ents_body(Py_ssize_t first, Py_ssize_t count) noexcept:
     return body
 
 
+cdef inline fr_value *_ent_value(_Ent *e) noexcept:
+    if e.v.n:
+        e.v.items = &_items[e.ioff]   # the arena may have moved since
+    return &e.v
+
+
 cdef void _put_ents(fr_pb_writer *w, Py_ssize_t first, Py_ssize_t count) noexcept:
     cdef Py_ssize_t k
     for k in range(first, first + count):
-        fr_wire_entry_put(w, 1, _ents[k].key, _ents[k].klen, &_ents[k].v, _ents[k].vsize)
+        fr_wire_entry_put(w, 1, _ents[k].key, _ents[k].klen, _ent_value(&_ents[k]),
+                          _ents[k].vsize)
+
+
+cdef inline size_t _item_payload(_Ent *e) noexcept:
+    # Flower 1.42's Item message: an empty key is proto3's default, so omitted
+    return fr_pb_len_field_size(2, e.vsize) + (fr_pb_len_field_size(1, e.klen) if e.klen else 0)
+
+
+cdef size_t fast_items_body(Py_ssize_t count) noexcept:
+    """Bytes of _ents[:count] written as a 1.42 record body (repeated Item items = 1)."""
+    cdef size_t body = 0
+    cdef Py_ssize_t k
+    for k in range(count):
+        body += fr_pb_len_field_size(1, _item_payload(&_ents[k]))
+    return body
+
+
+cdef void fast_items_put(fr_pb_writer *w, Py_ssize_t count) noexcept:
+    cdef Py_ssize_t k
+    cdef _Ent *e
+    for k in range(count):
+        e = &_ents[k]
+        fr_pb_put_tag(w, 1, FR_PB_LEN)
+        fr_pb_put_varint(w, _item_payload(e))
+        if e.klen:
+            fr_pb_put_len_field(w, 1, e.key, e.klen)
+        fr_pb_put_tag(w, 2, FR_PB_LEN)
+        fr_pb_put_varint(w, e.vsize)
+        fr_wire_value_put(w, _ent_value(e))
 
 
 cdef object _fast_record_bytes(dict data, bint configs):
     """The sorted record body of data, or None if the fast path does not apply."""
-    cdef Py_ssize_t n = _fast_entries(data, configs, 0)
+    cdef Py_ssize_t n = fast_entries(data, configs, True, 0)
     cdef fr_pb_writer w
     if n < 0:
         return None
@@ -944,7 +1037,7 @@ cdef Py_ssize_t _fast_recordset(RecordSet rs, size_t *body) except -2:
         while PyDict_Next(data, &pos, &kp, &vp):
             if not PyUnicode_CheckExact(kp) or not isinstance(<object>vp, TypedDict):
                 return -1
-            cnt = _fast_entries((<TypedDict>vp)._data, number == 3, nent)
+            cnt = fast_entries((<TypedDict>vp)._data, number == 3, True, nent)
             if cnt < 0:
                 return -1
             _grow(0, nrec + 1)
