@@ -20,7 +20,7 @@ from fastrec._wire cimport (FR_PB_LEN, FR_V_NONE, fr_pb_check_utf8, fr_pb_ctx, f
                             fr_pb_writer_free, fr_value, fr_value_free, fr_value_init, fr_value_reset,
                             fr_wire_value_merge, fr_wire_value_put, fr_wire_value_size,
                             fast_entries, fast_items_body, fast_items_put,
-                            value_from_py, value_to_py)
+                            key_str, value_from_py, value_to_py)
 
 
 cdef int _pb_check(fr_status st, fr_pb_ctx* c, bint config) except -1:
@@ -162,7 +162,7 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
                     klen = g.len
                 elif g.number == 2:
                     _pb_check(fr_wire_value_merge(&c, vp, g.ptr, g.len, config, 2), &c, config)
-            key = PyUnicode_DecodeUTF8(<const char*>kptr, <Py_ssize_t>klen, NULL) if klen else ""
+            key = key_str(kptr, klen)
             if vp.kind == FR_V_NONE:
                 out[key] = _NOVALUE
                 missing = True

@@ -119,6 +119,8 @@ cdef extern from "wire.h" nogil:
 
 # Python <-> fr_value, shared with fastrec._app (Flower 1.42's records).
 cdef object value_to_py(const fr_value *v)
+# The str of valid UTF-8 key bytes, shared between equal keys (a small cache).
+cdef object key_str(const uint8_t *p, size_t n)
 # Fill v from a Python value with Flower's serde rules (bool first for configs);
 # list elements go to v's scratch; strings are views into objects that `keep`
 # (a list the caller holds until the value is written) keeps alive.

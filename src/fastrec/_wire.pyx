@@ -15,6 +15,7 @@ from cpython.float cimport PyFloat_AsDouble, PyFloat_FromDouble
 from cpython.long cimport (PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong,
                            PyLong_FromLongLong, PyLong_FromUnsignedLongLong)
 from cpython.object cimport PyObject, PyObject_IsInstance
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport INT32_MAX, INT32_MIN, INT64_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -80,6 +81,46 @@ cdef _In _input(object buf):
 
 cdef inline str _str(fr_span s):
     return PyUnicode_DecodeUTF8(<const char *>s.ptr, <Py_ssize_t>s.len, NULL)
+
+
+# Record keys repeat from reply to reply ("accuracy", "loss", ...): a small
+# direct-mapped cache hands back the same str object for the same UTF-8 bytes,
+# which saves decoding it and, since a str caches its hash, rehashing it on
+# every dict insert. Keys longer than _KEY_MAX bytes are decoded each time.
+cdef enum:
+    _KEY_SLOTS = 512
+    _KEY_MAX = 48
+
+cdef struct _KeySlot:
+    PyObject *s         # owned reference, or NULL
+    size_t n
+    uint8_t b[_KEY_MAX]
+
+cdef _KeySlot _keys[_KEY_SLOTS]
+
+
+cdef object key_str(const uint8_t *p, size_t n):
+    """The str of the (valid) UTF-8 bytes p[0:n], shared between equal keys."""
+    cdef uint32_t h = 2166136261u
+    cdef size_t k
+    cdef _KeySlot *slot
+    cdef object out
+    if n == 0:
+        return ""
+    if n > _KEY_MAX:
+        return PyUnicode_DecodeUTF8(<const char *>p, <Py_ssize_t>n, NULL)
+    for k in range(n):
+        h = (h ^ p[k]) * 16777619u
+    slot = &_keys[(h ^ (h >> 16)) & (_KEY_SLOTS - 1)]
+    if slot.s != NULL and slot.n == n and memcmp(slot.b, p, n) == 0:
+        return <object>slot.s
+    out = PyUnicode_DecodeUTF8(<const char *>p, <Py_ssize_t>n, NULL)
+    Py_XDECREF(slot.s)
+    Py_INCREF(out)
+    slot.s = <PyObject *>out
+    slot.n = n
+    memcpy(slot.b, p, n)
+    return out
 
 
 cdef bytes _bytes(const uint8_t *p, size_t n):
@@ -404,10 +445,10 @@ cdef int _items_merge(_Dec d, const uint8_t *ptr, size_t len, bint configs, int 
             continue   # protobuf keeps such an entry as an unknown field
         if d.v.kind == FR_V_NONE:
             # An error only if no later entry replaces this key: checked at the end.
-            out[_str(key)] = _Empty(<Py_ssize_t>(f.ptr - d.c.base))
+            out[key_str(key.ptr, key.len)] = _Empty(<Py_ssize_t>(f.ptr - d.c.base))
             d.empty_seen = True
         else:
-            out[_str(key)] = value_to_py(&d.v)
+            out[key_str(key.ptr, key.len)] = value_to_py(&d.v)
     return 0
 
 
@@ -508,11 +549,11 @@ cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dic
         if unknown:
             continue   # protobuf keeps a map entry with unknown fields as an unknown field
         if f.number == 1:
-            params[_str(key)] = _params_record(keys, values)
+            params[key_str(key.ptr, key.len)] = _params_record(keys, values)
         elif f.number == 2:
-            metrics[_str(key)] = _new_metrics(items)
+            metrics[key_str(key.ptr, key.len)] = _new_metrics(items)
         else:
-            configs[_str(key)] = _new_configs(items)
+            configs[key_str(key.ptr, key.len)] = _new_configs(items)
     return 0
 
 
