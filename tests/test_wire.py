@@ -216,6 +216,18 @@ def test_small_scalar_records_encode_like_flower(n):
         assert check_encode("metrics", MetricsRecord(odd)) is not None
 
 
+def test_decoded_keys_survive_the_key_cache():
+    """Decoded keys come from a small cache of str objects: collisions, evictions and the
+    length limit must never hand back another key."""
+    keys = [f"k{i}" for i in range(2000)] + ["x" * n for n in (0, 1, 47, 48, 49, 200)]
+    keys += ["\u00e9" * 24, "\U0001F600" * 12, "a\x00b"]
+    rec = MetricsRecord({k: float(i) for i, k in enumerate(keys)})
+    for _ in range(2):   # the second pass decodes against a warm cache
+        back = wire.metrics_record_from_bytes(wire.metrics_record_to_bytes(rec))
+        assert dict(back.items()) == dict(rec.items()) and len(back) == len(rec)
+        assert all(type(k) is str for k in back)
+
+
 def test_fast_path_refusals_match_general_path():
     rec = MetricsRecord({"a": 1.0})
     rec.__setstate__(({"\ud800": 1.0}, None, None, None, rec.__getstate__()[4]))
