@@ -50,12 +50,20 @@ def rows() -> list:
     buffers = [wire.recordset_to_bytes(rs) for rs in ours]
     assert buffers == [serde.recordset_to_proto(rs).SerializeToString(deterministic=True)
                        for rs in theirs]
+    out = [
+        compare(f"{N_CLIENTS:,} client RecordSets to bytes (recordset_to_bytes)",
+                "recordset_to_proto + SerializeToString",
+                lambda: [serde.recordset_to_proto(rs).SerializeToString(deterministic=True)
+                         for rs in theirs],
+                lambda: [wire.recordset_to_bytes(rs) for rs in ours], "≥ 30×", repeats=5),
+    ]
     # Decoding runs with only the replies' bytes alive, as on a server that has just
     # received them: the 20,000 records built to make the bytes would otherwise sit in
     # the heap that every garbage collection during the decode walks.
+    one, f_one = ours[0], theirs[0]
     del ours, theirs
     gc.collect()
-    out = [
+    out += [
         compare(f"{N_CLIENTS:,} client RecordSets from bytes (recordset_from_bytes)",
                 "ParseFromString + recordset_from_proto", lambda: flwr_parse(buffers),
                 lambda: [wire.recordset_from_bytes(b) for b in buffers], "≥ 50×", repeats=5),
@@ -63,18 +71,9 @@ def rows() -> list:
                 "ParseFromString + recordset_from_proto", lambda: flwr_parse(buffers),
                 lambda: wire.metrics_columns(buffers, "eval", SPEC), "≥ 300×", repeats=5),
     ]
-    ours = client_recordsets()
-    theirs = [fastrec.to_flwr(rs) for rs in ours]
-    out += [
-        compare(f"{N_CLIENTS:,} client RecordSets to bytes (recordset_to_bytes)",
-                "recordset_to_proto + SerializeToString",
-                lambda: [serde.recordset_to_proto(rs).SerializeToString(deterministic=True)
-                         for rs in theirs],
-                lambda: [wire.recordset_to_bytes(rs) for rs in ours], "≥ 30×", repeats=5),
-    ]
     # The same work for one reply at a time, results discarded: what a server handling one
     # reply per call sees, without the cost of keeping 10,000 records alive at once.
-    one, f_one, b_one = ours[0], theirs[0], buffers[0]
+    b_one = buffers[0]
     out += [
         compare("one client RecordSet from bytes, result discarded",
                 "ParseFromString + recordset_from_proto", lambda: flwr_parse([b_one]),

@@ -779,6 +779,37 @@ def test_recordset_basic_repr_eq():
         rs.metrics_records = {}
 
 
+def test_recordset_views_are_made_once_and_stay_live():
+    """fastrec makes a RecordSet's three TypedDicts on first access; they must behave as
+    Flower's, which exist from the start: one object each, always the RecordSet's data."""
+    from fastrec import wire
+    rs = RecordSet()
+    views = (rs.parameters_records, rs.metrics_records, rs.configs_records)
+    assert views == (rs.parameters_records, rs.metrics_records, rs.configs_records)
+    assert all(a is b for a, b in zip(views, (rs.parameters_records, rs.metrics_records,
+                                              rs.configs_records)))
+    rs.metrics_records["m"] = MetricsRecord({"a": 1.0})
+    assert rs == RecordSet(metrics_records={"m": MetricsRecord({"a": 1.0})})
+    assert wire.recordset_from_bytes(wire.recordset_to_bytes(rs)) == rs
+    # Re-initialising or re-stating a view keeps it the RecordSet's (contents replaced).
+    view = rs.metrics_records
+    view.__setstate__(({"n": MetricsRecord({"b": 2})}, None, None, None,
+                       view.__getstate__()[4]))
+    assert list(rs.metrics_records) == ["n"] and rs.metrics_records is view
+    assert wire.recordset_from_bytes(wire.recordset_to_bytes(rs)).metrics_records == view
+    type(view).__init__(view, None, None)
+    assert len(rs.metrics_records) == 0 and rs == RecordSet()
+    # A decoded RecordSet, viewed late, and its copies.
+    data = wire.recordset_to_bytes(RecordSet(configs_records={"c": ConfigsRecord({"x": "y"})}))
+    back = wire.recordset_from_bytes(data)
+    assert repr(back) == "RecordSet(parameters_records={}, metrics_records={}, " \
+                         "configs_records={'c': {'x': 'y'}})"
+    for other in (copy.copy(back), copy.deepcopy(back), pickle.loads(pickle.dumps(back))):
+        assert other == back and wire.recordset_to_bytes(other) == data
+    back.parameters_records["p"] = ParametersRecord()
+    assert wire.recordset_to_bytes(back) != data and "p" in repr(back)
+
+
 def test_recordset_wraps_given_dicts():
     for side in SIDES:
         given_ = {"m": SIDES[side]["metrics"]()}

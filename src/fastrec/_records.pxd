@@ -39,11 +39,17 @@ cdef class ParametersRecord(TypedDict):
     pass
 
 cdef class RecordSet:
-    cdef TypedDict _params
-    cdef TypedDict _metrics
-    cdef TypedDict _configs
+    # The three groups' records (None: empty). A group's TypedDict view (what
+    # parameters_records and friends return) is made on first access, over the same
+    # dict. Decoded RecordSets are often never viewed, and three fewer objects each is
+    # three fewer for every garbage collection to walk.
+    cdef dict _pd, _md, _cd
+    cdef TypedDict _pv, _mv, _cv             # views, None until first accessed
     cdef dict __dict__
     cdef object __weakref__
+
+    cdef dict group(self, int which)     # 0 params, 1 metrics, 2 configs: the live dict
+    cdef TypedDict view(self, int which)
 
 # For the wire decoder: a RecordSet that takes over three dicts of records.
 cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs)

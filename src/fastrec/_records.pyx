@@ -416,7 +416,10 @@ cdef class TypedDict:
     def __init__(self, check_key_fn, check_value_fn):
         self._check_key_fn = check_key_fn
         self._check_value_fn = check_value_fn
-        self._data = {}
+        if self._kind >= K_RS_PARAMS:
+            self._data.clear()   # a RecordSet's view keeps the dict the RecordSet holds
+        else:
+            self._data = {}
 
     __reversed__ = None  # like collections.abc.Mapping
 
@@ -624,7 +627,14 @@ cdef class TypedDict:
         kind = state[4]
         if not K_CUSTOM <= kind <= K_RS_CONFIGS or (self._kind != K_CUSTOM and kind != self._kind):
             raise ValueError(f"invalid record kind {kind} for {type(self).__name__}")
-        self._data = state[0]
+        if self._kind >= K_RS_PARAMS:
+            # A RecordSet's view keeps the dict the RecordSet holds (pickle and copy make
+            # fresh TypedDicts, so this is only a direct call on a view).
+            if state[0] is not self._data:
+                self._data.clear()
+                self._data.update(state[0])
+        else:
+            self._data = state[0]
         if state[1]:
             getattr(self, "__dict__").update(state[1])
         self._check_key_fn = state[2]
@@ -726,6 +736,9 @@ cdef TypedDict _recordset_dict(int kind):
     return d
 
 
+cdef dict _NO_RECORDS = {}   # RecordSet.group() of an empty group: read, never written
+
+
 cdef class RecordSet:
     """Flower's ``RecordSet``: three typed dicts of parameters, metrics and configs records.
 
@@ -742,35 +755,64 @@ cdef class RecordSet:
     __hash__ = None
 
     def __init__(self, parameters_records=None, metrics_records=None, configs_records=None):
-        cdef TypedDict p = _recordset_dict(K_RS_PARAMS)
-        cdef TypedDict m = _recordset_dict(K_RS_METRICS)
-        cdef TypedDict c = _recordset_dict(K_RS_CONFIGS)
+        # A given dict is copied in through the view, whose checks validate it. A group
+        # without a view and without a dict (None) is empty.
+        self._pd = self._md = self._cd = None
+        self._pv = self._mv = self._cv = None
         if parameters_records is not None:
-            p.update(parameters_records)
+            self.view(0).update(parameters_records)
         if metrics_records is not None:
-            m.update(metrics_records)
+            self.view(1).update(metrics_records)
         if configs_records is not None:
-            c.update(configs_records)
-        self._params, self._metrics, self._configs = p, m, c
+            self.view(2).update(configs_records)
+
+    cdef dict group(self, int which):
+        """The dict of group ``which`` (0 parameters, 1 metrics, 2 configs), for reading:
+        an empty group that was never viewed gives a shared empty dict."""
+        cdef dict d = self._pd if which == 0 else self._md if which == 1 else self._cd
+        return d if d is not None else _NO_RECORDS
+
+    cdef TypedDict view(self, int which):
+        """The TypedDict of group ``which``, made (over the group's dict) on first use.
+        A view's dict is never replaced (see TypedDict.__init__/__setstate__), so the
+        RecordSet reads its groups without going through the views."""
+        cdef TypedDict v = self._pv if which == 0 else self._mv if which == 1 else self._cv
+        if v is not None:
+            return v
+        v = _recordset_dict(K_RS_PARAMS + which)
+        if which == 0:
+            if self._pd is None:
+                self._pd = {}
+            v._data, self._pv = self._pd, v
+        elif which == 1:
+            if self._md is None:
+                self._md = {}
+            v._data, self._mv = self._md, v
+        else:
+            if self._cd is None:
+                self._cd = {}
+            v._data, self._cv = self._cd, v
+        return v
 
     @property
     def parameters_records(self):
         """Dictionary holding ParametersRecord instances."""
-        return self._params
+        return self.view(0)
 
     @property
     def metrics_records(self):
         """Dictionary holding MetricsRecord instances."""
-        return self._metrics
+        return self.view(1)
 
     @property
     def configs_records(self):
         """Dictionary holding ConfigsRecord instances."""
-        return self._configs
+        return self.view(2)
 
     def __repr__(self):
+        # A view's repr is its dict's: no need to make the views.
         flds = ("parameters_records", "metrics_records", "configs_records")
-        view = ", ".join([f"{fld}={getattr(self, fld)!r}" for fld in flds])
+        view = ", ".join([f"{fld}={self.group(i)!r}" for i, fld in enumerate(flds)])
         return f"{type(self).__qualname__}({view})"
 
     def __eq__(self, other):
@@ -784,8 +826,8 @@ cdef class RecordSet:
         # Flower compares the instances' __dict__ ({"_data": ..., extras}).
         if len(mine) != len(theirs):
             return False
-        return ((self._params, self._metrics, self._configs)
-                == (o._params, o._metrics, o._configs)) and mine == theirs
+        return ((self.group(0), self.group(1), self.group(2))
+                == (o.group(0), o.group(1), o.group(2))) and mine == theirs
 
     def __ne__(self, other):
         return not self.__eq__(other)
@@ -794,8 +836,7 @@ cdef class RecordSet:
         return (copyreg.__newobj__, (type(self),), self.__getstate__())
 
     def __getstate__(self):
-        return (self._params, self._metrics, self._configs,
-                getattr(self, "__dict__") or None)
+        return (self.view(0), self.view(1), self.view(2), getattr(self, "__dict__") or None)
 
     def __setstate__(self, state):
         if not (type(state) is tuple and len(state) == 4):
@@ -803,7 +844,8 @@ cdef class RecordSet:
         for d, kind in zip(state[:3], (K_RS_PARAMS, K_RS_METRICS, K_RS_CONFIGS)):
             if type(d) is not TypedDict or (<TypedDict>d)._kind != kind:
                 raise TypeError(f"invalid state for {type(self).__name__}")
-        self._params, self._metrics, self._configs = state[0], state[1], state[2]
+        self._pv, self._mv, self._cv = state[0], state[1], state[2]
+        self._pd, self._md, self._cd = self._pv._data, self._mv._data, self._cv._data
         if state[3]:
             getattr(self, "__dict__").update(state[3])
 
@@ -812,11 +854,7 @@ cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs):
     """A RecordSet holding these dicts (taken over, not copied), whose values
     the caller guarantees are records of the right type (the wire decoder)."""
     cdef RecordSet rs = RecordSet.__new__(RecordSet)
-    cdef TypedDict p = _recordset_dict(K_RS_PARAMS)
-    cdef TypedDict m = _recordset_dict(K_RS_METRICS)
-    cdef TypedDict c = _recordset_dict(K_RS_CONFIGS)
-    p._data, m._data, c._data = params, metrics, configs
-    rs._params, rs._metrics, rs._configs = p, m, c
+    rs._pd, rs._md, rs._cd = params, metrics, configs
     return rs
 
 

@@ -1066,11 +1066,11 @@ cdef Py_ssize_t _fast_recordset(RecordSet rs, size_t *body) except -2:
     cdef dict data
     cdef _Rec *r
     cdef _Rec tmp
-    if PyDict_GET_SIZE(rs._params._data):
+    if PyDict_GET_SIZE(rs.group(0)):
         return -1
     body[0] = 0
     for number in range(2, 4):
-        data = rs._metrics._data if number == 2 else rs._configs._data
+        data = rs.group(number - 1)
         if PyDict_GET_SIZE(data) > _FAST_MAX:
             return -1
         g0 = nrec
@@ -1286,8 +1286,7 @@ cdef _RS _prepare_recordset(object rs):
     cdef size_t body
     cdef int number
     if isinstance(rs, RecordSet):
-        groups = ((<RecordSet>rs)._params._data, (<RecordSet>rs)._metrics._data,
-                  (<RecordSet>rs)._configs._data)
+        groups = ((<RecordSet>rs).group(0), (<RecordSet>rs).group(1), (<RecordSet>rs).group(2))
     else:
         groups = (_data_of(rs.parameters_records), _data_of(rs.metrics_records),
                   _data_of(rs.configs_records))
