@@ -989,6 +989,56 @@ class _SneakyInt(int):
         return int.__int__(self)
 
 
+@pytest.mark.parametrize("keep", ["nothing", "return", "list", "view", "weakref",
+                                  "reshape", "retype", "readonly", "functional"])
+def test_list_values_refilled_only_when_nobody_kept_them(keep):
+    """A list under a 1-d float spec becomes an ndarray; fastrec refills the previous
+    client's array when nothing but itself holds it. Whatever the finalizer keeps or does
+    to its input, every client must see, and every sample hold, that client's own values."""
+    import weakref
+    seen, kept = [], []
+
+    def fin(v):
+        seen.append((v.dtype, v.shape, v.tolist()))
+        if keep == "list":
+            kept.append(v)
+        elif keep == "view":
+            kept.append(v[:])
+        elif keep == "weakref":
+            kept.append(weakref.ref(v))
+        elif keep == "reshape":
+            v.shape = (1, 2)
+            return v.reshape(2).copy()
+        elif keep == "retype":
+            v.dtype = np.int32
+            return v.view(np.float32).copy()
+        elif keep == "readonly":
+            v.flags.writeable = False
+        return v if keep in ("return", "list", "view") else v.copy()
+
+    spec = {"p": TensorSpec("float32", (2,)), "q": TensorSpec("float64")}
+    clients = [{"p": [float(i), float(-i)], "q": 0.5 * i} for i in range(40)]
+    if keep == "functional":
+        proc = FinalizeThenSampleFactory(40, seed=1).create(
+            lambda d: {"p": fin(d["p"]), "q": d["q"]}, spec)
+    else:
+        proc = FinalizeThenSampleFactory(40, seed=1).create({"p": fin, "q": lambda v: v}, spec)
+    seen.clear()
+    kept.clear()   # the probe's call at create()
+    out = proc.next(proc.initialize(), clients)
+    assert [x[2] for x in seen] == [[float(i), float(-i)] for i in range(40)]
+    assert all(x[0] == np.float32 and x[1] == (2,) for x in seen)
+    assert out.result[0]["p"].tolist() == [[float(i), float(-i)] for i in range(40)]
+    if keep == "list":
+        assert [a.tolist() for a in kept] == [[float(i), float(-i)] for i in range(40)]
+    if keep == "view":
+        assert [a.tolist() for a in kept] == [[float(i), float(-i)] for i in range(40)]
+    if keep == "weakref":
+        live = [r() for r in kept]
+        assert all(a is None or a.tolist() == [float(i), float(-i)]
+                   for i, a in enumerate(live))
+
+
 def test_struct_value_shrunk_while_its_elements_are_checked():
     spec = {"x": [TensorSpec("int64")] * 40}
     value = []

@@ -484,6 +484,7 @@ cdef enum:
 
 cdef class CompiledSpec:
     """A checked TensorSpec (leaf), list/tuple of specs (struct) or mapping of them."""
+    cdef object spare        # the last array _float_list made, to refill if nobody kept it
     cdef int tag
     cdef _DType dt
     cdef readonly object dtype
@@ -553,6 +554,30 @@ cdef bint _exact_array(CompiledSpec s, cnp.ndarray a) noexcept:
     return True
 
 
+cdef extern from "numpy/ndarraytypes.h":
+    ctypedef struct _ArrayFields "PyArrayObject_fields":
+        PyObject *weakreflist
+
+
+cdef bint _refillable(PyObject *p, CompiledSpec s, cnp.npy_intp n) noexcept:
+    """Whether the array _float_list made for the previous client can be overwritten for
+    this one: nothing but the spec holds it (the finalizer neither returned nor kept it,
+    nor a view of it: a view holds its base; nor a weak reference), and it is still the
+    fresh array it was made as (the finalizer may have reshaped or re-typed it in place).
+    CPython reuses a dict iterator's result tuple on the same condition."""
+    # p is borrowed (a typed argument would hold a reference of its own)
+    if p.ob_refcnt != 1 or (<_ArrayFields *>p).weakreflist != NULL:
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>p
+    cdef int want = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_OWNDATA | \
+        cnp.NPY_ARRAY_WRITEABLE | cnp.NPY_ARRAY_ALIGNED
+    return (True
+            and (cnp.PyArray_FLAGS(a) & want) == want and cnp.PyArray_NDIM(a) == 1
+            and cnp.PyArray_DIMS(a)[0] == n and cnp.PyArray_STRIDES(a)[0] == s.dt.itemsize
+            and cnp.PyArray_TYPE(a) == s.dt.typenum and cnp.PyArray_ISNOTSWAPPED(a)
+            and cnp.PyArray_BASE(a) == NULL and type(a) is np.ndarray)
+
+
 cdef object _float_list(CompiledSpec s, list v):
     """A list of exact Python floats under a 1-d float32/float64 spec as the spec's array,
     filled in C; None for anything else (the general path decides)."""
@@ -565,7 +590,12 @@ cdef object _float_list(CompiledSpec s, list v):
         if _TYPE(PyList_GET_ITEM(v, j)) != &PyFloat_Type:
             return None
     cdef cnp.npy_intp dim = n
-    cdef cnp.ndarray a = cnp.PyArray_SimpleNew(1, &dim, s.dt.typenum)
+    cdef cnp.ndarray a
+    if s.spare is not None and _refillable(<PyObject *>s.spare, s, dim):
+        a = <cnp.ndarray>s.spare
+    else:
+        a = cnp.PyArray_SimpleNew(1, &dim, s.dt.typenum)
+        s.spare = a
     cdef float *f = <float *>cnp.PyArray_DATA(a)
     cdef double *g = <double *>cnp.PyArray_DATA(a)
     # Reading the list's storage runs no Python code: its size cannot change meanwhile.
@@ -1076,6 +1106,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                         raise _key_error(gi, cv, names)
                     raw = <object>p   # owned: converting may run code that mutates cv
                     stage = _STAGE_CONVERT
+                    val = f = None    # let go of the last values: _float_list may refill one
                     val = _convert(<CompiledSpec>specs[j], raw)
                     if functional is not None:
                         unfin[ctx_name] = val
