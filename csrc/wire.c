@@ -651,6 +651,21 @@ static int strings_ok(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int depth, u
     return 0;
 }
 
+static void leaves_unseen(fr_wire_leaf *leaves, size_t nleaves)
+{
+    for (size_t k = 0; k < nleaves; k++)
+        leaves[k].seen = 0;
+}
+
+/* 0 if every leaf was filled, 1 otherwise (the caller takes the general path). */
+static int leaves_missing(const fr_wire_leaf *leaves, size_t nleaves)
+{
+    for (size_t k = 0; k < nleaves; k++)
+        if (!leaves[k].seen)
+            return 1;
+    return 0;
+}
+
 int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8_t *rec,
                         size_t rec_len, fr_wire_leaf *leaves, size_t nleaves, size_t row,
                         fr_value *v, fr_wire_array *a)
@@ -659,7 +674,7 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
     fr_pb_field f, g;
     const uint8_t *p = buf, *end = buf + len, *q, *qend;
     const uint8_t *rs = buf;
-    size_t rs_len = len, k;
+    size_t rs_len = len;
     int depth = 0, found = 0;
     c.base = buf;
     c.err = NULL;
@@ -688,8 +703,7 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
         p = rs;
         end = rs + rs_len;
     }
-    for (k = 0; k < nleaves; k++)
-        leaves[k].seen = 0;
+    leaves_unseen(leaves, nleaves);
     while (p < end) {
         fr_span key = {NULL, 0};
         int unknown = 0, target;
@@ -731,8 +745,43 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
     }
     if (!found)
         return 1;
-    for (k = 0; k < nleaves; k++)
-        if (!leaves[k].seen)
-            return 1;
-    return 0;
+    return leaves_missing(leaves, nleaves);
+}
+
+/* Where the body of a canonically headed object of class `name` starts:
+ * "<name>  <digits>\0", the digits (1 to 19, no leading zero) equal to the
+ * number of bytes after the NUL. 0 if the header is not of that form. */
+static size_t canonical_body_offset(const uint8_t *buf, size_t len, const char *name)
+{
+    size_t name_len = strlen(name), k = name_len + 2, first = k;
+    uint64_t body_len = 0;
+    if (len < k || memcmp(buf, name, name_len) != 0 || buf[name_len] != ' ' ||
+        buf[name_len + 1] != ' ')
+        return 0;
+    for (; k < len && buf[k] >= '0' && buf[k] <= '9'; k++) {
+        if (k - first == 19 || (k > first && buf[first] == '0'))
+            return 0;
+        body_len = body_len * 10 + (uint64_t)(buf[k] - '0');
+    }
+    if (k == first || k >= len || buf[k] != 0)
+        return 0;
+    k++;
+    return body_len == (uint64_t)(len - k) ? k : 0;
+}
+
+int fr_wire_columns_object(const uint8_t *buf, size_t len, fr_wire_leaf *leaves, size_t nleaves,
+                           size_t row, fr_value *v)
+{
+    fr_pb_ctx c;
+    size_t off = canonical_body_offset(buf, len, "MetricRecord");
+    if (off == 0)
+        return 1;
+    c.base = buf + off;
+    c.err = NULL;
+    c.err_off = 0;
+    leaves_unseen(leaves, nleaves);
+    /* The depths are inflate's: the record message 0, an Item 1, its value 2. */
+    if (record_scan(&c, buf + off, len - off, 0, 0, leaves, nleaves, row, v))
+        return 1;
+    return leaves_missing(leaves, nleaves);
 }
