@@ -550,7 +550,8 @@ def test_metrics_columns_refuses_malformed_and_odd_specs():
         wire.metrics_columns([wire.message_to_bytes({}, error={"code": 1})], "m", COL_SPEC,
                              wire="message")
     for spec in ({"a": TensorSpec("float64", (None,))}, {"a": {"x": TensorSpec("float64")}},
-                 {"a": TensorSpec("float64", (2, 2))}, [TensorSpec("float64")]):
+                 {"a": TensorSpec("float64", (2, 2))}, [TensorSpec("float64")],
+                 {"a": TensorSpec("float64", (0,))}):
         with pytest.raises(TypeError):
             wire.metrics_columns([good], "m", spec)
     # a nested mapping (which AggregationProcess accepts) cannot come from one metric value

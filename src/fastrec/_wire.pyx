@@ -1109,11 +1109,12 @@ cdef list _leaf_specs(object spec):
         if isinstance(s, TensorSpec):
             if s.shape == ():
                 out.append((name, s, 0, -1, None))
-            elif len(s.shape) == 1 and s.shape[0] is not None:
+            elif len(s.shape) == 1 and s.shape[0] is not None and s.shape[0] > 0:
                 out.append((name, s, s.shape[0], -1, None))
-            else:
+            else:  # (0,) too: width 0 is a scalar leaf
                 raise TypeError(f"metric {name!r}: metrics_columns reads a scalar or a fixed-"
-                                f"length list per client, not shape {s.shape}")
+                                f"length list (of at least one number) per client, not shape "
+                                f"{s.shape}")
         elif isinstance(s, (list, tuple)):
             for j, c in enumerate(s):
                 if not isinstance(c, TensorSpec) or c.shape != ():
