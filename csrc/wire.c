@@ -813,9 +813,14 @@ static size_t small_varint(const uint8_t *p, size_t n, uint64_t *out)
 static int small_len_field(const uint8_t *p, size_t n, size_t *at, uint8_t tag, size_t *len)
 {
     uint64_t u;
-    size_t k = *at, w;
-    if (k >= n || p[k] != tag || (w = small_varint(p + k + 1, n - k - 1, &u)) == 0 ||
-        u > n - k - 1 - w)
+    size_t k = *at, w = 1;
+    if (k >= n || p[k] != tag)
+        return 1;
+    if (k + 1 < n && p[k + 1] < 0x80)                   /* a length below 128 */
+        u = p[k + 1];
+    else if ((w = small_varint(p + k + 1, n - k - 1, &u)) == 0)
+        return 1;
+    if (u > n - k - 1 - w)
         return 1;
     *at = k + 1 + w;
     *len = (size_t)u;
