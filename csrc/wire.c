@@ -894,15 +894,15 @@ static int canonical_value(const uint8_t *q, size_t m, fr_value *v)
     return 0;
 }
 
-/* A MetricRecord body p[0..n) in the form deflate writes it (every Item an optional ASCII
- * key[1] then a value[2] as canonical_value reads it, nothing else), filling the leaves as
- * record_scan does. 1 on anything else, including a leaf's key in two Items or a value the
- * leaf cannot take: record_scan then decides. */
+/* A MetricRecord body p[0..n) in the form deflate writes it (every Item an optional key[1],
+ * a leaf's name or ASCII, then a value[2] as canonical_value reads it, nothing else), filling
+ * the leaves as record_scan does. 1 on anything else, including a leaf's key in two Items or
+ * a value the leaf cannot take: record_scan then decides. */
 static int canonical_items(const uint8_t *p, size_t n, fr_wire_leaf *leaves, size_t nleaves,
                            size_t row, fr_value *v)
 {
     size_t at = 0, item_len, end, key_len, val_len, k, j, hint = 0;
-    const uint8_t *key;
+    const uint8_t *key, *name;
     while (at < n) {
         if (small_len_field(p, n, &at, 0x0a, &item_len))
             return 1;
@@ -913,32 +913,34 @@ static int canonical_items(const uint8_t *p, size_t n, fr_wire_leaf *leaves, siz
             if (small_len_field(p, end, &at, 0x0a, &key_len))
                 return 1;
             key = p + at;
-            for (k = 0; k < key_len; k++)
-                if (key[k] & 0x80)
-                    return 1;
             at += key_len;
         }
         if (small_len_field(p, end, &at, 0x12, &val_len) || val_len != end - at ||
             canonical_value(p + at, val_len, v))
             return 1;
         at = end;
-        /* The leaves of one metric are consecutive. Replies list their metrics in one order,
-         * so the search starts after the last metric found: one comparison per Item. */
+        /* A metric's leaves are consecutive and share one name pointer (see wire.h), so the
+         * search, which starts where a metric's leaves start, meets its first leaf first.
+         * Replies list their metrics in one order, so it starts after the last metric found:
+         * one comparison per Item. */
         for (k = 0; k < nleaves; k++) {
             j = hint + k < nleaves ? hint + k : hint + k - nleaves;
             if (bytes_eq(leaves[j].name, leaves[j].name_len, key, key_len))
                 break;
         }
-        if (k == nleaves)
-            continue;                                   /* not a metric of the spec */
-        while (j > 0 && bytes_eq(leaves[j - 1].name, leaves[j - 1].name_len, key, key_len))
-            j--;                                        /* the metric's first leaf */
+        if (k == nleaves) {                             /* not a metric of the spec */
+            for (k = 0; k < key_len; k++)
+                if (key[k] & 0x80)
+                    return 1;                           /* UTF-8 checks on the general path */
+            continue;
+        }
+        name = leaves[j].name;                          /* valid UTF-8: the key is too */
         do {
             if (leaves[j].seen || leaf_fill(&leaves[j], row, v) != FR_FILL_OK)
                 return 1;
             leaves[j].seen = 1;
             j++;
-        } while (j < nleaves && bytes_eq(leaves[j].name, leaves[j].name_len, key, key_len));
+        } while (j < nleaves && leaves[j].name == name);
         hint = j < nleaves ? j : 0;
     }
     return 0;

@@ -921,3 +921,9 @@ def test_canonical_objects_take_the_fast_path(monkeypatch):
     repeated = _obj(_entry(b"a", _dbl(1.0)) + body.replace(_dbl(2.0), _dbl(3.0)))
     got = wire.metrics_columns([odd, repeated], None, spec, wire=OBJ)
     assert calls == [odd, repeated] and got["a"].tolist() == [2.0, 3.0]
+    # non-ASCII keys, of the spec's metrics or not, stay in C too
+    named = real({"é": 1.5, "a": 2.0, "h": [1, 2]}).deflate()
+    got = wire.metrics_columns([named], None, {"é": TensorSpec("float64")}, wire=OBJ)
+    assert got["é"].tolist() == [1.5] and len(calls) == 2
+    got = wire.metrics_columns([named], None, spec, wire=OBJ)
+    assert got["a"].tolist() == [2.0] and len(calls) == 2

@@ -1142,9 +1142,12 @@ cdef _Leaves _make_leaves(object spec, Py_ssize_t n_rows):
     cdef Py_ssize_t k
     cdef fr_wire_leaf *leaf
     cdef object col
+    cdef dict encoded = {}
     for k, (name, s, width, elem, _) in enumerate(specs):
         leaf = &L.leaves[k]
-        nb = name.encode("utf-8")
+        nb = encoded.get(name)
+        if nb is None:  # a metric's leaves share one name (fr_wire_columns_object wants it)
+            nb = encoded[name] = name.encode("utf-8")
         L.keep.append(nb)
         leaf.name = <const uint8_t *>PyBytes_AS_STRING(nb)
         leaf.name_len = <size_t>len(nb)
