@@ -789,7 +789,7 @@ static size_t canonical_body_offset(const uint8_t *buf, size_t len, const char *
 
 /* A varint at p[0..n) into *out; its length, or 0 if it is incomplete or holds more than
  * 64 bits (the general parser then decides). */
-static size_t small_varint(const uint8_t *p, size_t n, uint64_t *out)
+static inline size_t small_varint(const uint8_t *p, size_t n, uint64_t *out)
 {
     uint64_t x = 0;
     if (n > 0 && p[0] < 0x80) {                         /* most are one byte */
@@ -810,7 +810,8 @@ static size_t small_varint(const uint8_t *p, size_t n, uint64_t *out)
 
 /* A length-delimited field with the one-byte tag `tag` at p[*at..n): on success *at is its
  * payload's start and the payload's length is returned in *len; 1 if it is not there. */
-static int small_len_field(const uint8_t *p, size_t n, size_t *at, uint8_t tag, size_t *len)
+static inline int small_len_field(const uint8_t *p, size_t n, size_t *at, uint8_t tag,
+                                  size_t *len)
 {
     uint64_t u;
     size_t k = *at, w = 1;
