@@ -558,7 +558,8 @@ static int put_element(const fr_wire_leaf *L, uint8_t *dst, const fr_value *v, s
     }
 }
 
-int fr_wire_leaf_fill(const fr_wire_leaf *L, size_t row, const fr_value *v)
+/* fr_wire_leaf_fill, inlined into the object fast path. */
+static inline int leaf_fill(const fr_wire_leaf *L, size_t row, const fr_value *v)
 {
     uint8_t *dst = L->out + row * L->stride;
     int is_list = v->kind == FR_V_DOUBLE_LIST || v->kind == FR_V_SINT_LIST ||
@@ -582,6 +583,11 @@ int fr_wire_leaf_fill(const fr_wire_leaf *L, size_t row, const fr_value *v)
             if ((st = put_element(L, dst + 8 * k, v, k, pass)) != FR_FILL_OK)
                 return st;
     return FR_FILL_OK;
+}
+
+int fr_wire_leaf_fill(const fr_wire_leaf *L, size_t row, const fr_value *v)
+{
+    return leaf_fill(L, row, v);
 }
 
 static int span_eq(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
@@ -651,6 +657,21 @@ static int strings_ok(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int depth, u
     return 0;
 }
 
+static void leaves_unseen(fr_wire_leaf *leaves, size_t nleaves)
+{
+    for (size_t k = 0; k < nleaves; k++)
+        leaves[k].seen = 0;
+}
+
+/* 0 if every leaf was filled, 1 otherwise (the caller takes the general path). */
+static int leaves_missing(const fr_wire_leaf *leaves, size_t nleaves)
+{
+    for (size_t k = 0; k < nleaves; k++)
+        if (!leaves[k].seen)
+            return 1;
+    return 0;
+}
+
 int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8_t *rec,
                         size_t rec_len, fr_wire_leaf *leaves, size_t nleaves, size_t row,
                         fr_value *v, fr_wire_array *a)
@@ -659,7 +680,7 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
     fr_pb_field f, g;
     const uint8_t *p = buf, *end = buf + len, *q, *qend;
     const uint8_t *rs = buf;
-    size_t rs_len = len, k;
+    size_t rs_len = len;
     int depth = 0, found = 0;
     c.base = buf;
     c.err = NULL;
@@ -688,8 +709,7 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
         p = rs;
         end = rs + rs_len;
     }
-    for (k = 0; k < nleaves; k++)
-        leaves[k].seen = 0;
+    leaves_unseen(leaves, nleaves);
     while (p < end) {
         fr_span key = {NULL, 0};
         int unknown = 0, target;
@@ -731,8 +751,219 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
     }
     if (!found)
         return 1;
-    for (k = 0; k < nleaves; k++)
-        if (!leaves[k].seen)
-            return 1;
+    return leaves_missing(leaves, nleaves);
+}
+
+/* span_eq for the short keys of metrics: a loop, not a call. */
+static int bytes_eq(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
+{
+    size_t k;
+    if (na != nb)
+        return 0;
+    for (k = 0; k < na; k++)
+        if (a[k] != b[k])
+            return 0;
+    return 1;
+}
+
+/* Where the body of a canonically headed object of class `name` starts:
+ * "<name>  <digits>\0", the digits (1 to 19, no leading zero) equal to the
+ * number of bytes after the NUL. 0 if the header is not of that form. */
+static size_t canonical_body_offset(const uint8_t *buf, size_t len, const char *name)
+{
+    size_t name_len = strlen(name), k = name_len + 2, first = k;
+    uint64_t body_len = 0;
+    if (len < k || memcmp(buf, name, name_len) != 0 || buf[name_len] != ' ' ||
+        buf[name_len + 1] != ' ')
+        return 0;
+    for (; k < len && buf[k] >= '0' && buf[k] <= '9'; k++) {
+        if (k - first == 19 || (k > first && buf[first] == '0'))
+            return 0;
+        body_len = body_len * 10 + (uint64_t)(buf[k] - '0');
+    }
+    if (k == first || k >= len || buf[k] != 0)
+        return 0;
+    k++;
+    return body_len == (uint64_t)(len - k) ? k : 0;
+}
+
+/* A varint at p[0..n) into *out; its length, or 0 if it is incomplete or holds more than
+ * 64 bits (the general parser then decides). */
+static inline size_t small_varint(const uint8_t *p, size_t n, uint64_t *out)
+{
+    uint64_t x = 0;
+    if (n > 0 && p[0] < 0x80) {                         /* most are one byte */
+        *out = p[0];
+        return 1;
+    }
+    for (size_t k = 0; k < n && k < 10; k++) {
+        if (k == 9 && p[k] > 1)
+            return 0;
+        x |= (uint64_t)(p[k] & 0x7f) << (7 * k);
+        if (!(p[k] & 0x80)) {
+            *out = x;
+            return k + 1;
+        }
+    }
     return 0;
+}
+
+/* A length-delimited field with the one-byte tag `tag` at p[*at..n): on success *at is its
+ * payload's start and the payload's length is returned in *len; 1 if it is not there. */
+static inline int small_len_field(const uint8_t *p, size_t n, size_t *at, uint8_t tag,
+                                  size_t *len)
+{
+    uint64_t u;
+    size_t k = *at, w = 1;
+    if (k >= n || p[k] != tag)
+        return 1;
+    if (k + 1 < n && p[k + 1] < 0x80)                   /* a length below 128 */
+        u = p[k + 1];
+    else if ((w = small_varint(p + k + 1, n - k - 1, &u)) == 0)
+        return 1;
+    if (u > n - k - 1 - w)
+        return 1;
+    *at = k + 1 + w;
+    *len = (size_t)u;
+    return 0;
+}
+
+/* fr_pb_load64 as one load where the host is little-endian (the test folds to a constant). */
+static uint64_t load_le64(const uint8_t *p)
+{
+    const uint16_t one = 1;
+    uint8_t low;
+    uint64_t x;
+    memcpy(&low, &one, 1);
+    if (!low)
+        return fr_pb_load64(p);
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+/* The value message q[0..m) in the form deflate writes it: exactly one member, a double, a
+ * sint64/uint64 or a packed double/sint/uint list (an empty list as an empty message). 1 on
+ * anything else. */
+static int canonical_value(const uint8_t *q, size_t m, fr_value *v)
+{
+    uint64_t u;
+    size_t at, len, w, k, count = 0;
+    fr_value_reset(v);
+    if (m == 9 && q[0] == 0x09) {                       /* double[1], fixed64 */
+        v->kind = FR_V_DOUBLE;
+        v->d = fr_pb_bits_to_double(load_le64(q + 1));
+        return 0;
+    }
+    if (m >= 2 && (q[0] == 0x10 || q[0] == 0x18)) {     /* sint64[2], uint64[3], varint */
+        if (small_varint(q + 1, m - 1, &u) != m - 1)
+            return 1;
+        v->kind = q[0] == 0x10 ? FR_V_SINT64 : FR_V_UINT64;
+        v->i = fr_pb_unzigzag64(u);
+        v->u = u;
+        return 0;
+    }
+    /* DoubleList[21], SintList[22], UintList[23] (tags 0xaa/0xb2/0xba 0x01), filling the value */
+    if (m < 3 || q[1] != 0x01 || (q[0] != 0xaa && q[0] != 0xb2 && q[0] != 0xba))
+        return 1;
+    if ((w = small_varint(q + 2, m - 2, &u)) == 0 || u != m - 2 - w)
+        return 1;
+    v->kind = q[0] == 0xaa ? FR_V_DOUBLE_LIST : q[0] == 0xb2 ? FR_V_SINT_LIST : FR_V_UINT_LIST;
+    v->items = v->scratch;
+    at = 2 + w;
+    if (at == m)
+        return 0;                                       /* the empty list */
+    /* vals[1], packed, filling the list */
+    if (small_len_field(q, m, &at, 0x0a, &len) || len != m - at)
+        return 1;
+    if (v->kind == FR_V_DOUBLE_LIST) {
+        if (len % 8 != 0 || reserve_items(v, len / 8) != FR_OK)
+            return 1;
+        for (k = 0; k < len; k += 8)
+            append_u64(v, load_le64(q + at + k));
+    } else {
+        for (k = at; k < m; k++)
+            count += !(q[k] & 0x80);
+        if (reserve_items(v, count) != FR_OK)
+            return 1;
+        for (; at < m; at += w) {
+            if ((w = small_varint(q + at, m - at, &u)) == 0)
+                return 1;
+            append_u64(v, u);
+        }
+    }
+    v->items = v->scratch;
+    return 0;
+}
+
+/* A MetricRecord body p[0..n) in the form deflate writes it (every Item an optional key[1],
+ * a leaf's name or ASCII, then a value[2] as canonical_value reads it, nothing else), filling
+ * the leaves as record_scan does. 1 on anything else, including a leaf's key in two Items or
+ * a value the leaf cannot take: record_scan then decides. */
+static int canonical_items(const uint8_t *p, size_t n, fr_wire_leaf *leaves, size_t nleaves,
+                           size_t row, fr_value *v)
+{
+    size_t at = 0, item_len, end, key_len, val_len, k, j, hint = 0;
+    const uint8_t *key, *name;
+    while (at < n) {
+        if (small_len_field(p, n, &at, 0x0a, &item_len))
+            return 1;
+        end = at + item_len;
+        key = p + at;
+        key_len = 0;
+        if (at < end && p[at] == 0x0a) {
+            if (small_len_field(p, end, &at, 0x0a, &key_len))
+                return 1;
+            key = p + at;
+            at += key_len;
+        }
+        if (small_len_field(p, end, &at, 0x12, &val_len) || val_len != end - at ||
+            canonical_value(p + at, val_len, v))
+            return 1;
+        at = end;
+        /* A metric's leaves are consecutive and share one name pointer (see wire.h), so the
+         * search, which starts where a metric's leaves start, meets its first leaf first.
+         * Replies list their metrics in one order, so it starts after the last metric found:
+         * one comparison per Item. */
+        for (k = 0; k < nleaves; k++) {
+            j = hint + k < nleaves ? hint + k : hint + k - nleaves;
+            if (bytes_eq(leaves[j].name, leaves[j].name_len, key, key_len))
+                break;
+        }
+        if (k == nleaves) {                             /* not a metric of the spec */
+            for (k = 0; k < key_len; k++)
+                if (key[k] & 0x80)
+                    return 1;                           /* UTF-8 checks on the general path */
+            continue;
+        }
+        name = leaves[j].name;                          /* valid UTF-8: the key is too */
+        do {
+            if (leaves[j].seen || leaf_fill(&leaves[j], row, v) != FR_FILL_OK)
+                return 1;
+            leaves[j].seen = 1;
+            j++;
+        } while (j < nleaves && leaves[j].name == name);
+        hint = j < nleaves ? j : 0;
+    }
+    return 0;
+}
+
+int fr_wire_columns_object(const uint8_t *buf, size_t len, fr_wire_leaf *leaves, size_t nleaves,
+                           size_t row, fr_value *v)
+{
+    fr_pb_ctx c;
+    size_t off = canonical_body_offset(buf, len, "MetricRecord");
+    if (off == 0)
+        return 1;
+    c.base = buf + off;
+    c.err = NULL;
+    c.err_off = 0;
+    leaves_unseen(leaves, nleaves);
+    if (canonical_items(buf + off, len - off, leaves, nleaves, row, v) == 0)
+        return leaves_missing(leaves, nleaves);
+    /* Anything else, field by field. The depths are inflate's: the record message 0, an Item
+     * 1, its value 2. */
+    leaves_unseen(leaves, nleaves);
+    if (record_scan(&c, buf + off, len - off, 0, 0, leaves, nleaves, row, v))
+        return 1;
+    return leaves_missing(leaves, nleaves);
 }

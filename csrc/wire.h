@@ -197,4 +197,22 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
                         size_t rec_len, fr_wire_leaf *leaves, size_t nleaves, size_t row,
                         fr_value *v, fr_wire_array *a);
 
+/* The fast path for one Flower 1.42 MetricRecord object, i.e. its content
+ * "MetricRecord  <body length>\0" + body (MetricRecord.deflate()), where the
+ * body is the protobuf MetricRecord { repeated Item items = 1; }. Only the
+ * canonical header is accepted: exactly that class name, one space, no child
+ * ids, one space, the body's length in decimal without leading zeros, NUL.
+ * The body is validated as fastrec.app's MetricRecord.inflate does and row
+ * `row` of every leaf filled from the Items. Returns 0 when the row is filled;
+ * 1 when the caller must take the general path: any other header, any error,
+ * a missing or unconvertible value, and the Items whose meaning depends on
+ * 1.42's replacement rules (a leaf's key in two Items, an Item without a
+ * value, an Item with fields other than key and value). Leaf names must be
+ * valid UTF-8; the leaves of one metric must be consecutive and share one
+ * `name` pointer; leaves that do not
+ * (a name given twice) are left unfilled, so the row goes to the general path.
+ * Same guarantees as fr_wire_columns_row. */
+int fr_wire_columns_object(const uint8_t *buf, size_t len, fr_wire_leaf *leaves, size_t nleaves,
+                           size_t row, fr_value *v);
+
 #endif

@@ -37,6 +37,8 @@ needs_next = pytest.mark.skipif(not NEXT, reason="needs flwr >= 1.19 (run .ci/fl
 if NEXT:
     import flwr.app as fa
     from flwr.app.message.arraychunk import ArrayChunk as FArrayChunk
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_object_children_ids_from_object_content)
     from flwr.supercore.inflatable.inflatable_utils import validate_object_content
 
 
@@ -487,3 +489,93 @@ def test_interop_round_trip_with_flower_app():
         fastrec.to_flwr(fastrec.MetricsRecord({"a": 1}))
     with pytest.raises(TypeError, match="flwr.app"):
         fastrec.from_flwr(object())
+
+
+# ---------------------------------------------------------------------------
+# fastrec.wire.metrics_columns on Flower's own MetricRecord objects
+# ---------------------------------------------------------------------------
+
+COLUMNS = {"acc": fastrec.TensorSpec("float32"), "n": fastrec.TensorSpec("int64"),
+           "h": fastrec.TensorSpec("float64", (2,)),
+           "p": [fastrec.TensorSpec("uint8"), fastrec.TensorSpec("int32")]}
+
+
+def _cell(x, dtype):
+    """One metric value (or list element) in a column of ``dtype``; ValueError if it cannot be."""
+    if isinstance(x, list) or (dtype.kind in "iu" and not isinstance(x, int)):
+        raise ValueError(f"{x!r} is not a {dtype} number")
+    if dtype.kind in "iu" and not np.iinfo(dtype).min <= x <= np.iinfo(dtype).max:
+        raise ValueError(f"{x!r} is outside {dtype}")
+    return x if dtype.kind in "iu" else float(x)
+
+
+def _flower_columns(contents):
+    """Flower's route: validate and inflate each object (a MetricRecord has no children), then
+    read the COLUMNS metrics with numpy."""
+    rows = []
+    for content in contents:
+        validate_object_content(content)
+        if get_object_children_ids_from_object_content(content):
+            raise ValueError("`MetricRecord` objects do not have children.")
+        rec = fa.MetricRecord.inflate(content)
+        h, p = rec["h"], rec["p"]
+        if not (isinstance(h, list) and len(h) == 2 and isinstance(p, list) and len(p) == 2):
+            raise ValueError("a list of the wrong kind or length")
+        rows.append((_cell(rec["acc"], np.dtype(np.float32)), _cell(rec["n"], np.dtype(np.int64)),
+                     [_cell(x, np.dtype(np.float64)) for x in h],
+                     _cell(p[0], np.dtype(np.uint8)), _cell(p[1], np.dtype(np.int32))))
+    acc, n, h, p0, p1 = zip(*rows) if rows else ([], [], np.empty((0, 2)), [], [])
+    return {"acc": np.array(acc, dtype=np.float64).astype(np.float32),
+            "n": np.array(n, dtype=np.int64), "h": np.array(h, dtype=np.float64),
+            "p": [np.array(p0, dtype=np.uint8), np.array(p1, dtype=np.int32)]}
+
+
+def _same_columns(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        pairs = zip(got[k], want[k]) if isinstance(want[k], list) else [(got[k], want[k])]
+        for g, w in pairs:
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(g, w)
+
+
+def _check_like_flower(contents):
+    from fastrec.wire import metrics_columns
+    try:
+        want = _flower_columns(contents)
+    except Exception as exc:  # noqa: BLE001 - any refusal of Flower's route
+        with pytest.raises(ValueError, match=r"^buffer \d+[:,]"):
+            metrics_columns(contents, None, COLUMNS, wire="metric-record-object")
+        return exc
+    _same_columns(metrics_columns(contents, None, COLUMNS, wire="metric-record-object"), want)
+    return None
+
+
+small = st.integers(0, 255)
+column_vals = {"acc": st.one_of(finite, ints), "n": st.integers(-(2**63), 2**63 - 1),
+               "h": st.lists(finite, min_size=2, max_size=2),
+               "p": st.lists(small, min_size=2, max_size=2)}
+
+
+@needs_next
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float32
+@given(st.lists(st.fixed_dictionaries(column_vals, optional={"x": metric_vals, "": metric_vals}),
+                max_size=6))
+@settings(max_examples=150, deadline=None, derandomize=True)
+def test_metrics_columns_on_flower_objects(records):
+    contents = [fa.MetricRecord(d).deflate() for d in records]
+    assert contents == [app.MetricRecord(d).deflate() for d in records]
+    assert _check_like_flower(contents) is None
+
+
+@needs_next
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@given(st.fixed_dictionaries(column_vals), st.sampled_from(sorted(column_vals)), metric_vals)
+@settings(max_examples=150, deadline=None, derandomize=True)
+def test_metrics_columns_refuse_what_flower_cannot_read(d, name, value):
+    d[name] = value  # often of the wrong kind, length or range for its column
+    content = fa.MetricRecord(d).deflate()
+    _check_like_flower([fa.MetricRecord({"acc": 1.0, "n": 2, "h": [1.0, 2.0],
+                                         "p": [3, 4]}).deflate(), content])
+    for bad in _mutations(content):
+        _check_like_flower([bad])

@@ -436,6 +436,32 @@ def test_next_from_wire(where):
     assert "buffer 44" in str(one)
     same_error(error_of(lambda: fd.next_from_wire(p, state, bag_of(bad, [0, 1, 30, 0, 29]), "m",
                                                   spec)), one)
+    # a malformed reply: the decoder's error, also under its global index
+    bad[44] = buffers[44][:-1]
+    one = error_of(lambda: p.next_columnar(state, wire.metrics_columns(bad, "m", spec)))
+    assert str(one).startswith("buffer 44: malformed RecordSet")
+    same_error(error_of(lambda: fd.next_from_wire(p, state, bag_of(bad, [0, 1, 30, 0, 29]), "m",
+                                                  spec)), one)
+
+
+def test_next_from_wire_metric_record_objects(where):
+    wire = pytest.importorskip("fastrec.wire")
+    from fastrec import app
+    spec = {"acc": TensorSpec("float64"), "n": TensorSpec("int64")}
+    p = create(4, 0,
+        {"acc": vectorized(lambda c: c), "n": vectorized(lambda c: c)}, spec)
+    buffers = [app.MetricRecord({"acc": i / 7, "n": i}).deflate() for i in range(60)]
+    obj = "metric-record-object"
+    one = p.next_columnar(p.initialize(), wire.metrics_columns(buffers, None, spec, wire=obj))
+    same(fd.next_from_wire(p, p.initialize(), bag_of(buffers, [0, 1, 30, 0, 29]), None, spec,
+                           wire=obj), one)
+    bad = list(buffers)
+    bad[50] = app.MetricRecord({"acc": 0.5}).deflate()
+    one = error_of(lambda: wire.metrics_columns(bad, None, spec, wire=obj))
+    assert str(one) == "buffer 50: no metric 'n'"
+    same_error(error_of(lambda: fd.next_from_wire(p, p.initialize(),
+                                                  bag_of(bad, [0, 1, 30, 0, 29]), None, spec,
+                                                  wire=obj)), one)
 
 
 # -- reliability -------------------------------------------------------------------------------

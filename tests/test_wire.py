@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 fc = pytest.importorskip("flwr.common")
 serde = pytest.importorskip("flwr.common.serde")
-from flwr.proto import message_pb2, recordset_pb2  # noqa: E402
+recordset_pb2 = pytest.importorskip(  # Flower 1.15's protos; flwr >= 1.19 renamed them
+    "flwr.proto.recordset_pb2", reason="needs flwr 1.15's protos (the 1.42 tests: test_app.py)")
+from flwr.proto import message_pb2  # noqa: E402
 
 import fastrec  # noqa: E402
 from fastrec import (Array, ConfigsRecord, MetricsRecord, ParametersRecord,  # noqa: E402
@@ -540,8 +542,8 @@ def _assert_batch_equal(got, want):
     assert got.keys() == want.keys()
     for k in want:
         g, w = got[k], want[k]
-        if isinstance(w, list):
-            assert isinstance(g, list) and len(g) == len(w)
+        if isinstance(w, (list, tuple)):
+            assert type(g) is type(w) and len(g) == len(w)
             for a, b in zip(g, w):
                 assert a.dtype == b.dtype
                 np.testing.assert_array_equal(a, b)
@@ -601,9 +603,14 @@ def test_metrics_columns_refuses_malformed_and_odd_specs():
         wire.metrics_columns([wire.message_to_bytes({}, error={"code": 1})], "m", COL_SPEC,
                              wire="message")
     for spec in ({"a": TensorSpec("float64", (None,))}, {"a": {"x": TensorSpec("float64")}},
-                 {"a": TensorSpec("float64", (2, 2))}, [TensorSpec("float64")]):
+                 {"a": TensorSpec("float64", (2, 2))}, [TensorSpec("float64")],
+                 {"a": TensorSpec("float64", (0,))}):
         with pytest.raises(TypeError):
             wire.metrics_columns([good], "m", spec)
+    # a nested mapping (which AggregationProcess accepts) cannot come from one metric value
+    with pytest.raises(TypeError, match=r"metric 'a': a nested mapping spec .* a metric value "
+                                        r"is a number or a list of numbers"):
+        wire.metrics_columns([good], "m", {"a": {"x": TensorSpec("float64")}})
     with pytest.raises(ValueError):
         wire.metrics_columns([good], "m", COL_SPEC, wire="json")
 
@@ -630,3 +637,346 @@ def test_metrics_columns_fast_path_agrees_with_general_path(rng, as_message):
             continue
         assert ok, got
         _assert_batch_equal(got, want)
+
+
+# ------------------------------------------- metrics_columns on Flower 1.42 MetricRecord objects
+
+from fastrec import app as fapp  # noqa: E402
+
+OBJ = "metric-record-object"
+OBJ_SPEC = {"f32": TensorSpec("float32"), "f64": TensorSpec("float64"),
+            "f16": TensorSpec("float16"), "i8": TensorSpec("int8"), "i32": TensorSpec("int32"),
+            "i64": TensorSpec("int64"), "u8": TensorSpec("uint8"), "u64": TensorSpec("uint64"),
+            "b": TensorSpec("bool"), "h": TensorSpec("float64", (2,)),
+            "hi": TensorSpec("int64", (3,)), "p": [TensorSpec("int64"), TensorSpec("float32")],
+            "t": (TensorSpec("uint8"), TensorSpec("int32")),
+            "q": [TensorSpec("float64"), TensorSpec("float16")]}
+
+
+class _Refused(Exception):
+    """What the reference route refuses: the buffer, the metric (if a value is to blame) and
+    the inflate error (if the object itself is)."""
+
+    def __init__(self, index, metric=None, inflate_error=None):
+        super().__init__(index, metric, inflate_error)
+        self.index, self.metric, self.inflate_error = index, metric, inflate_error
+
+
+def _element(x, dt):
+    """``x`` as an element of a column of dtype ``dt``, or None if it does not fit."""
+    if isinstance(x, list):
+        return None
+    if dt.kind in "iub":
+        lo, hi = (0, 1) if dt.kind == "b" else (int(np.iinfo(dt).min), int(np.iinfo(dt).max))
+        return x if isinstance(x, int) and lo <= x <= hi else None
+    return float(x)
+
+
+def _column(rows, dt, width=None):
+    work = np.float64 if dt.kind == "f" else dt  # a float column is double, then the dtype
+    if not rows:
+        return np.empty((0,) if width is None else (0, width), dtype=work).astype(dt)
+    return np.array(rows, dtype=work).astype(dt)
+
+
+def _inflate_and_read(bufs, spec):
+    """The reference: fastrec.app's MetricRecord.inflate of each buffer (which must list no
+    children: a MetricRecord has none), then each metric read into numpy columns."""
+    rows = {name: [] for name in spec}
+    for i, buf in enumerate(bufs):
+        content = bytes(buf)
+        try:
+            rec = fapp.MetricRecord.inflate(content)
+        except ValueError as e:
+            raise _Refused(i, inflate_error=str(e)) from None
+        if content.split(b"\0", 1)[0].split(b" ")[1]:
+            raise _Refused(i)
+        for name, s in spec.items():
+            if name not in rec:
+                raise _Refused(i, name)
+            v = rec[name]
+            if isinstance(s, TensorSpec) and s.shape == ():
+                row = _element(v, s.dtype)
+            else:
+                parts = [s] * s.shape[0] if isinstance(s, TensorSpec) else list(s)
+                row = [_element(x, c.dtype) for x, c in zip(v, parts)] if (
+                    isinstance(v, list) and len(v) == len(parts)) else [None]
+                row = None if None in row else row
+            if row is None:
+                raise _Refused(i, name)
+            rows[name].append(row)
+    out = {}
+    for name, s in spec.items():
+        if isinstance(s, TensorSpec):
+            out[name] = _column(rows[name], s.dtype, s.shape[0] if s.shape else None)
+        else:
+            cols = [_column([r[j] for r in rows[name]], c.dtype) for j, c in enumerate(s)]
+            out[name] = type(s)(cols)
+    return out
+
+
+def _check_object_route(bufs, spec, offset=0):
+    """metrics_columns(wire=OBJ) agrees with the reference: the same columns, or a
+    ValueError naming the same buffer (shifted by ``offset``) and the same metric."""
+    try:
+        want = _inflate_and_read(bufs, spec)
+    except _Refused as r:
+        with pytest.raises(ValueError) as info:
+            wire.metrics_columns(bufs, None, spec, wire=OBJ, buffer_offset=offset)
+        msg = str(info.value)
+        assert type(info.value) is ValueError
+        assert msg.startswith(f"buffer {r.index + offset}: ") or msg.startswith(
+            f"buffer {r.index + offset}, metric "), msg
+        if r.inflate_error is not None:
+            assert msg == f"buffer {r.index + offset}: {r.inflate_error}"
+        if r.metric is not None:
+            assert f"metric {r.metric!r}" in msg
+        if r.metric is None and r.inflate_error is None:
+            assert "do not have children" in msg
+        return None
+    got = wire.metrics_columns(bufs, None, spec, wire=OBJ, buffer_offset=offset)
+    _assert_batch_equal(got, want)
+    return got
+
+
+_i64 = st.integers(-2**63, 2**63 - 1)
+_u64 = st.integers(0, 2**64 - 1)
+obj_value = st.one_of(
+    _i64, _u64, floats, st.sampled_from([0, 1, -1, 255, 256, -129, 2**31, 2**63, 2**64 - 1]),
+    st.lists(_i64, max_size=4), st.lists(_u64, max_size=4), st.lists(st.integers(0, 3), max_size=4),
+    st.lists(floats, max_size=4))
+
+
+def _fitting(s):
+    """Values a spec's column takes (metrics_columns must accept them)."""
+    def elem(c):
+        if c.dtype.kind == "f":
+            return st.one_of(floats, _i64, _u64)
+        if c.dtype.kind == "b":
+            return st.integers(0, 1)
+        info = np.iinfo(c.dtype)
+        return st.integers(int(info.min), int(info.max))
+    if isinstance(s, TensorSpec) and s.shape == ():
+        return elem(s)
+    parts = [s] * s.shape[0] if isinstance(s, TensorSpec) else list(s)
+    if all(c.dtype.kind == "f" for c in parts):
+        return st.lists(floats, min_size=len(parts), max_size=len(parts))
+    # one list holds ints of one sign class only (Flower refuses [-1, 2**63])
+    lo = max(int(np.iinfo(c.dtype).min) if c.dtype.kind in "iu" else -2**63 for c in parts)
+    hi = min(int(np.iinfo(c.dtype).max) if c.dtype.kind in "iu" else 2**63 - 1 for c in parts)
+    return st.lists(st.integers(max(lo, -2**63), min(hi, 2**63 - 1)), min_size=len(parts),
+                    max_size=len(parts))
+
+
+_MISSING = object()
+
+
+@st.composite
+def object_batches(draw):
+    names = draw(st.lists(st.sampled_from(sorted(OBJ_SPEC)), min_size=1, max_size=4,
+                          unique=True))
+    spec = {n: OBJ_SPEC[n] for n in names}
+    bufs = []
+    for _ in range(draw(st.integers(0, 4))):
+        d = draw(st.dictionaries(keys, obj_value, max_size=3))
+        for n in names:
+            pick = draw(st.integers(0, 12))
+            v = (_MISSING if pick == 0 else draw(obj_value) if pick == 1
+                 else draw(_fitting(OBJ_SPEC[n])))
+            if v is _MISSING:
+                d.pop(n, None)
+            else:
+                d[n] = v
+        try:
+            rec = fapp.MetricRecord(d)
+        except (TypeError, ValueError):
+            continue  # not a MetricRecord (a list of mixed sign classes)
+        content = rec.deflate()
+        bufs.append(draw(st.sampled_from([bytes, bytearray, memoryview]))(content))
+    return spec, bufs
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float16
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(object_batches(), st.integers(0, 2))
+def test_object_columns_match_the_inflate_route(batch, offset):
+    spec, bufs = batch
+    _check_object_route(bufs, spec, offset)
+
+
+def _obj(body, name=b"MetricRecord", kids=b"", length=None):
+    return b"%s %s %s\x00" % (name, kids, b"%d" % len(body) if length is None else length) + body
+
+
+def _dbl(x):
+    return _field(1, 1, struct.pack("<d", x))
+
+
+def _sint(x):
+    return _field(2, 0, _varint(x << 1 if x >= 0 else (-x << 1) - 1))
+
+
+_A1 = _entry(b"a", _dbl(1.5))
+_KID = b"ab" * 32
+OBJECT_CASES = [
+    ("plain", _obj(_A1 + _entry(b"n", _sint(-3)))),
+    ("last key wins", _obj(_entry(b"a", _dbl(9.0)) + _A1 + _entry(b"n", _sint(1)))),
+    ("last key wins over a bad value", _obj(_entry(b"a", _field(21, 2)) + _A1
+                                            + _entry(b"n", _sint(1)))),
+    ("good value replaced by a list", _obj(_A1 + _entry(b"a", _field(21, 2))
+                                           + _entry(b"n", _sint(1)))),
+    ("key given twice in an item", _obj(_field(1, 2, _field(1, 2, b"x") + _field(1, 2, b"a")
+                                                + _field(2, 2, _dbl(2.0))) + _entry(b"n", _sint(1)))),
+    ("value occurrences merge", _obj(_field(1, 2, _field(1, 2, b"a") + _field(2, 2, _sint(4))
+                                              + _field(2, 2, _dbl(2.5))) + _entry(b"n", _sint(1)))),
+    ("item with an unknown field", _obj(_field(1, 2, _field(1, 2, b"a") + _field(2, 2, _dbl(2.0))
+                                                 + _field(7, 0, b"\x01")) + _entry(b"n", _sint(1)))),
+    ("key with another wire type", _obj(_field(1, 2, _field(1, 0, b"\x01") + _field(1, 2, b"a")
+                                                 + _field(2, 2, _dbl(2.0))) + _entry(b"n", _sint(1)))),
+    ("unknown record field", _obj(_field(5, 0, b"\x01") + _A1 + _entry(b"n", _sint(1)))),
+    ("item without a value", _obj(_field(1, 2, _field(1, 2, b"z")) + _A1 + _entry(b"n", _sint(1)))),
+    ("item without a value, replaced", _obj(_field(1, 2, _field(1, 2, b"a")) + _A1
+                                            + _entry(b"n", _sint(1)))),
+    ("empty oneof for a metric", _obj(_entry(b"a", b"") + _entry(b"n", _sint(1)))),
+    ("configs member in a metric", _obj(_entry(b"a", _field(4, 0, b"\x01")) + _entry(b"n", _sint(1)))),
+    ("empty key", _obj(_field(1, 2, _field(2, 2, _dbl(1.0))) + _A1 + _entry(b"n", _sint(1)))),
+    ("leading zero in the length", _obj(_A1 + _entry(b"n", _sint(1)), length=b"025")),
+    ("truncated header", b"MetricRecord  2"),
+    ("no header", _A1),
+    ("wrong length digits", _obj(_A1 + _entry(b"n", _sint(1)), length=b"3")),
+    ("length not a number", _obj(_A1 + _entry(b"n", _sint(1)), length=b"x5")),
+    ("child id present", _obj(_A1 + _entry(b"n", _sint(1)), kids=_KID)),
+    ("empty child ids", _obj(_A1 + _entry(b"n", _sint(1)), kids=b",")),
+    ("invalid child id", _obj(_A1 + _entry(b"n", _sint(1)), kids=b"xy")),
+    ("wrong class name", _obj(_A1 + _entry(b"n", _sint(1)), name=b"ConfigRecord")),
+    ("unknown class name", _obj(_A1 + _entry(b"n", _sint(1)), name=b"Metric")),
+    ("three spaces", b"MetricRecord   25\x00" + _A1 + _entry(b"n", _sint(1))),
+    ("malformed body", _obj(_A1 + b"\x0a\x05\x0a\x01")),
+    ("invalid UTF-8 key", _obj(_entry(b"\xff", _dbl(1.0)) + _A1 + _entry(b"n", _sint(1)))),
+    ("missing metric", _obj(_A1)),
+    ("empty object", _obj(b"")),
+    ("wrong kind: list for a number", _obj(_entry(b"a", _field(21, 2, _dbl(1.0)))
+                                           + _entry(b"n", _sint(1)))),
+    ("wrong kind: float for an int", _obj(_A1 + _entry(b"n", _dbl(1.0)))),
+    ("out of range", _obj(_A1 + _entry(b"n", _sint(2**40)))),
+    ("uint64 out of range", _obj(_A1 + _entry(b"n", _field(3, 0, _varint(2**64 - 1))))),
+]
+OBJ_CASE_SPEC = {"a": TensorSpec("float64"), "n": TensorSpec("int32")}
+
+
+@pytest.mark.parametrize("name,content", OBJECT_CASES, ids=[c[0] for c in OBJECT_CASES])
+@pytest.mark.parametrize("offset", [0, 40])
+def test_object_cases_agree_with_inflate(name, content, offset):
+    good = fapp.MetricRecord({"a": 0.25, "n": 7}).deflate()
+    got = _check_object_route([good, good, content], OBJ_CASE_SPEC, offset)
+    if name.startswith("last key wins"):
+        assert got["a"][2] == 1.5
+    if name in ("child id present", "wrong class name", "truncated header",
+                "wrong length digits", "malformed body", "missing metric", "out of range"):
+        assert got is None, name  # every rejection the brief lists is one
+    # shape-(m,) and list specs read the same object the same way
+    _check_object_route([content], {"a": TensorSpec("float64", (1,))}, offset)
+    _check_object_route([content], {"a": [TensorSpec("float32")]}, offset)
+
+
+def test_object_errors_name_buffer_and_metric():
+    good = fapp.MetricRecord({"acc": 0.5, "h": [1.0, 2.0]}).deflate()
+    spec = {"acc": TensorSpec("float32"), "h": TensorSpec("float64", (2,))}
+    cases = [
+        (fapp.MetricRecord({"acc": [0.5], "h": [1.0, 2.0]}).deflate(),
+         r"^buffer 3, metric 'acc': value of the wrong kind for float32 column \(want a number"),
+        (fapp.MetricRecord({"acc": 0.5, "h": [1.0]}).deflate(),
+         r"^buffer 3, metric 'h': list of the wrong length"),
+        (fapp.MetricRecord({"h": [1.0, 2.0]}).deflate(), r"^buffer 3: no metric 'acc'$"),
+        (good[:-1], r"^buffer 3: Object content length expected"),
+        (good.replace(b"MetricRecord", b"ConfigRecord", 1),
+         r"^buffer 3: Class name \(MetricRecord\) and object type \(ConfigRecord\) do not match"),
+        (good.replace(b"  ", b" " + _KID + b" ", 1),
+         r"^buffer 3: `MetricRecord` objects do not have children"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            wire.metrics_columns([good, good, good, bad], None, spec, wire=OBJ)
+        with pytest.raises(ValueError, match=match.replace("buffer 3", "buffer 1003")):
+            wire.metrics_columns([good, good, good, bad], None, spec, wire=OBJ,
+                                 buffer_offset=1000)
+    with pytest.raises(ValueError, match=r"^buffer 2: input must be a contiguous"):
+        wire.metrics_columns([good, good, memoryview(good * 2)[::2]], None, spec, wire=OBJ)
+    with pytest.raises(TypeError, match=r"^buffer 1: expected a bytes-like object"):
+        wire.metrics_columns([good, "x"], None, spec, wire=OBJ)
+
+
+def test_object_arguments():
+    good = fapp.MetricRecord({"a": 1.0}).deflate()
+    spec = {"a": TensorSpec("float64")}
+    with pytest.raises(ValueError, match="record must be None for wire='metric-record-object'"):
+        wire.metrics_columns([good], "eval", spec, wire=OBJ)
+    with pytest.raises(TypeError, match="record must be a str"):
+        wire.metrics_columns([], None, spec)
+    with pytest.raises(ValueError, match="'metric-record-object'"):
+        wire.metrics_columns([good], None, spec, wire="object")
+    for off, exc in ((-1, ValueError), (1.0, TypeError), ("1", TypeError), (True, TypeError),
+                     (None, TypeError)):
+        with pytest.raises(exc, match="buffer_offset"):
+            wire.metrics_columns([good], None, spec, wire=OBJ, buffer_offset=off)
+    # numpy ints are ints; an offset is only ever added to indices in messages
+    got = wire.metrics_columns([good], None, spec, wire=OBJ, buffer_offset=np.int64(5))
+    np.testing.assert_array_equal(got["a"], [1.0])
+    with pytest.raises(ValueError, match=r"^buffer 5, record 'm': no metric"):
+        wire.metrics_columns([wire.recordset_to_bytes(RecordSet(
+            metrics_records={"m": MetricsRecord({})}))], "m", spec, buffer_offset=np.int64(5))
+    with pytest.raises(TypeError, match="nested mapping"):
+        wire.metrics_columns([good], None, {"a": {"b": TensorSpec("float64")}}, wire=OBJ)
+
+
+def test_object_empty_input_gives_empty_columns():
+    got = wire.metrics_columns([], None, OBJ_SPEC, wire=OBJ)
+    _assert_batch_equal(got, _inflate_and_read([], OBJ_SPEC))
+    assert got["h"].shape == (0, 2) and got["hi"].dtype == np.int64 and got["b"].dtype == bool
+    assert isinstance(got["t"], tuple) and got["t"][0].dtype == np.uint8
+    assert wire.metrics_columns(iter([]), None, {}, wire=OBJ) == {}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False))
+def test_object_mutation_fuzz(rng):
+    # Mutated objects: success iff inflate + read succeeds, with equal columns (the C fast path
+    # and the general path agree, and the general path is inflate's).
+    spec = {"a": TensorSpec("float64"), "h": TensorSpec("int64", (2,)), "n": TensorSpec("uint8")}
+    i = rng.randrange(5)
+    extra = {"x" * rng.randrange(3): [0.5] * rng.randrange(3)}
+    data = fapp.MetricRecord(dict(extra, a=i / 3, h=[i, -i], n=i)).deflate()
+    for m in list(_mutations(data, rng)) + [data + data[-5:]]:
+        _check_object_route([m], spec)
+
+
+def test_canonical_objects_take_the_fast_path(monkeypatch):
+    real, calls = fapp.MetricRecord, []
+
+    class Spy:
+        @staticmethod
+        def inflate(content, children=None):
+            calls.append(content)
+            return real.inflate(content)
+
+    spec = {"a": TensorSpec("float64"), "h": TensorSpec("int64", (2,))}
+    body = _entry(b"a", _dbl(2.0)) + _entry(b"h", _field(22, 2, _field(1, 2, b"\x02\x04")))
+    bufs = [real({"a": i / 2, "h": [i, 1], "x": [0.5] * i}).deflate() for i in range(50)]
+    monkeypatch.setattr(fapp, "MetricRecord", Spy)
+    got = wire.metrics_columns(bufs + [_obj(body)], None, spec, wire=OBJ)
+    assert calls == []  # none took the general path
+    assert got["a"].tolist() == [i / 2 for i in range(50)] + [2.0]
+    assert got["h"][-1].tolist() == [1, 2]
+    # a length with a leading zero, a metric's key twice: the general path (inflate's rules)
+    odd = _obj(body, length=b"0%d" % len(body))
+    repeated = _obj(_entry(b"a", _dbl(1.0)) + body.replace(_dbl(2.0), _dbl(3.0)))
+    got = wire.metrics_columns([odd, repeated], None, spec, wire=OBJ)
+    assert calls == [odd, repeated] and got["a"].tolist() == [2.0, 3.0]
+    # non-ASCII keys, of the spec's metrics or not, stay in C too
+    named = real({"é": 1.5, "a": 2.0, "h": [1, 2]}).deflate()
+    got = wire.metrics_columns([named], None, {"é": TensorSpec("float64")}, wire=OBJ)
+    assert got["é"].tolist() == [1.5] and len(calls) == 2
+    got = wire.metrics_columns([named], None, spec, wire=OBJ)
+    assert got["a"].tolist() == [2.0] and len(calls) == 2

@@ -1487,17 +1487,22 @@ cdef list _leaf_specs(object spec):
         if isinstance(s, TensorSpec):
             if s.shape == ():
                 out.append((name, s, 0, -1, None))
-            elif len(s.shape) == 1 and s.shape[0] is not None:
+            elif len(s.shape) == 1 and s.shape[0] is not None and s.shape[0] > 0:
                 out.append((name, s, s.shape[0], -1, None))
-            else:
+            else:  # (0,) too: width 0 is a scalar leaf
                 raise TypeError(f"metric {name!r}: metrics_columns reads a scalar or a fixed-"
-                                f"length list per client, not shape {s.shape}")
+                                f"length list (of at least one number) per client, not shape "
+                                f"{s.shape}")
         elif isinstance(s, (list, tuple)):
             for j, c in enumerate(s):
                 if not isinstance(c, TensorSpec) or c.shape != ():
                     raise TypeError(f"metric {name!r}: a list spec's items must be scalar "
                                     f"TensorSpecs, got {c!r}")
                 out.append((name, c, len(s), j, type(s)))
+        elif hasattr(s, "items"):
+            raise TypeError(f"metric {name!r}: a nested mapping spec cannot be read from one "
+                            f"metric: a metric value is a number or a list of numbers (give "
+                            f"a TensorSpec or a list/tuple of scalar TensorSpecs)")
         else:
             raise TypeError(f"metric {name!r}: metrics_columns supports TensorSpec and lists "
                             f"or tuples of scalar TensorSpecs, got {type(s).__name__}")
@@ -1515,9 +1520,12 @@ cdef _Leaves _make_leaves(object spec, Py_ssize_t n_rows):
     cdef Py_ssize_t k
     cdef fr_wire_leaf *leaf
     cdef object col
+    cdef dict encoded = {}
     for k, (name, s, width, elem, _) in enumerate(specs):
         leaf = &L.leaves[k]
-        nb = name.encode("utf-8")
+        nb = encoded.get(name)
+        if nb is None:  # a metric's leaves share one name (fr_wire_columns_object wants it)
+            nb = encoded[name] = name.encode("utf-8")
         L.keep.append(nb)
         leaf.name = <const uint8_t *>PyBytes_AS_STRING(nb)
         leaf.name_len = <size_t>len(nb)
@@ -1551,12 +1559,49 @@ cdef _Leaves _make_leaves(object spec, Py_ssize_t n_rows):
 _FILL_REASON = {FR_FILL_KIND: "value of the wrong kind", FR_FILL_LENGTH: "list of the wrong length",
                 FR_FILL_RANGE: "value outside the column's integer range"}
 
+cdef extern from "wire.h" nogil:
+    int fr_wire_columns_object(const uint8_t *buf, size_t len, fr_wire_leaf *leaves,
+                               size_t nleaves, size_t row, fr_value *v)
 
-cdef int _slow_row(_Leaves L, Py_ssize_t i, object buf, str record, bint message,
-                   fr_value *v) except -1:
-    """The general path for one reply: full decode, then the same fill, with errors."""
+# metrics_columns's wire formats
+cdef enum:
+    _W_RECORDSET = 0
+    _W_MESSAGE = 1
+    _W_METRIC_OBJECT = 2
+
+_WIRES = {"recordset": _W_RECORDSET, "message": _W_MESSAGE,
+          "metric-record-object": _W_METRIC_OBJECT}
+
+
+cdef object _at_buffer(object e, object shown):
+    """``e`` (a ValueError or TypeError) with the buffer's index in front of its message."""
+    cls = TypeError if isinstance(e, TypeError) else ValueError
+    return cls(f"buffer {shown}: {e}")
+
+
+cdef int _fill_row(_Leaves L, Py_ssize_t i, object rec, str where, fr_value *v) except -1:
+    """Row ``i`` of every leaf from the metrics mapping ``rec`` (the general path's fill);
+    error messages start with ``where`` (the buffer, and the record if there is one)."""
     cdef Py_ssize_t k
     cdef int st
+    for k in range(L.n):
+        name = L.names[k]
+        if name not in rec:
+            raise ValueError(f"{where}: no metric {name!r}")
+        value = rec[name]
+        value_from_py(value, False, v, [])
+        st = fr_wire_leaf_fill(&L.leaves[k], <size_t>i, v)
+        if st != FR_FILL_OK:
+            leaf = L.leaves[k]
+            want = (f"a list of {leaf.width} numbers" if leaf.width else "a number")
+            raise ValueError(f"{where}, metric {name!r}: {_FILL_REASON[st]} for "
+                             f"{L.dtypes[k]} column (want {want}, got {value!r:.80})")
+    return 0
+
+
+cdef int _slow_row(_Leaves L, Py_ssize_t i, object shown, object buf, str record, bint message,
+                   fr_value *v) except -1:
+    """The general path for one reply: full decode, then the same fill, with errors."""
     try:
         if message:
             _, rs, err = message_from_bytes(buf)
@@ -1565,39 +1610,51 @@ cdef int _slow_row(_Leaves L, Py_ssize_t i, object buf, str record, bint message
         else:
             rs = recordset_from_bytes(buf)
     except (ValueError, TypeError) as e:
-        raise type(e)(f"buffer {i}: {e}") from None
+        raise _at_buffer(e, shown) from None
     rec = rs.metrics_records.get(record)
     if rec is None:
-        raise ValueError(f"buffer {i}: no MetricsRecord {record!r} (it has "
+        raise ValueError(f"buffer {shown}: no MetricsRecord {record!r} (it has "
                          f"{sorted(rs.metrics_records)})")
-    for k in range(L.n):
-        name = L.names[k]
-        if name not in rec:
-            raise ValueError(f"buffer {i}, record {record!r}: no metric {name!r}")
-        value = rec[name]
-        value_from_py(value, False, v, [])
-        st = fr_wire_leaf_fill(&L.leaves[k], <size_t>i, v)
-        if st != FR_FILL_OK:
-            leaf = L.leaves[k]
-            want = (f"a list of {leaf.width} numbers" if leaf.width else "a number")
-            raise ValueError(f"buffer {i}, record {record!r}, metric {name!r}: "
-                             f"{_FILL_REASON[st]} for {L.dtypes[k]} column (want {want}, "
-                             f"got {value!r:.80})")
-    return 0
+    return _fill_row(L, i, rec, f"buffer {shown}, record {record!r}", v)
 
 
-def metrics_columns(buffers, record, spec, *, wire="recordset"):
-    """Read the MetricsRecord ``record`` of every serialized reply into columns for ``spec``.
+cdef int _slow_object_row(_Leaves L, Py_ssize_t i, object shown, object buf,
+                          fr_value *v) except -1:
+    """The general path for one MetricRecord object: fastrec.app's inflate, then the fill."""
+    from .app import MetricRecord
+    content = bytes(buf)
+    try:
+        rec = MetricRecord.inflate(content)
+    except (ValueError, TypeError) as e:
+        raise _at_buffer(e, shown) from None
+    # The header checked out, so it is UTF-8 up to the NUL, in three parts. Its child ids
+    # are what Flower inflates the object with; a MetricRecord has none.
+    children = content[:content.index(0)].decode("utf-8").split(" ")[1]
+    if children:
+        raise ValueError(f"buffer {shown}: `MetricRecord` objects do not have children "
+                         f"(the header lists {len(children.split(','))})")
+    return _fill_row(L, i, rec, f"buffer {shown}", v)
 
-    ``buffers`` are bytes-like serialized ``RecordSet``s (``wire="recordset"``) or
-    ``Message``s (``wire="message"``). The result is the batch
-    ``AggregationProcess.next_columnar`` takes: per metric, a scalar ``TensorSpec``
-    gives an (n,) column in its dtype, a shape-(m,) spec an (n, m) column from a list
-    value of m numbers, and a list/tuple of scalar specs a list/tuple of (n,) columns
-    from the list value's elements. The replies are parsed in C without the GIL and
-    without Python objects per reply; a malformed reply, a missing record or metric, or
-    a value of the wrong kind, length or range is a ``ValueError`` naming the buffer
-    index, the record and the metric.
+
+def metrics_columns(buffers, record, spec, *, wire="recordset", buffer_offset=0):
+    """Read the metrics of every serialized reply into columns for ``spec``.
+
+    ``buffers`` are bytes-like serialized Flower 1.15 ``RecordSet``s
+    (``wire="recordset"``) or ``Message``s (``wire="message"``), whose MetricsRecord
+    ``record`` is read, or the contents of Flower 1.42 ``MetricRecord`` objects
+    (``wire="metric-record-object"``: what ``MetricRecord.deflate()`` returns, in
+    ``fastrec.app`` or ``flwr.app``; ``record`` must then be ``None``). The result is
+    the batch ``AggregationProcess.next_columnar`` takes: per metric, a scalar
+    ``TensorSpec`` gives an (n,) column in its dtype, a shape-(m,) spec an (n, m) column
+    from a list value of m numbers, and a list/tuple of scalar specs a list/tuple of (n,)
+    columns from the list value's elements. The replies are parsed in C without the GIL
+    and without Python objects per reply; a malformed reply, a missing record or metric,
+    or a value of the wrong kind, length or range is a ``ValueError`` naming the buffer
+    index, the record (if any) and the metric. A MetricRecord object is read as
+    ``fastrec.app.MetricRecord.inflate`` reads it (an Item's key given twice: the last
+    one counts), and must have that class name and no children. ``buffer_offset`` is
+    added to every buffer index in those messages (the position of ``buffers[0]`` in a
+    larger batch split across workers).
 
     >>> from fastrec import MetricsRecord, RecordSet, TensorSpec
     >>> from fastrec.wire import metrics_columns, recordset_to_bytes
@@ -1607,12 +1664,32 @@ def metrics_columns(buffers, record, spec, *, wire="recordset"):
     ...                                       "hist": TensorSpec("int64", (2,))})
     >>> cols["acc"], cols["hist"].tolist()
     (array([0. , 0.5, 1. ], dtype=float32), [[0, 1], [1, 1], [2, 1]])
+    >>> from fastrec.app import MetricRecord
+    >>> objs = [MetricRecord({"acc": 0.25 * i}).deflate() for i in range(3)]
+    >>> metrics_columns(objs, None, {"acc": TensorSpec("float64")},
+    ...                 wire="metric-record-object")["acc"]
+    array([0.  , 0.25, 0.5 ])
     """
-    if wire not in ("recordset", "message"):
-        raise ValueError(f"wire must be 'recordset' or 'message', got {wire!r}")
-    if not isinstance(record, str):
+    if not isinstance(wire, str) or wire not in _WIRES:
+        raise ValueError(f"wire must be 'recordset', 'message' or 'metric-record-object', "
+                         f"got {wire!r}")
+    cdef int kind = _WIRES[wire]
+    if kind == _W_METRIC_OBJECT:
+        if record is not None:
+            raise ValueError(f"record must be None for wire='metric-record-object' (each "
+                             f"buffer is one MetricRecord), got {record!r}")
+    elif not isinstance(record, str):
         raise TypeError(f"record must be a str, got {type(record).__name__}")
-    cdef bint message = wire == "message"
+    try:
+        if isinstance(buffer_offset, bool):
+            raise TypeError
+        offset = PyNumber_Index(buffer_offset)
+    except TypeError:
+        raise TypeError(f"buffer_offset must be an int, got {type(buffer_offset).__name__}"
+                        ) from None
+    if offset < 0:
+        raise ValueError(f"buffer_offset must be >= 0, got {offset}")
+    cdef bint message = kind == _W_MESSAGE
     cdef list bufs = list(buffers)
     cdef Py_ssize_t n = len(bufs), i
     cdef _Leaves L = _make_leaves(spec, n)
@@ -1622,7 +1699,7 @@ def metrics_columns(buffers, record, spec, *, wire="recordset"):
     cdef uint8_t *slow = <uint8_t *>malloc(n if n else 1)
     cdef _Dec d = _Dec.__new__(_Dec)
     cdef _In inp
-    cdef bytes rb = record.encode("utf-8")
+    cdef bytes rb = record.encode("utf-8") if record is not None else b""
     cdef const uint8_t *rp = <const uint8_t *>PyBytes_AS_STRING(rb)
     cdef size_t rlen = <size_t>len(rb)
     cdef fr_wire_leaf *leaves = L.leaves
@@ -1639,17 +1716,27 @@ def metrics_columns(buffers, record, spec, *, wire="recordset"):
             try:
                 inp = _input(b)
             except (TypeError, ValueError) as e:
-                raise type(e)(f"buffer {i}: {e}") from None
+                raise _at_buffer(e, i + offset) from None
             inputs[i] = inp
             ptrs[i] = inp.ptr
             lens[i] = inp.len
         with nogil:
-            for i in range(n):
-                slow[i] = <uint8_t>fr_wire_columns_row(ptrs[i], lens[i], message, rp, rlen,
-                                                       leaves, nleaves, <size_t>i, &d.v, &d.a)
+            if kind == _W_METRIC_OBJECT:
+                for i in range(n):
+                    slow[i] = <uint8_t>fr_wire_columns_object(ptrs[i], lens[i], leaves, nleaves,
+                                                              <size_t>i, &d.v)
+            else:
+                for i in range(n):
+                    slow[i] = <uint8_t>fr_wire_columns_row(ptrs[i], lens[i], message, rp, rlen,
+                                                           leaves, nleaves, <size_t>i, &d.v,
+                                                           &d.a)
         for i in range(n):
-            if slow[i]:
-                _slow_row(L, i, bufs[i], record, message, &d.v)
+            if not slow[i]:
+                continue
+            if kind == _W_METRIC_OBJECT:
+                _slow_object_row(L, i, i + offset, bufs[i], &d.v)
+            else:
+                _slow_row(L, i, i + offset, bufs[i], record, message, &d.v)
     finally:
         free(ptrs)
         free(lens)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import functools
 import importlib
 import pickle
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,7 +142,7 @@ def next_columnar(process: AggregationProcess, state: dict, batch: Mapping, *,
     return _finish(process, state, runs, split_every, scheduler, leaves[0])
 
 
-def next_from_wire(process: AggregationProcess, state: dict, buffers: db.Bag, record: str,
+def next_from_wire(process: AggregationProcess, state: dict, buffers: db.Bag, record: str | None,
                    spec: Mapping, *, wire: str = "recordset", split_every: int | None = None,
                    scheduler: Any = None) -> MeasuredProcessOutput:
     """One round over a :class:`dask.bag.Bag` of serialized client replies (Flower wire bytes).
@@ -152,7 +151,9 @@ def next_from_wire(process: AggregationProcess, state: dict, buffers: db.Bag, re
     spec, wire=wire)`` on its worker, then go through ``process.next_columnar`` as in
     :func:`next_columnar`: the result is ``process.next_columnar(state,
     metrics_columns(all_buffers, record, spec, wire=wire))``. Vectorized finalizers must work
-    row by row (see :func:`next_columnar`). Example::
+    row by row (see :func:`next_columnar`). Every ``wire`` of ``metrics_columns`` works (for
+    ``"metric-record-object"``, Flower 1.42 ``MetricRecord`` contents, ``record`` is ``None``);
+    an error names the bad buffer by its index in the whole bag. Example::
 
         replies = db.from_sequence(list_of_reply_bytes, npartitions=64)
         out = fastrec.dask.next_from_wire(process, state, replies, "eval", spec)
@@ -238,25 +239,10 @@ def _run_wire(process, start, part, offsets, i, ingest):
     offset = offsets[i]
 
     def run():
-        try:
-            columns = ingest(part)
-        except ValueError as e:
-            raise _global_buffer(e, offset, len(part)) from None
+        # errors name a bad buffer by its global index, as one machine's metrics_columns does
+        columns = ingest(part, buffer_offset=offset)
         return process.next_columnar(start, columns, client_offset=offset)
     return _attempt(run, len(part), offset)
-
-
-def _global_buffer(error, offset, n):
-    """``error`` naming the buffer by its global index, as one machine's metrics_columns does.
-
-    TODO(wire): metrics_columns names a bad buffer by its position in the sequence it gets
-    ("buffer 3, record ..."); a ``buffer_offset=`` argument would make this rewrite needless.
-    """
-    text = str(error)
-    m = re.match(r"buffer (\d+),", text)
-    if type(error) is not ValueError or len(error.args) != 1 or m is None or int(m[1]) >= n:
-        return error
-    return ValueError(f"buffer {int(m[1]) + offset}{text[m.end(1):]}")
 
 
 def _attempt(run, n, offset):

@@ -2,7 +2,9 @@
 
 Contract: ``ValueError`` with a message, or a decoded value whose canonical encoding is a fixed
 point (encode(decode(encode(x))) == encode(x)); ``metrics_columns`` on a reply either raises
-``ValueError`` or agrees with reading the same metric from the fully decoded RecordSet.
+``ValueError`` or agrees with reading the same metric from the fully decoded RecordSet, and on
+the same bytes as a Flower 1.42 MetricRecord object (``wire="metric-record-object"``) raises
+``ValueError`` or agrees with ``fastrec.app.MetricRecord.inflate`` (of an object without children).
 Replay files: python tests/fuzz/fuzz_wire.py FILE...
 """
 
@@ -10,7 +12,7 @@ import sys
 
 import numpy as np
 
-from fastrec import TensorSpec, wire
+from fastrec import TensorSpec, app, wire
 
 _CODECS = (
     (wire.array_from_bytes, wire.array_to_bytes),
@@ -57,6 +59,25 @@ def TestOneInput(data: bytes) -> None:
     else:
         assert want is not None and np.array_equal(got, want, equal_nan=True), \
             "metrics_columns disagrees with the decoder"
+
+    _object_columns(data)
+
+
+def _object_columns(data):
+    try:
+        want = app.MetricRecord.inflate(data)["a"]
+        children = data[:data.index(0)].decode("utf-8").split(" ")[1]
+        want = np.array([float(want)]) if not (isinstance(want, list) or children) else None
+    except (ValueError, KeyError, TypeError, OverflowError):
+        want = None
+    try:
+        got = wire.metrics_columns([data], None, _SPEC, wire="metric-record-object")["a"]
+    except ValueError as e:
+        assert str(e).startswith("buffer 0")
+        assert want is None, "metrics_columns refused an object inflate reads"
+    else:
+        assert want is not None and np.array_equal(got, want, equal_nan=True), \
+            "metrics_columns disagrees with inflate"
 
 
 if __name__ == "__main__":
