@@ -621,6 +621,12 @@ cdef object _convert(CompiledSpec s, object v):
             if a is not None:
                 return a
         return _as_array(s.dt, v, s.shape, True)
+    return _convert_struct(s, v)
+
+
+cdef object _convert_struct(CompiledSpec s, object v):
+    """_convert for a list/tuple or mapping spec (apart, so that the leaf paths above do
+    not set up this function's generator-expression scope on every call)."""
     cdef tuple children = s.children
     cdef Py_ssize_t j, n = len(children)
     cdef tuple items
@@ -860,16 +866,22 @@ cdef inline bint _float_bad(float x) noexcept nogil:
     return (b & 0x7F800000U) == 0x7F800000U
 
 
+cdef extern from "numpy/arrayscalars.h":
+    ctypedef struct PyFloatScalarObject:
+        float obval
+    ctypedef struct PyDoubleScalarObject:
+        double obval
+
+
 cdef int _scalar_bad(_DType d, object x) except -1:
-    """Non-finite flag of the numpy scalar ``x`` of exactly ``d``'s type."""
+    """Non-finite flag of the numpy scalar ``x`` of exactly ``d``'s type (so its value is
+    read off the scalar's struct: PyArray_ScalarAsCtype would look the type up again)."""
     cdef float f[2]
     cdef double g[2]
     if d.ftype == FR_FT_FLOAT32:
-        cnp.PyArray_ScalarAsCtype(x, f)
-        return _float_bad(f[0])
+        return _float_bad((<PyFloatScalarObject *><PyObject *>x).obval)
     if d.ftype == FR_FT_FLOAT64:
-        cnp.PyArray_ScalarAsCtype(x, g)
-        return _double_bad(g[0])
+        return _double_bad((<PyDoubleScalarObject *><PyObject *>x).obval)
     if d.ftype == FR_FT_COMPLEX64:
         cnp.PyArray_ScalarAsCtype(x, f)
         return _float_bad(f[0]) or _float_bad(f[1])
