@@ -442,6 +442,19 @@ cdef object _to_scalar(_DType d, object v):
     t = type(v)
     if t is d.scalar_type:
         return v
+    # Python floats and ints under a float / an integer dtype (both accept them): the
+    # common case of records and JSON, without the kind lookup below.
+    if t is float and d.kind == K_FLOAT:
+        x = PyFloat_AS_DOUBLE(v)
+        if d.itemsize == 8:
+            return PyArray_Scalar(&x, d.descr, None)
+        if d.itemsize == 4:
+            f = _narrow(x)
+            return PyArray_Scalar(&f, d.descr, None)
+    elif t is int and d.kind == K_INT and d.c_int_range:
+        i = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow == 0 and d.clo <= i <= d.chi:
+            return _int_scalar(d, i)
     k = _number_kind(t)
     if k is None:
         if cnp.PyArray_Check(v) or isinstance(v, (list, tuple)):
