@@ -672,6 +672,10 @@ static int leaves_missing(const fr_wire_leaf *leaves, size_t nleaves)
     return 0;
 }
 
+static int canonical_recordset(fr_pb_ctx *c, const uint8_t *p, size_t n, int depth,
+                               const uint8_t *rec, size_t rec_len, fr_wire_leaf *leaves,
+                               size_t nleaves, size_t row, fr_value *v, fr_wire_array *a);
+
 int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8_t *rec,
                         size_t rec_len, fr_wire_leaf *leaves, size_t nleaves, size_t row,
                         fr_value *v, fr_wire_array *a)
@@ -709,6 +713,11 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
         p = rs;
         end = rs + rs_len;
     }
+    /* The layout Flower's serializer writes first; anything else field by field. */
+    leaves_unseen(leaves, nleaves);
+    if (canonical_recordset(&c, p, (size_t)(end - p), depth, rec, rec_len, leaves, nleaves, row,
+                            v, a) == 0)
+        return leaves_missing(leaves, nleaves);
     leaves_unseen(leaves, nleaves);
     while (p < end) {
         fr_span key = {NULL, 0};
@@ -966,4 +975,46 @@ int fr_wire_columns_object(const uint8_t *buf, size_t len, fr_wire_leaf *leaves,
     if (record_scan(&c, buf + off, len - off, 0, 0, leaves, nleaves, row, v))
         return 1;
     return leaves_missing(leaves, nleaves);
+}
+
+/* A RecordSet body p[0..n) in the layout Flower's serializer writes: every field a map
+ * entry of parameters[1], metrics[2] or configs[3] records holding an ASCII key[1], then
+ * the record[2]. The target metrics record is read by canonical_items; every other record
+ * is checked as fr_wire_columns_row checks it (a reply is read only if it decodes). 1 on
+ * anything else, or if the target is absent or repeated: the field-by-field loop decides. */
+static int canonical_recordset(fr_pb_ctx *c, const uint8_t *p, size_t n, int depth,
+                               const uint8_t *rec, size_t rec_len, fr_wire_leaf *leaves,
+                               size_t nleaves, size_t row, fr_value *v, fr_wire_array *a)
+{
+    size_t at = 0, entry_len, end, key_len, rec_body, k;
+    const uint8_t *key;
+    int found = 0;
+    while (at < n) {
+        uint8_t tag = p[at];
+        if (tag != 0x0a && tag != 0x12 && tag != 0x1a)
+            return 1;
+        if (small_len_field(p, n, &at, tag, &entry_len))
+            return 1;
+        end = at + entry_len;
+        if (small_len_field(p, end, &at, 0x0a, &key_len))
+            return 1;
+        key = p + at;
+        at += key_len;
+        for (k = 0; k < key_len; k++)
+            if (key[k] & 0x80)
+                return 1;                               /* UTF-8 checks on the general path */
+        if (small_len_field(p, end, &at, 0x12, &rec_body) || rec_body != end - at)
+            return 1;
+        if (tag == 0x12 && bytes_eq(key, key_len, rec, rec_len)) {
+            if (found++ || canonical_items(p + at, rec_body, leaves, nleaves, row, v))
+                return 1;
+        } else if (tag == 0x0a) {
+            if (params_ok(c, p + at, rec_body, depth + 2, a))
+                return 1;
+        } else if (record_scan(c, p + at, rec_body, depth + 2, tag == 0x1a, NULL, 0, row, v)) {
+            return 1;
+        }
+        at = end;
+    }
+    return found ? 0 : 1;
 }

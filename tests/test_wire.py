@@ -522,7 +522,10 @@ COL_SPEC = {"a": TensorSpec("float32"), "n": TensorSpec("int32"),
 def _reply(i, **extra):
     rec = {"a": float(i) / 3, "n": i - 2, "h": [float(i), 2.0], "p": [i, 2 * i]}
     rec.update(extra)
-    return RecordSet(metrics_records={"m": MetricsRecord(rec),
+    params = ({"w": ParametersRecord({"x": Array("float32", [2], "numpy.ndarray", b"\x00" * 8)})}
+              if i % 2 else None)
+    return RecordSet(parameters_records=params,
+                     metrics_records={"m": MetricsRecord(rec),
                                       "other": MetricsRecord({"a": "x" and 1.0})},
                      configs_records={"c": ConfigsRecord({"s": "y"})})
 
