@@ -6,6 +6,7 @@ and reports medians of several repeats, so the ratio survives a noisy 2-core mac
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Callable
@@ -35,11 +36,17 @@ def per_call(fn: Callable[[], object], *, repeats: int = 7, min_time: float = 0.
 def compare(case: str, baseline_name: str, baseline: Callable[[], object],
             fastrec: Callable[[], object], target: str = "", *, repeats: int = 7,
             min_time: float = 0.05) -> dict:
-    """Time ``baseline`` and ``fastrec`` alternately; return one table row (medians)."""
+    """Time ``baseline`` and ``fastrec`` alternately; return one table row (medians).
+
+    The cyclic garbage collector stays on (both sides pay for the collections their own
+    allocations trigger), but each side's turn starts with a full collection, so neither
+    pays for a collection that the other side's garbage made due."""
     b_runs: list[float] = []
     f_runs: list[float] = []
     for _ in range(repeats):
+        gc.collect()
         b_runs += per_call(baseline, repeats=1, min_time=min_time)
+        gc.collect()
         f_runs += per_call(fastrec, repeats=1, min_time=min_time)
     b = statistics.median(b_runs)
     f = statistics.median(f_runs)

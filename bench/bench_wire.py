@@ -26,11 +26,14 @@ SPEC = {"accuracy": TensorSpec("float32"), "loss": TensorSpec("float64"),
         "num_examples": TensorSpec("int64")}
 
 
-def client_recordsets(n: int = N_CLIENTS) -> list:
-    """n client replies: a RecordSet holding one MetricsRecord of 3 entries (~70 bytes each)."""
+def client_recordsets(n: int = N_CLIENTS, lib=fastrec) -> list:
+    """n client replies: a RecordSet holding one MetricsRecord of 3 entries (~70 bytes each),
+    as fastrec (``lib=fastrec``) or Flower (``lib=flwr.common``) records. Each side builds its
+    own from the same numbers: converting one side's records would touch (and so move about
+    in memory) the other's."""
     rng = np.random.default_rng(0)
     acc, loss = rng.random(n), rng.random(n) * 3
-    return [fastrec.RecordSet(metrics_records={"eval": fastrec.MetricsRecord(
+    return [lib.RecordSet(metrics_records={"eval": lib.MetricsRecord(
         {"accuracy": float(acc[i]), "loss": float(loss[i]), "num_examples": 100 + i})})
         for i in range(n)]
 
@@ -46,7 +49,7 @@ def flwr_parse(buffers: list) -> list:
 
 def rows() -> list:
     ours = client_recordsets()
-    theirs = [fastrec.to_flwr(rs) for rs in ours]
+    theirs = client_recordsets(lib=fc)
     buffers = [wire.recordset_to_bytes(rs) for rs in ours]
     assert buffers == [serde.recordset_to_proto(rs).SerializeToString(deterministic=True)
                        for rs in theirs]
