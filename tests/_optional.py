@@ -21,8 +21,9 @@ class OptionalModule:
     2.0
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, reason: str | None = None) -> None:
         self._name = name
+        self._reason = reason
         self._module: Any = None
 
     def __getattr__(self, attr: str) -> Any:
@@ -30,6 +31,8 @@ class OptionalModule:
             raise AttributeError(attr)
         if self._module is None:
             pytest.importorskip(self._name.split(".")[0])
+            # the package is there: a missing submodule (another version's layout) skips too
+            pytest.importorskip(self._name, reason=self._reason)
             self._module = importlib.import_module(self._name)
         return getattr(self._module, attr)
 

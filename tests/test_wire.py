@@ -1,4 +1,8 @@
-"""fastrec.wire against Flower 1.15.2's serde + protobuf, in both directions."""
+"""fastrec.wire against Flower 1.15.2's serde + protobuf, in both directions.
+
+Flower is imported by the tests that compare with it (skipped without flwr 1.15); the rest,
+the object wire among them, run without Flower.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,28 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-fc = pytest.importorskip("flwr.common")
-serde = pytest.importorskip("flwr.common.serde")
-recordset_pb2 = pytest.importorskip(  # Flower 1.15's protos; flwr >= 1.19 renamed them
-    "flwr.proto.recordset_pb2", reason="needs flwr 1.15's protos (the 1.42 tests: test_app.py)")
-from flwr.proto import message_pb2  # noqa: E402
+from _optional import OptionalModule
 
-import fastrec  # noqa: E402
-from fastrec import (Array, ConfigsRecord, MetricsRecord, ParametersRecord,  # noqa: E402
-                     RecordSet, from_flwr, to_flwr, wire)
+import fastrec
+from fastrec import (Array, ConfigsRecord, MetricsRecord, ParametersRecord, RecordSet,
+                     from_flwr, to_flwr, wire)
+
+_PROTOS_115 = "needs flwr 1.15's protos (flwr >= 1.19 renamed them; its tests: test_app.py)"
+recordset_pb2 = OptionalModule("flwr.proto.recordset_pb2", _PROTOS_115)
+
+
+class _Flower115(OptionalModule):
+    """A module of Flower 1.15: the test skips without flwr, or with flwr >= 1.19's layout."""
+
+    def __getattr__(self, attr):
+        if not attr.startswith("__"):
+            recordset_pb2.Array
+        return super().__getattr__(attr)
+
+
+fc = _Flower115("flwr.common")
+serde = _Flower115("flwr.common.serde")
+message_pb2 = _Flower115("flwr.proto.message_pb2")
 
 HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -64,16 +81,20 @@ recordsets = st.builds(
 
 # ---------------------------------------------------------------- Flower's side
 
-PROTO = {
-    "array": (recordset_pb2.Array, serde.array_to_proto, serde.array_from_proto),
-    "parameters": (recordset_pb2.ParametersRecord, serde.parameters_record_to_proto,
-                   serde.parameters_record_from_proto),
-    "metrics": (recordset_pb2.MetricsRecord, serde.metrics_record_to_proto,
-                serde.metrics_record_from_proto),
-    "configs": (recordset_pb2.ConfigsRecord, serde.configs_record_to_proto,
-                serde.configs_record_from_proto),
-    "recordset": (recordset_pb2.RecordSet, serde.recordset_to_proto, serde.recordset_from_proto),
+_PROTO_NAMES = {
+    "array": ("Array", "array"), "parameters": ("ParametersRecord", "parameters_record"),
+    "metrics": ("MetricsRecord", "metrics_record"), "configs": ("ConfigsRecord", "configs_record"),
+    "recordset": ("RecordSet", "recordset"),
 }
+
+
+def _proto(kind):
+    """(protobuf message class, serde's X_to_proto, X_from_proto) of Flower 1.15 for kind."""
+    cls, fn = _PROTO_NAMES[kind]
+    return (getattr(recordset_pb2, cls), getattr(serde, f"{fn}_to_proto"),
+            getattr(serde, f"{fn}_from_proto"))
+
+
 OURS = {
     "array": (wire.array_to_bytes, wire.array_from_bytes),
     "parameters": (wire.parameters_record_to_bytes, wire.parameters_record_from_bytes),
@@ -84,13 +105,14 @@ OURS = {
 
 
 def flwr_to_bytes(kind, obj):
-    return PROTO[kind][1](to_flwr(obj)).SerializeToString(deterministic=True)
+    return _proto(kind)[1](to_flwr(obj)).SerializeToString(deterministic=True)
 
 
 def flwr_from_bytes(kind, data):
-    msg = PROTO[kind][0]()
+    cls, _, from_proto = _proto(kind)
+    msg = cls()
     msg.ParseFromString(bytes(data))
-    return from_flwr(PROTO[kind][2](msg))
+    return from_flwr(from_proto(msg))
 
 
 def outcome(fn, *args):
