@@ -71,6 +71,16 @@ static void append_u64(fr_value *v, uint64_t u)
     }
 }
 
+/* Elements of a packed varint payload p[0..n): one per byte without the continuation bit
+ * (what to reserve before the payload is parsed, and checked, element by element). */
+static size_t packed_varint_count(const uint8_t *p, size_t n)
+{
+    size_t k, count = 0;
+    for (k = 0; k < n; k++)
+        count += !(p[k] & 0x80);
+    return count;
+}
+
 /* Parse one occurrence of an XList message into v (v->kind is the list kind). */
 static fr_status list_merge(fr_pb_ctx *c, fr_value *v, const uint8_t *ptr, size_t len, int depth)
 {
@@ -105,11 +115,7 @@ static fr_status list_merge(fr_pb_ctx *c, fr_value *v, const uint8_t *ptr, size_
                     return st;
                 append_u64(v, f.u);
             } else if (f.wire_type == FR_PB_LEN) {
-                /* one element per byte without the continuation bit */
-                size_t count = 0;
-                for (size_t k = 0; k < f.len; k++)
-                    count += !(f.ptr[k] & 0x80);
-                if ((st = reserve_items(v, count)) != FR_OK)
+                if ((st = reserve_items(v, packed_varint_count(f.ptr, f.len))) != FR_OK)
                     return st;
                 const uint8_t *q = f.ptr, *qend = f.ptr + f.len;
                 while (q < qend) {
@@ -433,10 +439,7 @@ fr_status fr_wire_array_decode(fr_pb_ctx *c, const uint8_t *ptr, size_t len, int
             if (shape_push(c, a, f.u, f.start) != FR_OK)
                 return FR_ERR_VALUE;
         } else if (f.number == 2 && f.wire_type == FR_PB_LEN) {
-            size_t count = 0;
-            for (size_t k = 0; k < f.len; k++)
-                count += !(f.ptr[k] & 0x80);
-            if ((st = shape_reserve(a, count)) != FR_OK)
+            if ((st = shape_reserve(a, packed_varint_count(f.ptr, f.len))) != FR_OK)
                 return st;
             const uint8_t *q = f.ptr, *qend = f.ptr + f.len;
             while (q < qend) {
@@ -590,9 +593,26 @@ int fr_wire_leaf_fill(const fr_wire_leaf *L, size_t row, const fr_value *v)
     return leaf_fill(L, row, v);
 }
 
+/* Equal byte strings. Keys and record names are short: a loop, not a memcmp call. */
 static int span_eq(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
 {
-    return na == nb && (na == 0 || memcmp(a, b, na) == 0);
+    size_t k;
+    if (na != nb)
+        return 0;
+    for (k = 0; k < na; k++)
+        if (a[k] != b[k])
+            return 0;
+    return 1;
+}
+
+/* Whether p[0..n) is ASCII (so valid UTF-8 without the general check). */
+static int is_ascii(const uint8_t *p, size_t n)
+{
+    size_t k;
+    for (k = 0; k < n; k++)
+        if (p[k] & 0x80)
+            return 0;
+    return 1;
 }
 
 /* Validate a ParametersRecord body; 0 if fine. */
@@ -763,18 +783,6 @@ int fr_wire_columns_row(const uint8_t *buf, size_t len, int message, const uint8
     return leaves_missing(leaves, nleaves);
 }
 
-/* span_eq for the short keys of metrics: a loop, not a call. */
-static int bytes_eq(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
-{
-    size_t k;
-    if (na != nb)
-        return 0;
-    for (k = 0; k < na; k++)
-        if (a[k] != b[k])
-            return 0;
-    return 1;
-}
-
 /* Where the body of a canonically headed object of class `name` starts:
  * "<name>  <digits>\0", the digits (1 to 19, no leading zero) equal to the
  * number of bytes after the NUL. 0 if the header is not of that form. */
@@ -856,7 +864,7 @@ static uint64_t load_le64(const uint8_t *p)
 static int canonical_value(const uint8_t *q, size_t m, fr_value *v)
 {
     uint64_t u;
-    size_t at, len, w, k, count = 0;
+    size_t at, len, w, k;
     fr_value_reset(v);
     if (m == 9 && q[0] == 0x09) {                       /* double[1], fixed64 */
         v->kind = FR_V_DOUBLE;
@@ -890,9 +898,7 @@ static int canonical_value(const uint8_t *q, size_t m, fr_value *v)
         for (k = 0; k < len; k += 8)
             append_u64(v, load_le64(q + at + k));
     } else {
-        for (k = at; k < m; k++)
-            count += !(q[k] & 0x80);
-        if (reserve_items(v, count) != FR_OK)
+        if (reserve_items(v, packed_varint_count(q + at, m - at)) != FR_OK)
             return 1;
         for (; at < m; at += w) {
             if ((w = small_varint(q + at, m - at, &u)) == 0)
@@ -935,13 +941,12 @@ static int canonical_items(const uint8_t *p, size_t n, fr_wire_leaf *leaves, siz
          * one comparison per Item. */
         for (k = 0; k < nleaves; k++) {
             j = hint + k < nleaves ? hint + k : hint + k - nleaves;
-            if (bytes_eq(leaves[j].name, leaves[j].name_len, key, key_len))
+            if (span_eq(leaves[j].name, leaves[j].name_len, key, key_len))
                 break;
         }
         if (k == nleaves) {                             /* not a metric of the spec */
-            for (k = 0; k < key_len; k++)
-                if (key[k] & 0x80)
-                    return 1;                           /* UTF-8 checks on the general path */
+            if (!is_ascii(key, key_len))
+                return 1;                               /* UTF-8 checks on the general path */
             continue;
         }
         name = leaves[j].name;                          /* valid UTF-8: the key is too */
@@ -986,7 +991,7 @@ static int canonical_recordset(fr_pb_ctx *c, const uint8_t *p, size_t n, int dep
                                const uint8_t *rec, size_t rec_len, fr_wire_leaf *leaves,
                                size_t nleaves, size_t row, fr_value *v, fr_wire_array *a)
 {
-    size_t at = 0, entry_len, end, key_len, rec_body, k;
+    size_t at = 0, entry_len, end, key_len, rec_body;
     const uint8_t *key;
     int found = 0;
     while (at < n) {
@@ -1000,12 +1005,11 @@ static int canonical_recordset(fr_pb_ctx *c, const uint8_t *p, size_t n, int dep
             return 1;
         key = p + at;
         at += key_len;
-        for (k = 0; k < key_len; k++)
-            if (key[k] & 0x80)
-                return 1;                               /* UTF-8 checks on the general path */
+        if (!is_ascii(key, key_len))
+            return 1;                                   /* UTF-8 checks on the general path */
         if (small_len_field(p, end, &at, 0x12, &rec_body) || rec_body != end - at)
             return 1;
-        if (tag == 0x12 && bytes_eq(key, key_len, rec, rec_len)) {
+        if (tag == 0x12 && span_eq(key, key_len, rec, rec_len)) {
             if (found++ || canonical_items(p + at, rec_body, leaves, nleaves, row, v))
                 return 1;
         } else if (tag == 0x0a) {

@@ -442,26 +442,17 @@ cdef object _to_scalar(_DType d, object v):
     t = type(v)
     if t is d.scalar_type:
         return v
-    # Python floats and ints under a float / an integer dtype (both accept them): the
-    # common case of records and JSON, without the kind lookup below.
-    if t is float and d.kind == K_FLOAT:
-        x = PyFloat_AS_DOUBLE(v)
-        if d.itemsize == 8:
-            return PyArray_Scalar(&x, d.descr, None)
-        if d.itemsize == 4:
-            f = _narrow(x)
-            return PyArray_Scalar(&f, d.descr, None)
-    elif t is int and d.kind == K_INT and d.c_int_range:
-        i = PyLong_AsLongLongAndOverflow(v, &overflow)
-        if overflow == 0 and d.clo <= i <= d.chi:
-            return _int_scalar(d, i)
-    k = _number_kind(t)
-    if k is None:
-        if cnp.PyArray_Check(v) or isinstance(v, (list, tuple)):
-            return _as_array(d, v, (), True)[()]
-        raise TypeError(f"expected a {d.dtype} scalar, got non-numeric {_describe(v)}")
-    if k not in d.accepts:
-        raise TypeError(f"expected a {d.dtype} scalar, got {_describe(v)}")
+    # Every float dtype accepts Python floats and ints, every integer dtype ints: the
+    # common case of records and JSON needs no kind lookup.
+    if not ((t is float and d.kind == K_FLOAT)
+            or (t is int and (d.kind == K_INT or d.kind == K_FLOAT))):
+        k = _number_kind(t)
+        if k is None:
+            if cnp.PyArray_Check(v) or isinstance(v, (list, tuple)):
+                return _as_array(d, v, (), True)[()]
+            raise TypeError(f"expected a {d.dtype} scalar, got non-numeric {_describe(v)}")
+        if k not in d.accepts:
+            raise TypeError(f"expected a {d.dtype} scalar, got {_describe(v)}")
     if d.kind == K_INT:
         if t is int and d.c_int_range:
             i = PyLong_AsLongLongAndOverflow(v, &overflow)
@@ -584,8 +575,7 @@ cdef bint _refillable(PyObject *p, CompiledSpec s, cnp.npy_intp n) noexcept:
     cdef cnp.ndarray a = <cnp.ndarray>p
     cdef int want = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_OWNDATA | \
         cnp.NPY_ARRAY_WRITEABLE | cnp.NPY_ARRAY_ALIGNED
-    return (True
-            and (cnp.PyArray_FLAGS(a) & want) == want and cnp.PyArray_NDIM(a) == 1
+    return ((cnp.PyArray_FLAGS(a) & want) == want and cnp.PyArray_NDIM(a) == 1
             and cnp.PyArray_DIMS(a)[0] == n and cnp.PyArray_STRIDES(a)[0] == s.dt.itemsize
             and cnp.PyArray_TYPE(a) == s.dt.typenum and cnp.PyArray_ISNOTSWAPPED(a)
             and cnp.PyArray_BASE(a) == NULL and type(a) is np.ndarray)

@@ -818,15 +818,13 @@ cdef extern from "Python.h":
     bint PyUnicode_CheckExact(PyObject *o)
 
 cdef struct _Ent:
-    const uint8_t *key
-    size_t klen
+    fr_span key         # first, as in _Rec: _sort_last reads it
     size_t vsize
     Py_ssize_t ioff     # a list's elements: at _items[ioff:] (re-pointed when written)
     fr_value v
 
 cdef struct _Rec:
-    const uint8_t *name
-    size_t nlen
+    fr_span key         # the record's name
     uint32_t number
     Py_ssize_t first
     Py_ssize_t count
@@ -912,6 +910,30 @@ cdef inline int _key_before(const uint8_t *a, size_t na, const uint8_t *b, size_
     return na > nb
 
 
+cdef union _Slot:       # room for either kind of arena element
+    _Ent e
+    _Rec r
+
+
+cdef void _sort_last(char *base, size_t size, Py_ssize_t first, Py_ssize_t j) noexcept:
+    """Insertion sort's step over an arena array of _Ent or _Rec (``size`` bytes each,
+    each starting with its key): move element j to its place among elements first..j-1,
+    which are in upb's map order. Records are small, so this is the whole sort."""
+    cdef fr_span key = (<fr_span *>(base + <size_t>j * size))[0]
+    cdef const fr_span *prev
+    cdef Py_ssize_t a = j
+    cdef _Slot tmp
+    while a > first:
+        prev = <const fr_span *>(base + <size_t>(a - 1) * size)
+        if not _key_before(key.ptr, key.len, prev.ptr, prev.len):
+            break
+        a -= 1
+    if a < j:
+        memcpy(&tmp, base + <size_t>j * size, size)
+        memmove(base + <size_t>(a + 1) * size, base + <size_t>a * size, <size_t>(j - a) * size)
+        memcpy(base + <size_t>a * size, &tmp, size)
+
+
 cdef inline const uint8_t *_fast_utf8(PyObject *s, size_t *n) noexcept:
     """UTF-8 of an exact str, or NULL (exception cleared) if it has none."""
     cdef Py_ssize_t m
@@ -928,11 +950,10 @@ cdef Py_ssize_t fast_entries(dict data, bint configs, bint sort, Py_ssize_t firs
     dict's order); their count, or -1 if the fast path does not apply. ``first``
     0 starts a new batch (the list-element arena is reset)."""
     global _items_len
-    cdef Py_ssize_t n = PyDict_GET_SIZE(data), pos = 0, j = first, a
+    cdef Py_ssize_t n = PyDict_GET_SIZE(data), pos = 0, j = first
     cdef PyObject *kp
     cdef PyObject *vp
     cdef _Ent *e
-    cdef _Ent tmp
     cdef object tp
     cdef int overflow, ok
     cdef long long ll
@@ -945,8 +966,8 @@ cdef Py_ssize_t fast_entries(dict data, bint configs, bint sort, Py_ssize_t firs
         if not PyUnicode_CheckExact(kp):
             return -1
         e = &_ents[j]
-        e.key = _fast_utf8(kp, &e.klen)
-        if e.key == NULL:
+        e.key.ptr = _fast_utf8(kp, &e.key.len)
+        if e.key.ptr == NULL:
             return -1
         e.v.n = 0
         e.v.items = NULL
@@ -981,17 +1002,8 @@ cdef Py_ssize_t fast_entries(dict data, bint configs, bint sort, Py_ssize_t firs
         else:
             return -1
         e.vsize = fr_wire_value_size(&e.v, &ok)
-        if not sort:
-            j += 1
-            continue
-        # insertion sort: records are small
-        a = j
-        while a > first and _key_before(e.key, e.klen, _ents[a - 1].key, _ents[a - 1].klen):
-            a -= 1
-        if a < j:
-            tmp = e[0]
-            memmove(&_ents[a + 1], &_ents[a], <size_t>(j - a) * sizeof(_Ent))
-            _ents[a] = tmp
+        if sort:
+            _sort_last(<char *>_ents, sizeof(_Ent), first, j)
         j += 1
     return j - first
 
@@ -1000,7 +1012,7 @@ cdef size_t _ents_body(Py_ssize_t first, Py_ssize_t count) noexcept:
     cdef size_t body = 0
     cdef Py_ssize_t k
     for k in range(first, first + count):
-        body += fr_wire_entry_size(1, _ents[k].klen, _ents[k].vsize)
+        body += fr_wire_entry_size(1, _ents[k].key.len, _ents[k].vsize)
     return body
 
 
@@ -1013,13 +1025,14 @@ cdef inline fr_value *_ent_value(_Ent *e) noexcept:
 cdef void _put_ents(fr_pb_writer *w, Py_ssize_t first, Py_ssize_t count) noexcept:
     cdef Py_ssize_t k
     for k in range(first, first + count):
-        fr_wire_entry_put(w, 1, _ents[k].key, _ents[k].klen, _ent_value(&_ents[k]),
+        fr_wire_entry_put(w, 1, _ents[k].key.ptr, _ents[k].key.len, _ent_value(&_ents[k]),
                           _ents[k].vsize)
 
 
 cdef inline size_t _item_payload(_Ent *e) noexcept:
     # Flower 1.42's Item message: an empty key is proto3's default, so omitted
-    return fr_pb_len_field_size(2, e.vsize) + (fr_pb_len_field_size(1, e.klen) if e.klen else 0)
+    return fr_pb_len_field_size(2, e.vsize) + (fr_pb_len_field_size(1, e.key.len)
+                                               if e.key.len else 0)
 
 
 cdef size_t fast_items_body(Py_ssize_t count) noexcept:
@@ -1038,8 +1051,8 @@ cdef void fast_items_put(fr_pb_writer *w, Py_ssize_t count) noexcept:
         e = &_ents[k]
         fr_pb_put_tag(w, 1, FR_PB_LEN)
         fr_pb_put_varint(w, _item_payload(e))
-        if e.klen:
-            fr_pb_put_len_field(w, 1, e.key, e.klen)
+        if e.key.len:
+            fr_pb_put_len_field(w, 1, e.key.ptr, e.key.len)
         fr_pb_put_tag(w, 2, FR_PB_LEN)
         fr_pb_put_varint(w, e.vsize)
         fr_wire_value_put(w, _ent_value(e))
@@ -1059,13 +1072,12 @@ cdef object _fast_record_bytes(dict data, bint configs):
 cdef Py_ssize_t _fast_recordset(RecordSet rs, size_t *body) except -2:
     """Prepare rs's records in the arena (groups in field order, names sorted);
     the number of records, or -1 if the fast path does not apply."""
-    cdef Py_ssize_t nrec = 0, nent = 0, cnt, pos, g0, a
+    cdef Py_ssize_t nrec = 0, nent = 0, cnt, pos, g0
     cdef PyObject *kp
     cdef PyObject *vp
     cdef uint32_t number
     cdef dict data
     cdef _Rec *r
-    cdef _Rec tmp
     if PyDict_GET_SIZE(rs.group(0)):
         return -1
     body[0] = 0
@@ -1083,23 +1095,17 @@ cdef Py_ssize_t _fast_recordset(RecordSet rs, size_t *body) except -2:
                 return -1
             _grow(0, nrec + 1)
             r = &_recs[nrec]
-            r.name = _fast_utf8(kp, &r.nlen)
-            if r.name == NULL:
+            r.key.ptr = _fast_utf8(kp, &r.key.len)
+            if r.key.ptr == NULL:
                 return -1
             r.number = number
             r.first = nent
             r.count = cnt
             r.body = _ents_body(nent, cnt)
-            body[0] += fr_pb_len_field_size(number, fr_pb_len_field_size(1, r.nlen)
+            body[0] += fr_pb_len_field_size(number, fr_pb_len_field_size(1, r.key.len)
                                             + fr_pb_len_field_size(2, r.body))
             nent += cnt
-            a = nrec
-            while a > g0 and _key_before(r.name, r.nlen, _recs[a - 1].name, _recs[a - 1].nlen):
-                a -= 1
-            if a < nrec:
-                tmp = r[0]
-                memmove(&_recs[a + 1], &_recs[a], <size_t>(nrec - a) * sizeof(_Rec))
-                _recs[a] = tmp
+            _sort_last(<char *>_recs, sizeof(_Rec), g0, nrec)
             nrec += 1
     return nrec
 
@@ -1110,8 +1116,8 @@ cdef void _put_fast_recordset(fr_pb_writer *w, Py_ssize_t nrec) noexcept:
     for k in range(nrec):
         r = &_recs[k]
         fr_pb_put_tag(w, r.number, FR_PB_LEN)
-        fr_pb_put_varint(w, fr_pb_len_field_size(1, r.nlen) + fr_pb_len_field_size(2, r.body))
-        fr_pb_put_len_field(w, 1, r.name, r.nlen)
+        fr_pb_put_varint(w, fr_pb_len_field_size(1, r.key.len) + fr_pb_len_field_size(2, r.body))
+        fr_pb_put_len_field(w, 1, r.key.ptr, r.key.len)
         fr_pb_put_tag(w, 2, FR_PB_LEN)
         fr_pb_put_varint(w, r.body)
         _put_ents(w, r.first, r.count)
