@@ -663,13 +663,7 @@ cdef class ArrayRecord(_AppDict):
 
     def deflate(self):
         """The object content: header (the distinct array ids) plus a JSON name->id body."""
-        refs = {}
-        cdef dict kids = {}
-        for name, arr in self._data.items():
-            oid = arr.object_id
-            refs[name] = oid
-            kids[oid] = None
-        return _with_header(b"ArrayRecord", ",".join(kids).encode(), _refs_body(refs))
+        return _deflate_refs(b"ArrayRecord", self._data)
 
     @classmethod
     def inflate(cls, object_content, children=None):
@@ -870,13 +864,7 @@ cdef class RecordDict(_AppDict):
 
     def deflate(self):
         """The object content: header (the distinct record ids) plus a JSON name->id body."""
-        refs = {}
-        cdef dict kids = {}
-        for name, record in self._data.items():
-            oid = record.object_id
-            refs[name] = oid
-            kids[oid] = None
-        return _with_header(b"RecordDict", ",".join(kids).encode(), _refs_body(refs))
+        return _deflate_refs(b"RecordDict", self._data)
 
     @classmethod
     def inflate(cls, object_content, children=None):
@@ -917,6 +905,18 @@ cdef bint _plain_ascii(object s):
         if c < 0x20 or c == 0x22 or c == 0x5C or c == 0x7F:
             return False
     return True
+
+
+cdef bytes _deflate_refs(bytes name, dict data):
+    """The content of an object that maps names to children: the header lists each distinct
+    child id once, in first-seen order; the body maps every name to its child's id."""
+    cdef dict refs = {}
+    cdef dict kids = {}
+    for key, child in data.items():
+        oid = child.object_id
+        refs[key] = oid
+        kids[oid] = None
+    return _with_header(name, ",".join(kids).encode(), _refs_body(refs))
 
 
 cdef bytes _refs_body(dict refs):
