@@ -30,7 +30,8 @@ class OptionalModule:
         if attr.startswith("__"):  # copy/pickle/inspect probes: not an import
             raise AttributeError(attr)
         if self._module is None:
-            pytest.importorskip(self._name.split(".")[0])
+            top = self._name.split(".")[0]
+            pytest.importorskip(top, reason=self._reason and f"no {top}: {self._reason}")
             # the package is there: a missing submodule (another version's layout) skips too
             pytest.importorskip(self._name, reason=self._reason)
             self._module = importlib.import_module(self._name)

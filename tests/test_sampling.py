@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from _optional import OptionalModule
+
 import fastrec
 import fastrec.sampling
 from fastrec import (FinalizeThenSampleFactory, MeasuredProcessOutput, TensorSpec,
@@ -1584,6 +1586,183 @@ def test_tff_merge_structure_of_tensors():
     assert_tree_equal(merged["samples"], {"a": cat(a_samples["a"], b_samples["a"]),
                                           "b": [cat(a_samples["b"][0], b_samples["b"][0]),
                                                 cat(a_samples["b"][1], b_samples["b"][1])]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Differential against a live TFF 0.87 (skipped without it; `bash .ci/tff` installs and runs it)
+# ----------------------------------------------------------------------------------------------
+
+_TFF_REASON = "needs TensorFlow Federated 0.87 (bash .ci/tff)"
+tff = OptionalModule("tensorflow_federated", _TFF_REASON)
+tff_sampling = OptionalModule(
+    "tensorflow_federated.python.learning.metrics.sampling_aggregation_factory", _TFF_REASON)
+
+
+@pytest.fixture(scope="module")
+def tff_factory():
+    tff.backends.native.set_sync_local_cpp_execution_context()
+    return tff_sampling.FinalizeThenSampleFactory
+
+
+def _tff_type(spec):
+    """The tff type of a fastrec spec: TensorSpec -> TensorType, mapping -> OrderedDict struct,
+    list -> list struct."""
+    if isinstance(spec, TensorSpec):
+        return tff.TensorType(spec.dtype.type, spec.shape)
+    if isinstance(spec, collections.abc.Mapping):
+        return tff.types.StructWithPythonType([(k, _tff_type(v)) for k, v in spec.items()],
+                                              collections.OrderedDict)
+    return tff.types.StructWithPythonType([(None, _tff_type(v)) for v in spec], list)
+
+
+# Finalizers written with operators only, so the same function runs on TFF's traced tensors
+# and on fastrec's numpy values, and only between values of one dtype: TFF needs NumPy 1,
+# whose value-based casting widens a numpy scalar times a Python float where TF keeps the
+# dtype (a difference of NumPy, not of sampling). Divisions by zero are part of the data.
+# No subnormals: TF's CPU kernels treat them as zero (flush-to-zero), numpy keeps them.
+_EDGE = {"f": [0.0, -0.0, 1.5, -2.25, 0.1, np.nan, np.inf, -np.inf, 3e38, -3e38, 65504.0],
+         "i": [0, 1, -1, 7, 2**31 - 1, -2**31], "b": [True, False]}
+
+_TFF_CASES = {
+    # name: (spec, finalizers, functional)
+    "scalars and a ratio": (
+        {"acc": TensorSpec("float32"), "loss": TensorSpec("float32", (2,)),
+         "n": TensorSpec("int64")},
+        {"acc": lambda x: x, "loss": lambda x: x[0] / x[1], "n": lambda x: x}),
+    "overflow in the finalizer": (
+        {"a": TensorSpec("float32", (2,)), "h": TensorSpec("float16")},
+        {"a": lambda x: x * x, "h": lambda x: x * x * x}),
+    "structured results": (
+        {"a": TensorSpec("float32", (2,)), "b": TensorSpec("float64", (3,))},
+        {"a": lambda x: [x, x[0] * x[1]], "b": lambda x: {"s": x[0] + x[1], "p": x - x[0]}}),
+    "integer arithmetic": (
+        {"n": TensorSpec("int64"), "m": TensorSpec("int32", (3,)), "f": TensorSpec("bool")},
+        {"n": lambda x: x / 2, "m": lambda x: x * 2, "f": lambda x: x}),
+    "mapping and list specs": (
+        {"m": {"a": TensorSpec("float32"), "b": TensorSpec("float32", (3,))},
+         "l": [TensorSpec("float32"), TensorSpec("int64", (2,))]},
+        {"m": lambda d: d["a"] * d["b"], "l": lambda x: [x[0] + x[0], x[1] * x[1]]}),
+    "functional finalizer": (
+        {"a": TensorSpec("float32"), "b": TensorSpec("float64"), "c": TensorSpec("int32", (2,))},
+        lambda m: {"x": m["a"] + m["a"], "y": [m["b"], m["b"] * m["b"]], "z": m["c"] * 3}),
+}
+
+
+def _tff_leaf_value(spec, rng):
+    """One client value for a leaf, of a kind TFF 0.87 accepts: a numpy value of the declared
+    dtype, or (in range) Python numbers and lists."""
+    kind = spec.dtype.kind
+    pool = _EDGE["f" if kind == "f" else "b" if kind == "b" else "i"]
+    vals = [pool[j] for j in rng.integers(0, len(pool), int(np.prod(spec.shape, dtype=int)))]
+    vals = [rng.standard_normal() * 100 if rng.random() < 0.4 and kind == "f" else v
+            for v in vals]
+    with np.errstate(over="ignore"):
+        arr = np.array(vals).astype(spec.dtype).reshape(spec.shape)
+    # Python numbers are made from the cast values, so they are in the dtype's range (TFF
+    # refuses a Python float that is not, and any under float16; fastrec casts them).
+    python_ok = spec.dtype != np.float16
+    return arr.tolist() if python_ok and rng.random() < 0.5 else arr if spec.shape else arr[()]
+
+
+def _tff_clients(spec, n, rng):
+    def value(s):
+        if isinstance(s, TensorSpec):
+            return _tff_leaf_value(s, rng)
+        if isinstance(s, collections.abc.Mapping):
+            return collections.OrderedDict((k, value(v)) for k, v in s.items())
+        return [value(v) for v in s]
+    return [value(spec) for _ in range(n)]
+
+
+def _flush_subnormals(a):
+    """Subnormal floats as signed zeros: TF's CPU kernels flush a subnormal result to zero
+    (numpy keeps it), so 0.1 / 3e38 finalized is 0.0 in TFF and 3.3e-40 here."""
+    if a.dtype.kind != "f":
+        return a
+    return np.where(np.abs(a) < np.finfo(a.dtype).tiny, np.copysign(a.dtype.type(0), a), a)
+
+
+def _assert_same_tree(ours, theirs, where="result"):
+    """fastrec's structure and leaves equal TFF's: containers (mapping keys in order, list
+    lengths), each leaf's dtype, shape and values bit for bit (NaN where NaN)."""
+    if isinstance(theirs, collections.abc.Mapping):
+        assert isinstance(ours, collections.abc.Mapping), where
+        assert list(ours) == list(theirs), where
+        for k in theirs:
+            _assert_same_tree(ours[k], theirs[k], f"{where}[{k!r}]")
+    elif isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            _assert_same_tree(a, b, f"{where}[{i}]")
+    else:
+        a, b = _flush_subnormals(np.asarray(ours)), _flush_subnormals(np.asarray(theirs))
+        assert a.dtype == b.dtype and a.shape == b.shape, (where, a.dtype, b.dtype, a.shape,
+                                                          b.shape)
+        same = (a == b) | (np.isnan(a) & np.isnan(b) if a.dtype.kind in "fc" else False)
+        assert np.all(same), (where, a, b)
+        if a.dtype.kind == "f":   # -0.0 stays -0.0 (NaN's sign bit is not compared)
+            assert np.array_equal(np.signbit(a) & ~np.isnan(a),
+                                  np.signbit(b) & ~np.isnan(b)), (where, a, b)
+
+
+def _row_key(row):
+    return tuple("nan" if v != v else v for v in np.ravel(row).tolist())
+
+
+def _tff_finalizers(fins):
+    return collections.OrderedDict(fins) if isinstance(fins, dict) else fins
+
+
+@pytest.mark.parametrize("case", list(_TFF_CASES))
+def test_tff_live_results_and_measurements_equal(tff_factory, case):
+    """Everyone kept (sample_size above all clients): both keep arrival order, so every round's
+    samples and measurements must be equal, including an empty first round."""
+    spec, fins = _TFF_CASES[case]
+    rng = np.random.default_rng(sorted(_TFF_CASES).index(case))
+    theirs = tff_factory(50).create(_tff_finalizers(fins), _tff_type(spec))
+    ours = FinalizeThenSampleFactory(50, seed=1).create(fins, spec)
+    t_state, o_state = theirs.initialize(), ours.initialize()
+    for n in (0, 4, 3):
+        clients = _tff_clients(spec, n, rng)
+        with np.errstate(all="ignore"):
+            t_out = theirs.next(t_state, clients)
+            o_out = ours.next(o_state, clients)
+        t_state, o_state = t_out.state, o_out.state
+        _assert_same_tree(o_out.result[0], t_out.result[0], "current round")
+        _assert_same_tree(o_out.result[1], t_out.result[1], "all rounds")
+        _assert_same_tree(o_out.measurements, t_out.measurements, "measurements")
+
+
+def test_tff_live_sample_is_a_subset_of_the_same_size(tff_factory):
+    spec, fins = _TFF_CASES["scalars and a ratio"]
+    rng = np.random.default_rng(7)
+    theirs = tff_factory(3).create(_tff_finalizers(fins), _tff_type(spec))
+    ours = FinalizeThenSampleFactory(3).create(fins, spec)
+    everyone = FinalizeThenSampleFactory(100).create(fins, spec)
+    t_state, o_state, e_state = theirs.initialize(), ours.initialize(), everyone.initialize()
+    for n in (5, 2, 6):
+        clients = _tff_clients(spec, n, rng)
+        with np.errstate(all="ignore"):
+            t_out, o_out = theirs.next(t_state, clients), ours.next(o_state, clients)
+            e_out = everyone.next(e_state, clients)
+        t_state, o_state, e_state = t_out.state, o_out.state, e_out.state
+        _assert_same_tree(o_out.measurements, t_out.measurements, "measurements")
+        for i in (0, 1):
+            for name in spec:
+                t, o = np.asarray(t_out.result[i][name]), o_out.result[i][name]
+                assert o.dtype == t.dtype and o.shape == t.shape
+                # each sampled row is one of the clients' finalized rows
+                pool = {_row_key(r) for r in e_out.result[i][name]}
+                assert {_row_key(r) for r in o} <= pool and {_row_key(r) for r in t} <= pool
+
+
+def test_tff_live_both_refuse_a_finalizer_that_cannot_run(tff_factory):
+    spec = {"a": TensorSpec("float32", (2,))}
+    fins = {"a": lambda x: x[5]}   # out of range for a (2,) value: fails when traced / probed
+    with pytest.raises(Exception):
+        tff_factory(5).create(_tff_finalizers(fins), _tff_type(spec))
+    with pytest.raises(TypeError, match="'a'"):
+        FinalizeThenSampleFactory(5).create(fins, spec)
 
 
 # ----------------------------------------------------------------------------------------------

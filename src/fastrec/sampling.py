@@ -41,6 +41,10 @@ chain repeats after ~65-86k draws); complex NaN/Inf are counted; values TFF refu
 TypeError (a Python int or a float64 array under a float32 spec) are cast; a client kept in
 both merged states (same round, index and key) is kept once; order is arrival order always
 (TFF keeps it only while the reservoir is not full).
+Finalizers run on numpy values, so their arithmetic is numpy's, not TensorFlow's: under NumPy 1
+a numpy scalar combined with a Python float may widen (TF keeps the tensor's dtype), and
+subnormal numbers are kept where TF's CPU kernels flush them to zero. tests/test_sampling.py
+compares all of the above with a live TFF 0.87 (``bash .ci/tff``).
 
 Example:
 
