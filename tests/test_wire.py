@@ -269,6 +269,53 @@ def test_fast_path_refusals_match_general_path():
         wire.recordset_to_bytes(rs)
 
 
+def test_list_values_mutated_while_encoding_never_crash():
+    """A list value's elements may run Python code while they are converted (``__float__``,
+    a ``__class__`` property): the encoder reads a snapshot of the list, so a hook that
+    empties it neither reads past its end nor frees what is being written."""
+    lst, armed = [], [False]
+
+    class Hook:
+        __class__ = float   # valid in a MetricsRecord list (Flower's isinstance rule)
+
+        def __float__(self):
+            if armed[0]:
+                del lst[:]
+            return 1.5
+
+    lst.extend(Hook() for _ in range(3))
+    rec = MetricsRecord({"a": lst})
+    armed[0] = True
+    assert wire.metrics_record_to_bytes(rec) == wire.metrics_record_to_bytes(
+        MetricsRecord({"a": [1.5, 1.5, 1.5]}))
+
+    chunks = [bytes([65 + i]) * 100_000 for i in range(4)]
+    blobs, armed[0] = list(chunks), False
+
+    class Key(str):
+        @property
+        def __class__(self):  # runs while the record after "a" is converted
+            if armed[0]:
+                blobs.clear()
+                globals()["_junk"] = [b"\xee" * 100_000 for _ in range(8)]
+            return str
+
+    rec = ConfigsRecord({"a": blobs, "b": Key("x")})
+    armed[0] = True
+    out = wire.configs_record_to_bytes(rec)
+    globals().pop("_junk", None)
+    assert out == wire.configs_record_to_bytes(ConfigsRecord({"a": chunks, "b": "x"}))
+    for to_bytes in (wire.recordset_to_bytes,
+                     lambda rs: wire.message_to_bytes({"run_id": 1}, rs)):
+        blobs[:], armed[0] = chunks, False
+        rs = RecordSet(configs_records={"c": ConfigsRecord({"a": blobs}),
+                                        "d": ConfigsRecord({"b": Key("x")})})
+        armed[0] = True
+        back = wire.recordset_from_bytes(to_bytes(rs)) if to_bytes is wire.recordset_to_bytes \
+            else wire.message_from_bytes(to_bytes(rs))[1]
+        assert back.configs_records["c"]["a"] == chunks
+
+
 def test_value_kinds_and_edge_cases():
     rec = MetricsRecord({"big": 2**64 - 1, "neg": -5, "nan": math.nan, "inf": -math.inf,
                          "e": [], "u": [1, 2**63], "s": [-1, 2], "mix": [1, True], "": 0.0,

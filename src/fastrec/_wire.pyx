@@ -339,7 +339,11 @@ cdef int value_from_py(object value, bint configs, fr_value *v, list keep) excep
     is_list = tp is list or PyObject_IsInstance(value, list)
     items = None
     if is_list:
-        items = value if tp is list else list(value)
+        # A private copy: it holds every element while the C values point into them (a
+        # str's UTF-8, a bytes' buffer), and no hook run while converting (``__class__``,
+        # ``__float__``, ``__index__``) can resize it under the unchecked loops below. A
+        # list such a hook mutates is encoded as it was when its conversion started.
+        items = list(value)
     for t, scalar_kind, list_kind in order:
         if PyObject_IsInstance(value, t):
             return _scalar_value(value, scalar_kind, v, keep)
