@@ -250,6 +250,23 @@ def test_deflate_fast_path_edges_equal_flower(n):
         _same_values(getattr(app, cls).inflate(ours.deflate()), theirs)
 
 
+class _NoisyBytes(bytes):
+    def __bytes__(self):  # protobuf reads the buffer, never this
+        return b"other"
+
+
+@needs_next
+def test_deflate_odd_str_and_bytes_values_like_flower():
+    for d in ({"k": _NoisyBytes(b"abc")}, {"k": [b"x", _NoisyBytes(b"abc")]}):
+        assert app.ConfigRecord(d).deflate() == fa.ConfigRecord(d).deflate()
+    # a lone surrogate: protobuf's UnicodeEncodeError, in a key or a value
+    for cls, d in (("MetricRecord", {"\ud800": 1.0}), ("MetricRecord", {"\ud800": [1]}),
+                   ("ConfigRecord", {"k": "\udc80"}), ("ConfigRecord", {"k": ["\udc80"]})):
+        ours = _outcome(getattr(app, cls)(d).deflate)
+        theirs = _outcome(getattr(fa, cls)(d).deflate)
+        assert ours[0] is theirs[0] is UnicodeEncodeError
+
+
 VALUES = [1, 1.5, True, "s", b"b", None, [1, True], [True, 1], [1, 2.0], [1.0, 2], [], ["a", 1],
           [b"a"], [[1]], {"a": 1}, np.float64(1.0), np.int64(3), 2**64, -(2**63) - 1, (1, 2),
           float("nan"), [np.float64(1.0), 2.0], [2.0, np.float64(1.0)]]

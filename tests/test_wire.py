@@ -269,6 +269,39 @@ def test_fast_path_refusals_match_general_path():
         wire.recordset_to_bytes(rs)
 
 
+class _NoisyBytes(bytes):
+    def __bytes__(self):  # protobuf reads the buffer, never this
+        return b"other"
+
+
+class _PretendsBytes:
+    __class__ = bytes  # passes the records' isinstance checks; protobuf refuses it
+
+
+def test_bytes_values_encode_their_buffer_like_flower():
+    for value in (_NoisyBytes(b"abc"), [b"x", _NoisyBytes(b"abc")]):
+        assert check_encode("configs", ConfigsRecord({"k": value})) is not None
+    for value in (_PretendsBytes(), [_PretendsBytes()]):
+        rec = ConfigsRecord({"k": value})
+        assert check_encode("configs", rec) is None
+        with pytest.raises(TypeError):
+            wire.configs_record_to_bytes(rec)
+
+
+def test_unencodable_str_raises_unicode_encode_error_like_flower():
+    # protobuf's string setter raises UnicodeEncodeError (a ValueError) for a lone surrogate
+    for kind, rec in (("metrics", MetricsRecord({"\ud800": 1.0})),
+                      ("metrics", MetricsRecord({"\ud800": [1.0]})),
+                      ("configs", ConfigsRecord({"k": "\udc80"})),
+                      ("configs", ConfigsRecord({"k": ["a", "\udc80"]}))):
+        ok, theirs = outcome(flwr_to_bytes, kind, rec)
+        assert not ok and type(theirs) is UnicodeEncodeError
+        with pytest.raises(UnicodeEncodeError):
+            OURS[kind][0](rec)
+    with pytest.raises(UnicodeEncodeError):
+        wire.message_to_bytes(dict(METADATA, message_id="\ud800"), RecordSet())
+
+
 def test_list_values_mutated_while_encoding_never_crash():
     """A list value's elements may run Python code while they are converted (``__float__``,
     a ``__class__`` property): the encoder reads a snapshot of the list, so a hook that

@@ -8,8 +8,8 @@ with the byte offset.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
-                            PyBytes_GET_SIZE)
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_Check, PyBytes_CheckExact,
+                            PyBytes_FromStringAndSize, PyBytes_GET_SIZE)
 from cpython.dict cimport PyDict_Next
 from cpython.float cimport PyFloat_AsDouble, PyFloat_FromDouble
 from cpython.long cimport (PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong,
@@ -213,14 +213,20 @@ cdef int _int_value(object x, int64_t *i, uint64_t *u) except -1:
 
 
 cdef inline const uint8_t *_utf8(object s, size_t *n) except NULL:
+    # A str with no UTF-8 (a lone surrogate) raises UnicodeEncodeError, a ValueError,
+    # as protobuf's string setter does.
     cdef Py_ssize_t m
-    cdef const char *p
-    try:
-        p = PyUnicode_AsUTF8AndSize(s, &m)
-    except UnicodeEncodeError as e:
-        raise ValueError(str(e)) from e
+    cdef const char *p = PyUnicode_AsUTF8AndSize(s, &m)
     n[0] = <size_t>m
     return <const uint8_t *>p
+
+
+cdef inline object _bytes_value(object x):
+    """x itself for a bytes field: protobuf reads a bytes subclass's buffer (never its
+    ``__bytes__``) and refuses anything else (e.g. an object whose ``__class__`` is bytes)."""
+    if not PyBytes_Check(x):
+        raise TypeError(f"expected bytes, {type(x).__name__} found")
+    return x
 
 
 cdef bint _all_instances(list items, object t):
@@ -281,9 +287,7 @@ cdef int _list_value(list items, int kind, fr_value *v, list keep) except -1:
             if kind == FR_V_STRING_LIST:
                 sp[k].ptr = _utf8(x, &sp[k].len)
             else:
-                if not PyBytes_CheckExact(x):
-                    x = bytes(x)
-                    keep.append(x)
+                x = _bytes_value(x)
                 sp[k].ptr = <const uint8_t *>PyBytes_AS_STRING(x)
                 sp[k].len = <size_t>PyBytes_GET_SIZE(x)
     return 0
@@ -315,8 +319,7 @@ cdef int _scalar_value(object value, int kind, fr_value *v, list keep) except -1
         keep.append(value)
         v.s.ptr = _utf8(value, &v.s.len)
     else:
-        if not PyBytes_CheckExact(value):
-            value = bytes(value)
+        value = _bytes_value(value)
         keep.append(value)
         v.s.ptr = <const uint8_t *>PyBytes_AS_STRING(value)
         v.s.len = <size_t>PyBytes_GET_SIZE(value)
