@@ -366,6 +366,50 @@ def test_array_and_record_dict_objects_equal(monkeypatch):
 
 
 @needs_next
+def test_subclass_objects_carry_the_subclass_name_like_flower():
+    """Flower's header names ``type(obj).__qualname__`` and inflate checks it against
+    ``cls.__qualname__``: a subclass's objects (and so their ids) carry its own name."""
+    def sub(base, name):
+        return type(name, (base,), {})
+
+    x = np.arange(3.0)
+    pairs = {}
+    for side, m in (("ours", app), ("theirs", fa)):
+        arr = sub(m.Array, "MyArray")(x)
+        pairs[side] = [sub(m.MetricRecord, "MyMetrics")({"a": 1.0, "l": [1, 2]}),
+                       sub(m.ConfigRecord, "MyConfig")({"s": "x", "b": b"y"}),
+                       arr, sub(m.ArrayRecord, "MyArrays")({"w": arr})]
+        pairs[side].append(sub(m.RecordDict, "MyRecords")({"m": pairs[side][0],
+                                                             "a": pairs[side][3]}))
+    for ours, theirs in zip(pairs["ours"], pairs["theirs"]):
+        content = theirs.deflate()
+        assert content.startswith(type(theirs).__qualname__.encode() + b" ")
+        assert ours.deflate() == content and ours.object_id == theirs.object_id
+    mo, co = pairs["ours"][:2]
+    mt, ct = pairs["theirs"][:2]
+    for ours, theirs in ((mo, mt), (co, ct)):
+        back = type(ours).inflate(theirs.deflate())
+        assert type(back) is type(ours) and dict(back) == dict(theirs)
+        # a subclass does not read its base's objects, nor the base a subclass's
+        base_o, base_t = type(ours).__mro__[1], type(theirs).__mro__[1]
+        for o_cls, t_cls, content in ((type(ours), type(theirs), base_t(dict(theirs)).deflate()),
+                                      (base_o, base_t, theirs.deflate())):
+            assert _outcome(o_cls.inflate, content)[0] is ValueError
+            assert _outcome(t_cls.inflate, content)[0] is ValueError
+    arr_o, arr_t = pairs["ours"][2], pairs["theirs"][2]
+    kids = {cid: app.ArrayChunk.inflate(ch.deflate()) for cid, ch in arr_t.children.items()}
+    back = type(arr_o).inflate(arr_t.deflate(), kids)
+    assert type(back) is type(arr_o) and back.data == arr_t.data
+    assert _outcome(app.Array.inflate, arr_t.deflate(), kids)[0] is ValueError
+    rec_o, rec_t = pairs["ours"][3], pairs["theirs"][3]
+    kids = {a.object_id: a for a in rec_o.values()}   # the record holds base-class copies
+    back = type(rec_o).inflate(rec_t.deflate(), kids)
+    assert type(back) is app.ArrayRecord   # Flower's inflate builds the base class
+    assert back.deflate() == fa.ArrayRecord(dict(rec_t)).deflate()
+    assert _outcome(app.ArrayRecord.inflate, rec_t.deflate(), kids)[0] is ValueError
+
+
+@needs_next
 def test_dirty_tracking_matches_flower():
     oa, ta = _pair_arrays()
     ro, rt = app.ArrayRecord({"w": oa}), fa.ArrayRecord({"w": ta})

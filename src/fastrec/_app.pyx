@@ -341,14 +341,15 @@ cdef class Array(_Array15):
                 order.append(cid)
             ids.append(i)
         body = _array_body(self.dtype, self.shape, self.stype, ids)
-        return _with_header(b"Array", ",".join(order).encode(), body)
+        return _with_header(_class_name(self, b"Array", type(self) is Array),
+                            ",".join(order).encode(), body)
 
     @classmethod
     def inflate(cls, object_content, children=None):
         """Rebuild an Array from its content and its ArrayChunk children (dict by id)."""
         if children is None:
             children = {}
-        cdef _Head h = _parse_head(object_content, "Array")
+        cdef _Head h = _parse_head(object_content, cls.__qualname__)
         child_ids = h.child_ids()
         meta = _json_body(object_content, h)
         try:
@@ -669,14 +670,15 @@ cdef class ArrayRecord(_AppDict):
             oid = arr.object_id
             refs[name] = oid
             kids[oid] = None
-        return _with_header(b"ArrayRecord", ",".join(kids).encode(), _refs_body(refs))
+        return _with_header(_class_name(self, b"ArrayRecord", type(self) is ArrayRecord),
+                            ",".join(kids).encode(), _refs_body(refs))
 
     @classmethod
     def inflate(cls, object_content, children=None):
         """Rebuild an ArrayRecord from its content and its Array children (dict by id)."""
         if children is None:
             children = {}
-        cdef _Head h = _parse_head(object_content, "ArrayRecord")
+        cdef _Head h = _parse_head(object_content, cls.__qualname__)
         refs = _json_refs(object_content, h, children)
         if not all(isinstance(arr, Array) for arr in children.values()):
             raise ValueError("`Children` are expected to be of type `Array`.")
@@ -876,14 +878,15 @@ cdef class RecordDict(_AppDict):
             oid = record.object_id
             refs[name] = oid
             kids[oid] = None
-        return _with_header(b"RecordDict", ",".join(kids).encode(), _refs_body(refs))
+        return _with_header(_class_name(self, b"RecordDict", self._exact),
+                            ",".join(kids).encode(), _refs_body(refs))
 
     @classmethod
     def inflate(cls, object_content, children=None):
         """Rebuild a RecordDict from its content and its record children (dict by id)."""
         if children is None:
             children = {}
-        cdef _Head h = _parse_head(object_content, "RecordDict")
+        cdef _Head h = _parse_head(object_content, cls.__qualname__)
         refs = _json_refs(object_content, h, children)
         if not all(_is_record(ch) for ch in children.values()):
             raise ValueError("`Children` are expected to be of type `ArrayRecord`, "
