@@ -588,6 +588,43 @@ def test_message_matches_flower(rs, as_error, rng):
         check_message(m)
 
 
+class _Index:
+    def __index__(self):
+        return 5
+
+
+class _Real:
+    def __float__(self):
+        return 2.5
+
+
+_MD_ODD = [None, True, np.int64(3), np.uint64(2**64 - 1), np.float32(1.5), np.float64(2.5),
+           np.bool_(True), _Index(), _Real(), 1.5, -1, 2**64, 2**1100, "s", b"b", b"\xff", "",
+           "\ud800", bytearray(b"x"), 1j, [1]]
+
+
+@pytest.mark.parametrize("field", ["run_id", "message_id", "src_node_id", "ttl", "created_at",
+                                   "code", "reason"])
+def test_message_field_values_like_flower(field):
+    """Metadata and Error values are converted as protobuf's constructor converts them
+    (None leaves a field unset, doubles take any real number, strings UTF-8 bytes too)."""
+    import decimal
+    for value in _MD_ODD + [decimal.Decimal("0.1")]:
+        md, err = dict(METADATA), None
+        if field in ("code", "reason"):
+            err = {"code": -3, "reason": "boom", field: value}
+        else:
+            md[field] = value
+        content = None if err else RecordSet()
+        ok, theirs = outcome(lambda: serde.message_to_proto(
+            flwr_message(md, content, err)).SerializeToString(deterministic=True))
+        ok_o, ours = outcome(wire.message_to_bytes, md, content, err)
+        if ok:
+            assert ok_o and ours == theirs, (field, value, ours)
+        else:
+            assert not ok_o and type(ours) is type(theirs), (field, value, theirs, ours)
+
+
 def test_message_content_xor_error():
     with pytest.raises(ValueError, match="Either"):
         wire.message_to_bytes(METADATA)

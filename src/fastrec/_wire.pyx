@@ -1354,6 +1354,15 @@ def recordset_to_bytes(rs):
     return out
 
 
+cdef object _proto_str(object x, str what):
+    """x for a protobuf string field: a str, or UTF-8 bytes (decoded, as protobuf does)."""
+    if isinstance(x, bytes):
+        return (<bytes>x).decode("utf-8")
+    if not isinstance(x, str):
+        raise TypeError(f"{what} must be a str, not {type(x).__name__}")
+    return x
+
+
 cdef bytes _metadata_body(object metadata):
     cdef fr_pb_writer w
     cdef int64_t i = 0
@@ -1368,6 +1377,8 @@ cdef bytes _metadata_body(object metadata):
         if name not in metadata:
             continue
         x = metadata[name]
+        if x is None:   # protobuf's constructor leaves a field given None unset
+            continue
         wt = _MD_WT[num]
         if wt == FR_PB_VARINT:
             if isinstance(x, float) or not isinstance(x, int) and not hasattr(x, "__index__"):
@@ -1380,15 +1391,17 @@ cdef bytes _metadata_body(object metadata):
                 parts.append((num, wt, u))
                 size += fr_pb_tag_size(num) + fr_pb_varint_size(u)
         elif wt == FR_PB_I64:
-            if not isinstance(x, (int, float)):
-                raise TypeError(f"metadata {name!r} must be a float, not {type(x).__name__}")
-            u = fr_pb_double_to_bits(<double>float(x))
+            # protobuf's double setter: any real number (np.float32, Decimal, ...)
+            try:
+                u = fr_pb_double_to_bits(PyFloat_AsDouble(x))
+            except TypeError:
+                raise TypeError(f"metadata {name!r} must be a float, not "
+                                f"{type(x).__name__}") from None
             if u:
                 parts.append((num, wt, u))
                 size += fr_pb_tag_size(num) + 8
         else:
-            if not isinstance(x, str):
-                raise TypeError(f"metadata {name!r} must be a str, not {type(x).__name__}")
+            x = _proto_str(x, f"metadata {name!r}")
             b = _key_bytes(x)
             if b:
                 parts.append((num, wt, b))
@@ -1412,15 +1425,15 @@ cdef bytes _error_body(object error):
     cdef uint64_t u = 0
     code = error.get("code", 0)
     reason = error.get("reason", None)
+    if code is None:    # unset, as protobuf's constructor takes it
+        code = 0
     if isinstance(code, float) or not hasattr(code, "__index__"):
         raise TypeError(f"error 'code' must be an int, not {type(code).__name__}")
     if _int_value(code, &i, &u):
         raise ValueError(f"Value out of range: {code}")
-    if reason is None:
+    if not reason:      # Flower's error_to_proto: ``reason if reason else ""``
         reason = ""
-    if not isinstance(reason, str):
-        raise TypeError(f"error 'reason' must be a str, not {type(reason).__name__}")
-    rb = _key_bytes(reason)
+    rb = _key_bytes(_proto_str(reason, "error 'reason'"))
     u = fr_pb_zigzag64(i)
     size = (fr_pb_tag_size(1) + fr_pb_varint_size(u) if u else 0) + \
         (fr_pb_len_field_size(2, <size_t>len(rb)) if rb else 0)
