@@ -108,6 +108,33 @@ def test_record_dict_views_and_deprecations(caplog):
     assert "deprecated" in caplog.text
 
 
+_OVERWRITE = """
+import logging
+from fastrec import app
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+rd = app.RecordDict({"a": app.MetricRecord({"x": 1.0})})
+rd["a"] = app.ConfigRecord({"y": 1.0})   # the dict held the only reference to the old one
+rd.metric_records["a"] = app.MetricRecord()
+"""
+
+
+def test_overwriting_a_record_of_another_type_reads_the_old_type_safely(caplog):
+    """The warning names the replaced record's type, which the replacement may free: it
+    must be read from a reference of our own (PYTHONMALLOC=debug poisons freed memory)."""
+    import os
+    import subprocess
+    import sys
+    rd = app.RecordDict({"a": app.MetricRecord({"x": 1.0})})
+    with caplog.at_level(logging.WARNING):
+        rd["a"] = app.ConfigRecord({"y": 1.0})
+    assert "record of type `MetricRecord` replaced with type `ConfigRecord`" in caplog.text
+    out = subprocess.run([sys.executable, "-c", _OVERWRITE], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONMALLOC="debug"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "`MetricRecord` replaced with type `ConfigRecord`" in out.stderr
+    assert "`ConfigRecord` replaced with type `MetricRecord`" in out.stderr
+
+
 def test_typeddict_copy():
     r = app.ArrayRecord([np.zeros(2)])
     r.object_id

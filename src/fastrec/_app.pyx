@@ -800,11 +800,14 @@ cdef class RecordDict(_AppDict):
         if not _is_record(value):
             raise TypeError("Expected `ArrayRecord`, `MetricRecord`, or `ConfigRecord` but "
                             f"received `{type(value).__name__}` for the value.")
-        cdef PyObject* old = PyDict_GetItemWithError(self._data, key)
+        cdef PyObject* p = PyDict_GetItemWithError(self._data, key)
+        # Owned: replacing the value below may free the old record (the dict's reference
+        # is often its only one), and its type is read after that.
+        cdef object old = <object>p if p != NULL else None
         self._data[key] = value
-        if old != NULL and not isinstance(value, type(<object>old)):
+        if old is not None and not isinstance(value, type(old)):
             _log.warning("Key '%s' was overwritten: record of type `%s` replaced with type `%s`",
-                         key, type(<object>old).__name__, type(value).__name__)
+                         key, type(old).__name__, type(value).__name__)
         return 0
 
     cdef _SyncedDict _view(self, cls):
