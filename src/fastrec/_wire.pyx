@@ -1193,14 +1193,12 @@ cdef _Arr _prepare_array(object a):
         dtype, shape, stype, data = (<Array>a).dtype, (<Array>a).shape, (<Array>a).stype, (<Array>a).data
     else:
         dtype, shape, stype, data = a.dtype, a.shape, a.stype, a.data
-    for name, s in (("dtype", dtype), ("stype", stype)):
-        if not isinstance(s, str):
-            raise TypeError(f"bad argument type for built-in operation: Array.{name} must be "
-                            f"str, not {type(s).__name__}")
-    r.keep_dtype, r.keep_stype = dtype, stype
+    # Flower's serde is ProtoArray(**vars(array)): the fields are converted in order (the
+    # first bad one raises), a field given None is left unset, a string field takes UTF-8
+    # bytes too, and a bytes field a bytes subclass.
+    r.keep_dtype = dtype = "" if dtype is None else _proto_str(dtype, "Array.dtype")
     r.dtype = _utf8(dtype, &r.dtype_len)
-    r.stype = _utf8(stype, &r.stype_len)
-    dims = list(shape)
+    dims = [] if shape is None else list(shape)
     r.ndim = len(dims)
     r.shape = <int64_t *>malloc((r.ndim if r.ndim else 1) * sizeof(int64_t))
     if r.shape == NULL:
@@ -1212,9 +1210,9 @@ cdef _Arr _prepare_array(object a):
         if not INT32_MIN <= dim <= INT32_MAX:
             raise ValueError(f"Value out of range: {dim}")
         r.shape[k] = <int64_t>dim
-    if not PyBytes_CheckExact(data):
-        raise TypeError(f"expected bytes, {type(data).__name__} found")
-    r.data = data
+    r.keep_stype = stype = "" if stype is None else _proto_str(stype, "Array.stype")
+    r.stype = _utf8(stype, &r.stype_len)
+    r.data = data = b"" if data is None else _bytes_value(data)
     PyObject_GetBuffer(data, &r.view, PyBUF_SIMPLE)
     r.held = True
     r.size = fr_wire_array_size(r.dtype_len, r.shape, r.ndim, r.stype_len, <size_t>r.view.len)
