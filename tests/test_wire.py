@@ -332,6 +332,37 @@ def test_unencodable_str_raises_unicode_encode_error_like_flower():
         wire.message_to_bytes(dict(METADATA, message_id="\ud800"), RecordSet())
 
 
+def test_first_error_is_flowers_when_several_values_fail():
+    """Flower's serde converts a record's values (in its order), then protobuf its keys,
+    record by record, group by group, the record names last: that order decides which
+    exception a record with several unencodable entries raises."""
+    big, sur = 2**64, "\ud800"
+    cases = [
+        ("metrics", MetricsRecord({sur: big, "c": 1.0})),                  # value before key
+        ("configs", ConfigsRecord({"b": big, "a": sur})),                  # record order, not sorted
+        ("configs", ConfigsRecord({"a": _PretendsBytes(), "b": big})),
+        ("configs", ConfigsRecord({"b": big, "a": _PretendsBytes()})),
+        ("parameters", ParametersRecord({sur: Array(1, [1], "s", b"")}, keep_input=True)),
+        ("recordset", RecordSet(metrics_records={sur: MetricsRecord({"a": 1.0})},
+                                configs_records={"c": ConfigsRecord({"k": big})})),
+        ("recordset", RecordSet(parameters_records={"p": ParametersRecord(
+            {"w": Array("f", [2**40], "s", b"")}, keep_input=True)},
+                                configs_records={"c": ConfigsRecord({"k": _PretendsBytes()})})),
+        ("recordset", RecordSet(metrics_records={"z": MetricsRecord({"k": big})},
+                                configs_records={"a": ConfigsRecord({"k": _PretendsBytes()})})),
+    ]
+    for kind, obj in cases:
+        ok, theirs = outcome(flwr_to_bytes, kind, obj)
+        assert not ok
+        with pytest.raises(Exception) as ours:
+            OURS[kind][0](obj)
+        assert type(ours.value) is type(theirs), (obj, theirs, ours.value)
+        if kind == "recordset":
+            with pytest.raises(type(theirs)) as ours:
+                wire.message_to_bytes({"run_id": 1}, obj)
+            assert type(ours.value) is type(theirs)
+
+
 def test_list_values_mutated_while_encoding_never_crash():
     """A list value's elements may run Python code while they are converted (``__float__``,
     a ``__class__`` property): the encoder reads a snapshot of the list, so a hook that

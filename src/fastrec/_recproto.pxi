@@ -20,7 +20,7 @@ from fastrec._wire cimport (FR_PB_LEN, FR_V_NONE, fr_pb_check_utf8, fr_pb_ctx, f
                             fr_pb_writer_free, fr_value, fr_value_free, fr_value_init, fr_value_reset,
                             fr_wire_value_merge, fr_wire_value_put, fr_wire_value_size,
                             fast_entries, fast_items_body, fast_items_put,
-                            key_str, value_from_py, value_to_py)
+                            key_str, replay_items, value_from_py, value_to_py)
 
 
 cdef int _pb_check(fr_status st, fr_pb_ctx* c, bint config) except -1:
@@ -103,6 +103,9 @@ cdef bytes _deflate_values(TypedDict rec, bint config):
             fr_pb_put_varint(&w, vsize)
             fr_wire_value_put(&w, &v)
         return _with_header_raw(name, b"", <const char*>w.buf, <Py_ssize_t>w.len)
+    except (TypeError, ValueError):
+        replay_items(rec, config)   # Flower converts every value first, then the keys
+        raise
     finally:
         fr_value_free(&v)
         fr_pb_writer_free(&w)

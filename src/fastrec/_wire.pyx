@@ -777,7 +777,7 @@ def _map_sort_key(k):
     return _utf8_key(k) + b"\xff"
 
 
-cdef _Items _prepare_items(object record, bint configs, bint sort):
+cdef _Items _items_of(object record, bint configs, bint sort):
     cdef dict data = _data_of(record)
     cdef list keys = _sorted_keys(data) if sort else list(data)
     cdef _Items it = _Items.__new__(_Items)
@@ -806,6 +806,59 @@ cdef _Items _prepare_items(object record, bint configs, bint sort):
         it.sizes[k] = fr_wire_value_size(&it.vals[k], &ok)
         it.body += fr_wire_entry_size(1, it.key_lens[k], it.sizes[k])
     return it
+
+
+# --- errors in Flower's order -----------------------------------------------------
+#
+# With more than one value protobuf refuses, which error is raised depends on the order
+# of conversion. fastrec prepares a record in key order, key by key; Flower's serde
+# converts every value (in the record's order), then protobuf's constructor the keys,
+# record by record, and a RecordSet's record names last. So, only once something failed,
+# the replays below redo the conversions in Flower's order, raising the error it raises.
+
+cdef int replay_items(object record, bint configs) except -1:
+    cdef fr_value v
+    fr_value_init(&v)
+    try:
+        entries = list(_data_of(record).items())
+        for _, value in entries:
+            value_from_py(value, configs, &v, [])
+        for key, _ in entries:
+            _key_bytes(key)
+    finally:
+        fr_value_free(&v)
+    return 0
+
+
+cdef int _replay_params(object record) except -1:
+    entries = list(_data_of(record).items())
+    for key, _ in entries:      # ProtoParametersRecord(data_keys=..., data_values=...)
+        _key_bytes(key)
+    for _, a in entries:
+        _prepare_array(a)
+    return 0
+
+
+cdef int _replay_recordset(object rs) except -1:
+    groups = _recordset_groups(rs)
+    for number in range(1, 4):
+        for rec in list((<dict>groups[number - 1]).values()):
+            if number == 1:
+                _replay_params(rec)
+            else:
+                replay_items(rec, number == 3)
+    for number in range(1, 4):
+        for name in list(<dict>groups[number - 1]):
+            _key_bytes(name)
+    return 0
+
+
+cdef _Items _prepare_items(object record, bint configs, bint sort):
+    try:
+        return _items_of(record, configs, sort)
+    except (TypeError, ValueError):
+        replay_items(record, configs)
+        raise
 
 
 # --- fast path: records of exact scalars, prepared in a reused C arena --------
@@ -1249,6 +1302,14 @@ cdef class _Params:
 
 
 cdef _Params _prepare_params(object record):
+    try:
+        return _params_of(record)
+    except (TypeError, ValueError):
+        _replay_params(record)
+        raise
+
+
+cdef _Params _params_of(object record):
     cdef _Params r = _Params.__new__(_Params)
     cdef dict data = _data_of(record)
     cdef _Arr a
@@ -1290,17 +1351,28 @@ cdef class _RS:
     cdef size_t body
 
 
+cdef tuple _recordset_groups(object rs):
+    if isinstance(rs, RecordSet):
+        return ((<RecordSet>rs).group(0), (<RecordSet>rs).group(1), (<RecordSet>rs).group(2))
+    return (_data_of(rs.parameters_records), _data_of(rs.metrics_records),
+            _data_of(rs.configs_records))
+
+
 cdef _RS _prepare_recordset(object rs):
+    try:
+        return _recordset_of(rs)
+    except (TypeError, ValueError):
+        _replay_recordset(rs)
+        raise
+
+
+cdef _RS _recordset_of(object rs):
     cdef _RS r = _RS.__new__(_RS)
     r.entries = []
     r.body = 0
     cdef size_t body
     cdef int number
-    if isinstance(rs, RecordSet):
-        groups = ((<RecordSet>rs).group(0), (<RecordSet>rs).group(1), (<RecordSet>rs).group(2))
-    else:
-        groups = (_data_of(rs.parameters_records), _data_of(rs.metrics_records),
-                  _data_of(rs.configs_records))
+    groups = _recordset_groups(rs)
     for number in range(1, 4):
         data = <dict>groups[number - 1]
         if not data:
@@ -1309,10 +1381,10 @@ cdef _RS _prepare_recordset(object rs):
             kb = _key_bytes(k)
             rec = data[k]
             if number == 1:
-                prep = _prepare_params(rec)
+                prep = _params_of(rec)
                 body = (<_Params>prep).body
             else:
-                prep = _prepare_items(rec, number == 3, True)
+                prep = _items_of(rec, number == 3, True)
                 body = (<_Items>prep).body
             r.entries.append((number, kb, prep, body))
             r.body += fr_pb_len_field_size(
