@@ -818,6 +818,34 @@ def test_metrics_columns_refuses_malformed_and_odd_specs():
         wire.metrics_columns([good], "m", COL_SPEC, wire="json")
 
 
+def test_metrics_columns_reads_the_spec_once():
+    """The spec gives both the columns and the result's structure: a mapping whose items
+    change from call to call must not make the second reading index past the columns."""
+    from collections.abc import Mapping
+
+    class Growing(Mapping):
+        calls = 0
+
+        def __getitem__(self, k):
+            return TensorSpec("float64")
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            return iter(["a"])
+
+        def items(self):
+            Growing.calls += 1
+            extra = [(f"x{i}", [TensorSpec("float64")] * 3) for i in range(50 * Growing.calls)]
+            return [("a", TensorSpec("float64"))] + (extra if Growing.calls > 1 else [])
+
+    bufs = [wire.recordset_to_bytes(_reply(i)) for i in range(3)]
+    got = wire.metrics_columns(bufs, "m", Growing())
+    assert list(got) == ["a"] and Growing.calls == 1
+    _assert_batch_equal(got, _expected([_reply(i) for i in range(3)], {"a": TensorSpec("float64")}))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.randoms(use_true_random=False), st.booleans())
 def test_metrics_columns_fast_path_agrees_with_general_path(rng, as_message):

@@ -1570,14 +1570,22 @@ cdef class _Leaves:
         free(self.leaves)
 
 
-cdef list _leaf_specs(object spec):
-    """[(metric name, TensorSpec, width, elem, container)] for a metrics spec."""
-    from .spec import TensorSpec
-    out = []
+cdef list _spec_snapshot(object spec):
+    """[(metric name, spec, its items if it is a list/tuple spec)], read once: the spec is
+    used twice (the leaves, then the result's structure) with Python code running in
+    between, and the two must agree (the result indexes the leaves' columns)."""
     if not hasattr(spec, "items"):
         raise TypeError(f"spec must be a mapping of metric name to TensorSpec, got "
                         f"{type(spec).__name__}")
-    for name, s in spec.items():
+    return [(name, s, tuple(s) if isinstance(s, (list, tuple)) else None)
+            for name, s in spec.items()]
+
+
+cdef list _leaf_specs(list snap):
+    """[(metric name, TensorSpec, width, elem, container)] for a spec's snapshot."""
+    from .spec import TensorSpec
+    out = []
+    for name, s, parts in snap:
         if not isinstance(name, str):
             raise TypeError(f"metric names must be str, got {type(name).__name__}")
         if isinstance(s, TensorSpec):
@@ -1589,12 +1597,12 @@ cdef list _leaf_specs(object spec):
                 raise TypeError(f"metric {name!r}: metrics_columns reads a scalar or a fixed-"
                                 f"length list (of at least one number) per client, not shape "
                                 f"{s.shape}")
-        elif isinstance(s, (list, tuple)):
-            for j, c in enumerate(s):
+        elif parts is not None:
+            for j, c in enumerate(parts):
                 if not isinstance(c, TensorSpec) or c.shape != ():
                     raise TypeError(f"metric {name!r}: a list spec's items must be scalar "
                                     f"TensorSpecs, got {c!r}")
-                out.append((name, c, len(s), j, type(s)))
+                out.append((name, c, len(parts), j, type(s)))
         elif hasattr(s, "items"):
             raise TypeError(f"metric {name!r}: a nested mapping spec cannot be read from one "
                             f"metric: a metric value is a number or a list of numbers (give "
@@ -1605,9 +1613,9 @@ cdef list _leaf_specs(object spec):
     return out
 
 
-cdef _Leaves _make_leaves(object spec, Py_ssize_t n_rows):
+cdef _Leaves _make_leaves(list snap, Py_ssize_t n_rows):
     cdef _Leaves L = _Leaves.__new__(_Leaves)
-    specs = _leaf_specs(spec)
+    specs = _leaf_specs(snap)
     L.n = len(specs)
     L.leaves = <fr_wire_leaf *>malloc((L.n if L.n else 1) * sizeof(fr_wire_leaf))
     if L.leaves == NULL:
@@ -1788,7 +1796,8 @@ def metrics_columns(buffers, record, spec, *, wire="recordset", buffer_offset=0)
     cdef bint message = kind == _W_MESSAGE
     cdef list bufs = list(buffers)
     cdef Py_ssize_t n = len(bufs), i
-    cdef _Leaves L = _make_leaves(spec, n)
+    cdef list snap = _spec_snapshot(spec)
+    cdef _Leaves L = _make_leaves(snap, n)
     cdef list inputs = [None] * n
     cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
     cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
@@ -1840,10 +1849,10 @@ def metrics_columns(buffers, record, spec, *, wire="recordset", buffer_offset=0)
     # Assemble the batch in the spec's structure, in the declared dtypes.
     out = {}
     cdef Py_ssize_t k = 0
-    for name, s in spec.items():
-        if isinstance(s, (list, tuple)):
+    for name, s, parts in snap:
+        if parts is not None:
             cols = []
-            for _ in s:
+            for _ in parts:
                 cols.append(L.columns[k].astype(L.dtypes[k], copy=False))
                 k += 1
             out[name] = type(s)(cols) if isinstance(s, tuple) else cols
