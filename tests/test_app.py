@@ -108,6 +108,33 @@ def test_record_dict_views_and_deprecations(caplog):
     assert "deprecated" in caplog.text
 
 
+_OVERWRITE = """
+import logging
+from fastrec import app
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+rd = app.RecordDict({"a": app.MetricRecord({"x": 1.0})})
+rd["a"] = app.ConfigRecord({"y": 1.0})   # the dict held the only reference to the old one
+rd.metric_records["a"] = app.MetricRecord()
+"""
+
+
+def test_overwriting_a_record_of_another_type_reads_the_old_type_safely(caplog):
+    """The warning names the replaced record's type, which the replacement may free: it
+    must be read from a reference of our own (PYTHONMALLOC=debug poisons freed memory)."""
+    import os
+    import subprocess
+    import sys
+    rd = app.RecordDict({"a": app.MetricRecord({"x": 1.0})})
+    with caplog.at_level(logging.WARNING):
+        rd["a"] = app.ConfigRecord({"y": 1.0})
+    assert "record of type `MetricRecord` replaced with type `ConfigRecord`" in caplog.text
+    out = subprocess.run([sys.executable, "-c", _OVERWRITE], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONMALLOC="debug"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "`MetricRecord` replaced with type `ConfigRecord`" in out.stderr
+    assert "`ConfigRecord` replaced with type `MetricRecord`" in out.stderr
+
+
 def test_typeddict_copy():
     r = app.ArrayRecord([np.zeros(2)])
     r.object_id
@@ -250,6 +277,29 @@ def test_deflate_fast_path_edges_equal_flower(n):
         _same_values(getattr(app, cls).inflate(ours.deflate()), theirs)
 
 
+class _NoisyBytes(bytes):
+    def __bytes__(self):  # protobuf reads the buffer, never this
+        return b"other"
+
+
+@needs_next
+def test_deflate_odd_str_and_bytes_values_like_flower():
+    for d in ({"k": _NoisyBytes(b"abc")}, {"k": [b"x", _NoisyBytes(b"abc")]}):
+        assert app.ConfigRecord(d).deflate() == fa.ConfigRecord(d).deflate()
+    # a lone surrogate: protobuf's UnicodeEncodeError, in a key or a value
+    for cls, d in (("MetricRecord", {"\ud800": 1.0}), ("MetricRecord", {"\ud800": [1]}),
+                   ("ConfigRecord", {"k": "\udc80"}), ("ConfigRecord", {"k": ["\udc80"]})):
+        ours = _outcome(getattr(app, cls)(d).deflate)
+        theirs = _outcome(getattr(fa, cls)(d).deflate)
+        assert ours[0] is theirs[0] is UnicodeEncodeError
+    # several failing entries: Flower converts every value, then the keys
+    for cls, d, err in (("MetricRecord", {"\ud800": 2**64, "a": 1.0}, ValueError),
+                        ("ConfigRecord", {"\ud800": "x", "b": [1, -1, 2**64]}, ValueError)):
+        ours = _outcome(getattr(app, cls)(d).deflate)
+        theirs = _outcome(getattr(fa, cls)(d).deflate)
+        assert ours[0] is theirs[0] is err
+
+
 VALUES = [1, 1.5, True, "s", b"b", None, [1, True], [True, 1], [1, 2.0], [1.0, 2], [], ["a", 1],
           [b"a"], [[1]], {"a": 1}, np.float64(1.0), np.int64(3), 2**64, -(2**63) - 1, (1, 2),
           float("nan"), [np.float64(1.0), 2.0], [2.0, np.float64(1.0)]]
@@ -346,6 +396,50 @@ def test_array_and_record_dict_objects_equal(monkeypatch):
     kids = {rec.object_id: rec, app.MetricRecord({"a": 1}).object_id: app.MetricRecord({"a": 1}),
             app.ConfigRecord({"s": "x"}).object_id: app.ConfigRecord({"s": "x"})}
     assert app.RecordDict.inflate(rd_t.deflate(), kids).deflate() == rd_t.deflate()
+
+
+@needs_next
+def test_subclass_objects_carry_the_subclass_name_like_flower():
+    """Flower's header names ``type(obj).__qualname__`` and inflate checks it against
+    ``cls.__qualname__``: a subclass's objects (and so their ids) carry its own name."""
+    def sub(base, name):
+        return type(name, (base,), {})
+
+    x = np.arange(3.0)
+    pairs = {}
+    for side, m in (("ours", app), ("theirs", fa)):
+        arr = sub(m.Array, "MyArray")(x)
+        pairs[side] = [sub(m.MetricRecord, "MyMetrics")({"a": 1.0, "l": [1, 2]}),
+                       sub(m.ConfigRecord, "MyConfig")({"s": "x", "b": b"y"}),
+                       arr, sub(m.ArrayRecord, "MyArrays")({"w": arr})]
+        pairs[side].append(sub(m.RecordDict, "MyRecords")({"m": pairs[side][0],
+                                                             "a": pairs[side][3]}))
+    for ours, theirs in zip(pairs["ours"], pairs["theirs"]):
+        content = theirs.deflate()
+        assert content.startswith(type(theirs).__qualname__.encode() + b" ")
+        assert ours.deflate() == content and ours.object_id == theirs.object_id
+    mo, co = pairs["ours"][:2]
+    mt, ct = pairs["theirs"][:2]
+    for ours, theirs in ((mo, mt), (co, ct)):
+        back = type(ours).inflate(theirs.deflate())
+        assert type(back) is type(ours) and dict(back) == dict(theirs)
+        # a subclass does not read its base's objects, nor the base a subclass's
+        base_o, base_t = type(ours).__mro__[1], type(theirs).__mro__[1]
+        for o_cls, t_cls, content in ((type(ours), type(theirs), base_t(dict(theirs)).deflate()),
+                                      (base_o, base_t, theirs.deflate())):
+            assert _outcome(o_cls.inflate, content)[0] is ValueError
+            assert _outcome(t_cls.inflate, content)[0] is ValueError
+    arr_o, arr_t = pairs["ours"][2], pairs["theirs"][2]
+    kids = {cid: app.ArrayChunk.inflate(ch.deflate()) for cid, ch in arr_t.children.items()}
+    back = type(arr_o).inflate(arr_t.deflate(), kids)
+    assert type(back) is type(arr_o) and back.data == arr_t.data
+    assert _outcome(app.Array.inflate, arr_t.deflate(), kids)[0] is ValueError
+    rec_o, rec_t = pairs["ours"][3], pairs["theirs"][3]
+    kids = {a.object_id: a for a in rec_o.values()}   # the record holds base-class copies
+    back = type(rec_o).inflate(rec_t.deflate(), kids)
+    assert type(back) is app.ArrayRecord   # Flower's inflate builds the base class
+    assert back.deflate() == fa.ArrayRecord(dict(rec_t)).deflate()
+    assert _outcome(app.ArrayRecord.inflate, rec_t.deflate(), kids)[0] is ValueError
 
 
 @needs_next

@@ -243,6 +243,24 @@ def test_object_dtype_raises_like_numpy_save():
 def test_array_from_numpy_rejects_non_arrays():
     with pytest.raises(TypeError):
         array_from_numpy([1, 2, 3])
+    with pytest.raises(TypeError):
+        array_from_numpy(1.5)   # a Python float is no numpy scalar (Flower: AttributeError)
+
+
+@pytest.mark.parametrize("x", [np.float32(1.5), np.float64(-0.0), np.int64(-3), np.uint8(7),
+                               np.bool_(True), np.complex64(1 - 2j), np.str_("ab"),
+                               np.bytes_(b"x\x00"), np.datetime64("2020-01-02"),
+                               np.zeros((), dtype=[("a", "<i2"), ("b", ">f4")])[()]],
+                         ids=lambda x: type(x).__name__)
+def test_array_from_numpy_takes_numpy_scalars_like_flower(x):
+    # Flower 1.15's array_from_numpy is numpy.save plus x.dtype and x.shape: a scalar works
+    # (flwr >= 1.19 renamed the 1.15 API; its array_from_numpy asserts an ndarray)
+    pytest.importorskip("flwr.proto.recordset_pb2", reason="needs flwr 1.15")
+    ours, theirs = array_from_numpy(x), flwr_common.array_from_numpy(x)
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == \
+        (theirs.dtype, theirs.shape, theirs.stype, theirs.data)
+    assert ours.shape == [] and ours.data == npy_bytes(x)
+    assert_same_array(ours.numpy(), np.asarray(x))
 
 
 # ---------------------------------------------------------------------------

@@ -269,6 +269,147 @@ def test_fast_path_refusals_match_general_path():
         wire.recordset_to_bytes(rs)
 
 
+class _BytesSub(bytes):
+    pass
+
+
+_ARRAY_FIELDS = [dict(dtype=None), dict(dtype=b"f4"), dict(dtype=b"\xff"), dict(dtype=1),
+                 dict(dtype="\ud800"), dict(shape=None), dict(shape=(1, 2)), dict(shape=[True]),
+                 dict(shape=[np.int64(3)]), dict(shape=[1.0]), dict(shape="ab"), dict(shape=5),
+                 dict(shape=[2**31]), dict(stype=None), dict(stype=b"s"), dict(data=None),
+                 dict(data=_BytesSub(b"ab")), dict(data=bytearray(b"a")), dict(data="s"),
+                 dict(dtype="\ud800", stype=1), dict(dtype=1, shape=[2**40]),
+                 dict(shape=[2**40], data=5)]
+
+
+@pytest.mark.parametrize("fields", _ARRAY_FIELDS, ids=repr)
+def test_array_fields_encode_like_flower(fields):
+    """Flower 1.15's Array is an unchecked dataclass and its serde ProtoArray(**vars(a)):
+    None leaves a field unset, str fields take UTF-8 bytes, data a bytes subclass, and the
+    fields are converted in order (the first bad one decides the exception)."""
+    kw = dict(dtype="float32", shape=[1], stype="numpy.ndarray", data=b"abcd")
+    kw.update(fields)
+    a = Array(**kw)
+    for kind, obj in (("array", a), ("parameters", ParametersRecord({"w": a}, keep_input=True))):
+        ok, theirs = outcome(flwr_to_bytes, kind, obj)
+        ok_o, ours = outcome(OURS[kind][0], obj)
+        if ok:
+            assert ok_o and ours == theirs, ours
+        else:
+            assert not ok_o and type(ours) is type(theirs), (theirs, ours)
+
+
+class _NoisyBytes(bytes):
+    def __bytes__(self):  # protobuf reads the buffer, never this
+        return b"other"
+
+
+class _PretendsBytes:
+    __class__ = bytes  # passes the records' isinstance checks; protobuf refuses it
+
+
+def test_bytes_values_encode_their_buffer_like_flower():
+    for value in (_NoisyBytes(b"abc"), [b"x", _NoisyBytes(b"abc")]):
+        assert check_encode("configs", ConfigsRecord({"k": value})) is not None
+    for value in (_PretendsBytes(), [_PretendsBytes()]):
+        rec = ConfigsRecord({"k": value})
+        assert check_encode("configs", rec) is None
+        with pytest.raises(TypeError):
+            wire.configs_record_to_bytes(rec)
+
+
+def test_unencodable_str_raises_unicode_encode_error_like_flower():
+    # protobuf's string setter raises UnicodeEncodeError (a ValueError) for a lone surrogate
+    for kind, rec in (("metrics", MetricsRecord({"\ud800": 1.0})),
+                      ("metrics", MetricsRecord({"\ud800": [1.0]})),
+                      ("configs", ConfigsRecord({"k": "\udc80"})),
+                      ("configs", ConfigsRecord({"k": ["a", "\udc80"]}))):
+        ok, theirs = outcome(flwr_to_bytes, kind, rec)
+        assert not ok and type(theirs) is UnicodeEncodeError
+        with pytest.raises(UnicodeEncodeError):
+            OURS[kind][0](rec)
+    with pytest.raises(UnicodeEncodeError):
+        wire.message_to_bytes(dict(METADATA, message_id="\ud800"), RecordSet())
+
+
+def test_first_error_is_flowers_when_several_values_fail():
+    """Flower's serde converts a record's values (in its order), then protobuf its keys,
+    record by record, group by group, the record names last: that order decides which
+    exception a record with several unencodable entries raises."""
+    big, sur = 2**64, "\ud800"
+    cases = [
+        ("metrics", MetricsRecord({sur: big, "c": 1.0})),                  # value before key
+        ("configs", ConfigsRecord({"b": big, "a": sur})),                  # record order, not sorted
+        ("configs", ConfigsRecord({"a": _PretendsBytes(), "b": big})),
+        ("configs", ConfigsRecord({"b": big, "a": _PretendsBytes()})),
+        ("parameters", ParametersRecord({sur: Array(1, [1], "s", b"")}, keep_input=True)),
+        ("recordset", RecordSet(metrics_records={sur: MetricsRecord({"a": 1.0})},
+                                configs_records={"c": ConfigsRecord({"k": big})})),
+        ("recordset", RecordSet(parameters_records={"p": ParametersRecord(
+            {"w": Array("f", [2**40], "s", b"")}, keep_input=True)},
+                                configs_records={"c": ConfigsRecord({"k": _PretendsBytes()})})),
+        ("recordset", RecordSet(metrics_records={"z": MetricsRecord({"k": big})},
+                                configs_records={"a": ConfigsRecord({"k": _PretendsBytes()})})),
+    ]
+    for kind, obj in cases:
+        ok, theirs = outcome(flwr_to_bytes, kind, obj)
+        assert not ok
+        with pytest.raises(Exception) as ours:
+            OURS[kind][0](obj)
+        assert type(ours.value) is type(theirs), (obj, theirs, ours.value)
+        if kind == "recordset":
+            with pytest.raises(type(theirs)) as ours:
+                wire.message_to_bytes({"run_id": 1}, obj)
+            assert type(ours.value) is type(theirs)
+
+
+def test_list_values_mutated_while_encoding_never_crash():
+    """A list value's elements may run Python code while they are converted (``__float__``,
+    a ``__class__`` property): the encoder reads a snapshot of the list, so a hook that
+    empties it neither reads past its end nor frees what is being written."""
+    lst, armed = [], [False]
+
+    class Hook:
+        __class__ = float   # valid in a MetricsRecord list (Flower's isinstance rule)
+
+        def __float__(self):
+            if armed[0]:
+                del lst[:]
+            return 1.5
+
+    lst.extend(Hook() for _ in range(3))
+    rec = MetricsRecord({"a": lst})
+    armed[0] = True
+    assert wire.metrics_record_to_bytes(rec) == wire.metrics_record_to_bytes(
+        MetricsRecord({"a": [1.5, 1.5, 1.5]}))
+
+    chunks = [bytes([65 + i]) * 100_000 for i in range(4)]
+    blobs, armed[0] = list(chunks), False
+
+    class Key(str):
+        @property
+        def __class__(self):  # runs while the record after "a" is converted
+            if armed[0]:
+                blobs.clear()
+                globals()["_junk"] = [b"\xee" * 100_000 for _ in range(8)]
+            return str
+
+    rec = ConfigsRecord({"a": blobs, "b": Key("x")})
+    armed[0] = True
+    out = wire.configs_record_to_bytes(rec)
+    globals().pop("_junk", None)
+    assert out == wire.configs_record_to_bytes(ConfigsRecord({"a": chunks, "b": "x"}))
+    for to_bytes in (wire.recordset_to_bytes,
+                     lambda rs: wire.message_to_bytes({"run_id": 1}, rs)):
+        blobs[:], armed[0] = chunks, False
+        rs = RecordSet(configs_records={"c": ConfigsRecord({"a": blobs}),
+                                        "d": ConfigsRecord({"b": Key("x")})})
+        armed[0] = True
+        back = wire.recordset_from_bytes(to_bytes(rs)) if to_bytes is wire.recordset_to_bytes \
+            else wire.message_from_bytes(to_bytes(rs))[1]
+        assert back.configs_records["c"]["a"] == chunks
+
+
 def test_value_kinds_and_edge_cases():
     rec = MetricsRecord({"big": 2**64 - 1, "neg": -5, "nan": math.nan, "inf": -math.inf,
                          "e": [], "u": [1, 2**63], "s": [-1, 2], "mix": [1, True], "": 0.0,
@@ -508,6 +649,43 @@ def test_message_matches_flower(rs, as_error, rng):
         check_message(m)
 
 
+class _Index:
+    def __index__(self):
+        return 5
+
+
+class _Real:
+    def __float__(self):
+        return 2.5
+
+
+_MD_ODD = [None, True, np.int64(3), np.uint64(2**64 - 1), np.float32(1.5), np.float64(2.5),
+           np.bool_(True), _Index(), _Real(), 1.5, -1, 2**64, 2**1100, "s", b"b", b"\xff", "",
+           "\ud800", bytearray(b"x"), 1j, [1]]
+
+
+@pytest.mark.parametrize("field", ["run_id", "message_id", "src_node_id", "ttl", "created_at",
+                                   "code", "reason"])
+def test_message_field_values_like_flower(field):
+    """Metadata and Error values are converted as protobuf's constructor converts them
+    (None leaves a field unset, doubles take any real number, strings UTF-8 bytes too)."""
+    import decimal
+    for value in _MD_ODD + [decimal.Decimal("0.1")]:
+        md, err = dict(METADATA), None
+        if field in ("code", "reason"):
+            err = {"code": -3, "reason": "boom", field: value}
+        else:
+            md[field] = value
+        content = None if err else RecordSet()
+        ok, theirs = outcome(lambda: serde.message_to_proto(
+            flwr_message(md, content, err)).SerializeToString(deterministic=True))
+        ok_o, ours = outcome(wire.message_to_bytes, md, content, err)
+        if ok:
+            assert ok_o and ours == theirs, (field, value, ours)
+        else:
+            assert not ok_o and type(ours) is type(theirs), (field, value, theirs, ours)
+
+
 def test_message_content_xor_error():
     with pytest.raises(ValueError, match="Either"):
         wire.message_to_bytes(METADATA)
@@ -638,6 +816,34 @@ def test_metrics_columns_refuses_malformed_and_odd_specs():
         wire.metrics_columns([good], "m", {"a": {"x": TensorSpec("float64")}})
     with pytest.raises(ValueError):
         wire.metrics_columns([good], "m", COL_SPEC, wire="json")
+
+
+def test_metrics_columns_reads_the_spec_once():
+    """The spec gives both the columns and the result's structure: a mapping whose items
+    change from call to call must not make the second reading index past the columns."""
+    from collections.abc import Mapping
+
+    class Growing(Mapping):
+        calls = 0
+
+        def __getitem__(self, k):
+            return TensorSpec("float64")
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            return iter(["a"])
+
+        def items(self):
+            Growing.calls += 1
+            extra = [(f"x{i}", [TensorSpec("float64")] * 3) for i in range(50 * Growing.calls)]
+            return [("a", TensorSpec("float64"))] + (extra if Growing.calls > 1 else [])
+
+    bufs = [wire.recordset_to_bytes(_reply(i)) for i in range(3)]
+    got = wire.metrics_columns(bufs, "m", Growing())
+    assert list(got) == ["a"] and Growing.calls == 1
+    _assert_batch_equal(got, _expected([_reply(i) for i in range(3)], {"a": TensorSpec("float64")}))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -341,14 +341,15 @@ cdef class Array(_Array15):
                 order.append(cid)
             ids.append(i)
         body = _array_body(self.dtype, self.shape, self.stype, ids)
-        return _with_header(b"Array", ",".join(order).encode(), body)
+        return _with_header(_class_name(self, b"Array", type(self) is Array),
+                            ",".join(order).encode(), body)
 
     @classmethod
     def inflate(cls, object_content, children=None):
         """Rebuild an Array from its content and its ArrayChunk children (dict by id)."""
         if children is None:
             children = {}
-        cdef _Head h = _parse_head(object_content, "Array")
+        cdef _Head h = _parse_head(object_content, cls.__qualname__)
         child_ids = h.child_ids()
         meta = _json_body(object_content, h)
         try:
@@ -663,14 +664,15 @@ cdef class ArrayRecord(_AppDict):
 
     def deflate(self):
         """The object content: header (the distinct array ids) plus a JSON name->id body."""
-        return _deflate_refs(b"ArrayRecord", self._data)
+        return _deflate_refs(_class_name(self, b"ArrayRecord", type(self) is ArrayRecord),
+                             self._data)
 
     @classmethod
     def inflate(cls, object_content, children=None):
         """Rebuild an ArrayRecord from its content and its Array children (dict by id)."""
         if children is None:
             children = {}
-        cdef _Head h = _parse_head(object_content, "ArrayRecord")
+        cdef _Head h = _parse_head(object_content, cls.__qualname__)
         refs = _json_refs(object_content, h, children)
         if not all(isinstance(arr, Array) for arr in children.values()):
             raise ValueError("`Children` are expected to be of type `Array`.")
@@ -792,11 +794,14 @@ cdef class RecordDict(_AppDict):
         if not _is_record(value):
             raise TypeError("Expected `ArrayRecord`, `MetricRecord`, or `ConfigRecord` but "
                             f"received `{type(value).__name__}` for the value.")
-        cdef PyObject* old = PyDict_GetItemWithError(self._data, key)
+        cdef PyObject* p = PyDict_GetItemWithError(self._data, key)
+        # Owned: replacing the value below may free the old record (the dict's reference
+        # is often its only one), and its type is read after that.
+        cdef object old = <object>p if p != NULL else None
         self._data[key] = value
-        if old != NULL and not isinstance(value, type(<object>old)):
+        if old is not None and not isinstance(value, type(old)):
             _log.warning("Key '%s' was overwritten: record of type `%s` replaced with type `%s`",
-                         key, type(<object>old).__name__, type(value).__name__)
+                         key, type(old).__name__, type(value).__name__)
         return 0
 
     cdef _SyncedDict _view(self, cls):
@@ -864,14 +869,14 @@ cdef class RecordDict(_AppDict):
 
     def deflate(self):
         """The object content: header (the distinct record ids) plus a JSON name->id body."""
-        return _deflate_refs(b"RecordDict", self._data)
+        return _deflate_refs(_class_name(self, b"RecordDict", self._exact), self._data)
 
     @classmethod
     def inflate(cls, object_content, children=None):
         """Rebuild a RecordDict from its content and its record children (dict by id)."""
         if children is None:
             children = {}
-        cdef _Head h = _parse_head(object_content, "RecordDict")
+        cdef _Head h = _parse_head(object_content, cls.__qualname__)
         refs = _json_refs(object_content, h, children)
         if not all(_is_record(ch) for ch in children.values()):
             raise ValueError("`Children` are expected to be of type `ArrayRecord`, "

@@ -438,7 +438,8 @@ def array_from_numpy(ndarray):
 
     ``data`` is byte-identical to ``numpy.save(buf, ndarray, allow_pickle=False)``;
     ``dtype`` is ``str(ndarray.dtype)`` and ``shape`` is ``list(ndarray.shape)``.
-    Object arrays raise ``ValueError``, as ``numpy.save`` does.
+    A numpy scalar is taken as a 0-d array (as Flower's ``numpy.save`` takes it); other
+    non-arrays raise ``TypeError``. Object arrays raise ``ValueError``, as ``numpy.save`` does.
 
     >>> import numpy as np
     >>> from fastrec import array_from_numpy
@@ -447,7 +448,12 @@ def array_from_numpy(ndarray):
     ('int32', [2, 3], b'\\x93NUMPY')
     """
     if not cnp.PyArray_Check(ndarray):
-        raise TypeError(f"array_from_numpy expects a numpy.ndarray, got {type(ndarray).__name__}")
+        if not isinstance(ndarray, np.generic):
+            raise TypeError(f"array_from_numpy expects a numpy.ndarray, got "
+                            f"{type(ndarray).__name__}")
+        # Flower's numpy.save takes a numpy scalar as the 0-d array it converts it to
+        # (same dtype; the scalar's shape is ()).
+        ndarray = np.asarray(ndarray)
     cdef cnp.ndarray arr = <cnp.ndarray>ndarray
     cdef _EncEntry e = _entry_for(<cnp.dtype>cnp.PyArray_DESCR(arr))
     cdef int ndim = cnp.PyArray_NDIM(arr)

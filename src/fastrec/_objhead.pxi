@@ -13,6 +13,15 @@ cdef enum:
     _NOGIL_COPY = 1 << 20
 
 
+cdef bytes _class_name(object obj, bytes name, bint exact, bint is_class=False):
+    """The class name an object's header carries: Flower writes (and inflate expects)
+    ``type(obj).__qualname__``, so a subclass's objects carry the subclass's name.
+    ``name`` is the fastrec class's own, for ``exact`` instances (or classes)."""
+    if exact:
+        return name
+    return (obj if is_class else type(obj)).__qualname__.encode("utf-8")
+
+
 cdef Py_ssize_t _head_len(Py_ssize_t name_n, Py_ssize_t kids_n, Py_ssize_t body_n) noexcept nogil:
     cdef Py_ssize_t digits = 1
     cdef Py_ssize_t v = body_n
@@ -172,7 +181,7 @@ cdef Py_ssize_t _body_offset(bytes content, bytes expect) except -1:
     if _head_fast(p, PyBytes_GET_SIZE(content), &s):
         if s.sp1 == en and memcmp(p, PyBytes_AS_STRING(expect), en) == 0:
             return s.hn + 1
-    return _parse_head(content, expect.decode("ascii")).body_off
+    return _parse_head(content, expect.decode("utf-8")).body_off
 
 
 cdef _Head _parse_head(object content, str expect):

@@ -20,7 +20,7 @@ from fastrec._wire cimport (FR_PB_LEN, FR_V_NONE, fr_pb_check_utf8, fr_pb_ctx, f
                             fr_pb_writer_free, fr_value, fr_value_free, fr_value_init, fr_value_reset,
                             fr_wire_value_merge, fr_wire_value_put, fr_wire_value_size,
                             fast_entries, fast_items_body, fast_items_put,
-                            key_str, value_from_py, value_to_py)
+                            key_str, replay_items, value_from_py, value_to_py)
 
 
 cdef int _pb_check(fr_status st, fr_pb_ctx* c, bint config) except -1:
@@ -33,7 +33,7 @@ cdef int _pb_check(fr_status st, fr_pb_ctx* c, bint config) except -1:
     raise ValueError(f"malformed {name} body at byte {c.err_off}: {why}")
 
 
-cdef bytes _deflate_fast(dict data, bint config):
+cdef bytes _deflate_fast(dict data, bint config, bytes name):
     """The content of a record of exact scalars (the wire module's compiled arena),
     written straight into the result; None if that fast path does not apply."""
     cdef Py_ssize_t n = fast_entries(data, config, False, 0)
@@ -41,7 +41,6 @@ cdef bytes _deflate_fast(dict data, bint config):
     if n < 0:
         return None
     cdef size_t body = fast_items_body(n)
-    cdef bytes name = b"ConfigRecord" if config else b"MetricRecord"
     cdef Py_ssize_t name_n = PyBytes_GET_SIZE(name)
     cdef Py_ssize_t hn = _head_len(name_n, 0, <Py_ssize_t>body)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, hn + <Py_ssize_t>body)
@@ -68,12 +67,13 @@ cdef bytes _deflate_values(TypedDict rec, bint config):
     w.len = 0
     w.cap = 0
     c.err = NULL
-    cdef bytes name = b"ConfigRecord" if config else b"MetricRecord"
+    cdef bytes name = _class_name(rec, b"ConfigRecord" if config else b"MetricRecord",
+                                  rec._exact)
     # Iterate the dict in C (no view/iterator objects) and share one `keep`
     # list: records are deflated by the ten thousand, and every container
     # allocated counts towards the next garbage collection.
     cdef dict data = rec._data if rec._exact else dict(rec.items())
-    cdef bytes fast = _deflate_fast(data, config)
+    cdef bytes fast = _deflate_fast(data, config, name)
     if fast is not None:
         return fast
     cdef Py_ssize_t pos = 0
@@ -103,6 +103,9 @@ cdef bytes _deflate_values(TypedDict rec, bint config):
             fr_pb_put_varint(&w, vsize)
             fr_wire_value_put(&w, &v)
         return _with_header_raw(name, b"", <const char*>w.buf, <Py_ssize_t>w.len)
+    except (TypeError, ValueError):
+        replay_items(rec, config)   # Flower converts every value first, then the keys
+        raise
     finally:
         fr_value_free(&v)
         fr_pb_writer_free(&w)
@@ -188,7 +191,9 @@ cdef object _inflate_values(type cls, object content, bint config):
         if not isinstance(content, (bytearray, memoryview)):
             raise TypeError(f"object content must be bytes, got {type(content).__name__}")
         content = bytes(content)
-    cdef Py_ssize_t off = _body_offset(content, b"ConfigRecord" if config else b"MetricRecord")
+    cdef bint exact = cls is MetricRecord or cls is ConfigRecord
+    cdef Py_ssize_t off = _body_offset(
+        content, _class_name(cls, b"ConfigRecord" if config else b"MetricRecord", exact, True))
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(content)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(content)
     cdef dict values = _decode_values(p + off, n - off, config)
@@ -197,7 +202,9 @@ cdef object _inflate_values(type cls, object content, bint config):
         rec = MetricRecord.__new__(MetricRecord)
     elif cls is ConfigRecord:
         rec = ConfigRecord.__new__(ConfigRecord)
+    elif config:
+        return cls(config_dict=values, keep_input=False)   # Flower's call, keywords and all
     else:
-        return cls(values, keep_input=False)
+        return cls(metric_dict=values, keep_input=False)
     rec._data = values
     return rec

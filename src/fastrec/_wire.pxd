@@ -125,6 +125,8 @@ cdef object key_str(const uint8_t *p, size_t n)
 # list elements go to v's scratch; strings are views into objects that `keep`
 # (a list the caller holds until the value is written) keeps alive.
 cdef int value_from_py(object value, bint configs, fr_value *v, list keep) except -1
+# Raise the error Flower's serde + protobuf raise first for a record that failed to encode.
+cdef int replay_items(object record, bint configs) except -1
 # The compiled fast path for records of exact scalars (and lists of exact floats or
 # int64 ints): entries prepared in a reused arena, valid until the next call.
 cdef Py_ssize_t fast_entries(dict data, bint configs, bint sort, Py_ssize_t first) except -2

@@ -8,8 +8,8 @@ with the byte offset.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
-                            PyBytes_GET_SIZE)
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_Check, PyBytes_CheckExact,
+                            PyBytes_FromStringAndSize, PyBytes_GET_SIZE)
 from cpython.dict cimport PyDict_Next
 from cpython.float cimport PyFloat_AsDouble, PyFloat_FromDouble
 from cpython.long cimport (PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong,
@@ -213,14 +213,20 @@ cdef int _int_value(object x, int64_t *i, uint64_t *u) except -1:
 
 
 cdef inline const uint8_t *_utf8(object s, size_t *n) except NULL:
+    # A str with no UTF-8 (a lone surrogate) raises UnicodeEncodeError, a ValueError,
+    # as protobuf's string setter does.
     cdef Py_ssize_t m
-    cdef const char *p
-    try:
-        p = PyUnicode_AsUTF8AndSize(s, &m)
-    except UnicodeEncodeError as e:
-        raise ValueError(str(e)) from e
+    cdef const char *p = PyUnicode_AsUTF8AndSize(s, &m)
     n[0] = <size_t>m
     return <const uint8_t *>p
+
+
+cdef inline object _bytes_value(object x):
+    """x itself for a bytes field: protobuf reads a bytes subclass's buffer (never its
+    ``__bytes__``) and refuses anything else (e.g. an object whose ``__class__`` is bytes)."""
+    if not PyBytes_Check(x):
+        raise TypeError(f"expected bytes, {type(x).__name__} found")
+    return x
 
 
 cdef bint _all_instances(list items, object t):
@@ -281,9 +287,7 @@ cdef int _list_value(list items, int kind, fr_value *v, list keep) except -1:
             if kind == FR_V_STRING_LIST:
                 sp[k].ptr = _utf8(x, &sp[k].len)
             else:
-                if not PyBytes_CheckExact(x):
-                    x = bytes(x)
-                    keep.append(x)
+                x = _bytes_value(x)
                 sp[k].ptr = <const uint8_t *>PyBytes_AS_STRING(x)
                 sp[k].len = <size_t>PyBytes_GET_SIZE(x)
     return 0
@@ -315,8 +319,7 @@ cdef int _scalar_value(object value, int kind, fr_value *v, list keep) except -1
         keep.append(value)
         v.s.ptr = _utf8(value, &v.s.len)
     else:
-        if not PyBytes_CheckExact(value):
-            value = bytes(value)
+        value = _bytes_value(value)
         keep.append(value)
         v.s.ptr = <const uint8_t *>PyBytes_AS_STRING(value)
         v.s.len = <size_t>PyBytes_GET_SIZE(value)
@@ -339,7 +342,11 @@ cdef int value_from_py(object value, bint configs, fr_value *v, list keep) excep
     is_list = tp is list or PyObject_IsInstance(value, list)
     items = None
     if is_list:
-        items = value if tp is list else list(value)
+        # A private copy: it holds every element while the C values point into them (a
+        # str's UTF-8, a bytes' buffer), and no hook run while converting (``__class__``,
+        # ``__float__``, ``__index__``) can resize it under the unchecked loops below. A
+        # list such a hook mutates is encoded as it was when its conversion started.
+        items = list(value)
     for t, scalar_kind, list_kind in order:
         if PyObject_IsInstance(value, t):
             return _scalar_value(value, scalar_kind, v, keep)
@@ -770,7 +777,7 @@ def _map_sort_key(k):
     return _utf8_key(k) + b"\xff"
 
 
-cdef _Items _prepare_items(object record, bint configs, bint sort):
+cdef _Items _items_of(object record, bint configs, bint sort):
     cdef dict data = _data_of(record)
     cdef list keys = _sorted_keys(data) if sort else list(data)
     cdef _Items it = _Items.__new__(_Items)
@@ -799,6 +806,59 @@ cdef _Items _prepare_items(object record, bint configs, bint sort):
         it.sizes[k] = fr_wire_value_size(&it.vals[k], &ok)
         it.body += fr_wire_entry_size(1, it.key_lens[k], it.sizes[k])
     return it
+
+
+# --- errors in Flower's order -----------------------------------------------------
+#
+# With more than one value protobuf refuses, which error is raised depends on the order
+# of conversion. fastrec prepares a record in key order, key by key; Flower's serde
+# converts every value (in the record's order), then protobuf's constructor the keys,
+# record by record, and a RecordSet's record names last. So, only once something failed,
+# the replays below redo the conversions in Flower's order, raising the error it raises.
+
+cdef int replay_items(object record, bint configs) except -1:
+    cdef fr_value v
+    fr_value_init(&v)
+    try:
+        entries = list(_data_of(record).items())
+        for _, value in entries:
+            value_from_py(value, configs, &v, [])
+        for key, _ in entries:
+            _key_bytes(key)
+    finally:
+        fr_value_free(&v)
+    return 0
+
+
+cdef int _replay_params(object record) except -1:
+    entries = list(_data_of(record).items())
+    for key, _ in entries:      # ProtoParametersRecord(data_keys=..., data_values=...)
+        _key_bytes(key)
+    for _, a in entries:
+        _prepare_array(a)
+    return 0
+
+
+cdef int _replay_recordset(object rs) except -1:
+    groups = _recordset_groups(rs)
+    for number in range(1, 4):
+        for rec in list((<dict>groups[number - 1]).values()):
+            if number == 1:
+                _replay_params(rec)
+            else:
+                replay_items(rec, number == 3)
+    for number in range(1, 4):
+        for name in list(<dict>groups[number - 1]):
+            _key_bytes(name)
+    return 0
+
+
+cdef _Items _prepare_items(object record, bint configs, bint sort):
+    try:
+        return _items_of(record, configs, sort)
+    except (TypeError, ValueError):
+        replay_items(record, configs)
+        raise
 
 
 # --- fast path: records of exact scalars, prepared in a reused C arena --------
@@ -1186,14 +1246,12 @@ cdef _Arr _prepare_array(object a):
         dtype, shape, stype, data = (<Array>a).dtype, (<Array>a).shape, (<Array>a).stype, (<Array>a).data
     else:
         dtype, shape, stype, data = a.dtype, a.shape, a.stype, a.data
-    for name, s in (("dtype", dtype), ("stype", stype)):
-        if not isinstance(s, str):
-            raise TypeError(f"bad argument type for built-in operation: Array.{name} must be "
-                            f"str, not {type(s).__name__}")
-    r.keep_dtype, r.keep_stype = dtype, stype
+    # Flower's serde is ProtoArray(**vars(array)): the fields are converted in order (the
+    # first bad one raises), a field given None is left unset, a string field takes UTF-8
+    # bytes too, and a bytes field a bytes subclass.
+    r.keep_dtype = dtype = "" if dtype is None else _proto_str(dtype, "Array.dtype")
     r.dtype = _utf8(dtype, &r.dtype_len)
-    r.stype = _utf8(stype, &r.stype_len)
-    dims = list(shape)
+    dims = [] if shape is None else list(shape)
     r.ndim = len(dims)
     r.shape = <int64_t *>malloc((r.ndim if r.ndim else 1) * sizeof(int64_t))
     if r.shape == NULL:
@@ -1205,9 +1263,9 @@ cdef _Arr _prepare_array(object a):
         if not INT32_MIN <= dim <= INT32_MAX:
             raise ValueError(f"Value out of range: {dim}")
         r.shape[k] = <int64_t>dim
-    if not PyBytes_CheckExact(data):
-        raise TypeError(f"expected bytes, {type(data).__name__} found")
-    r.data = data
+    r.keep_stype = stype = "" if stype is None else _proto_str(stype, "Array.stype")
+    r.stype = _utf8(stype, &r.stype_len)
+    r.data = data = b"" if data is None else _bytes_value(data)
     PyObject_GetBuffer(data, &r.view, PyBUF_SIMPLE)
     r.held = True
     r.size = fr_wire_array_size(r.dtype_len, r.shape, r.ndim, r.stype_len, <size_t>r.view.len)
@@ -1244,6 +1302,14 @@ cdef class _Params:
 
 
 cdef _Params _prepare_params(object record):
+    try:
+        return _params_of(record)
+    except (TypeError, ValueError):
+        _replay_params(record)
+        raise
+
+
+cdef _Params _params_of(object record):
     cdef _Params r = _Params.__new__(_Params)
     cdef dict data = _data_of(record)
     cdef _Arr a
@@ -1285,17 +1351,28 @@ cdef class _RS:
     cdef size_t body
 
 
+cdef tuple _recordset_groups(object rs):
+    if isinstance(rs, RecordSet):
+        return ((<RecordSet>rs).group(0), (<RecordSet>rs).group(1), (<RecordSet>rs).group(2))
+    return (_data_of(rs.parameters_records), _data_of(rs.metrics_records),
+            _data_of(rs.configs_records))
+
+
 cdef _RS _prepare_recordset(object rs):
+    try:
+        return _recordset_of(rs)
+    except (TypeError, ValueError):
+        _replay_recordset(rs)
+        raise
+
+
+cdef _RS _recordset_of(object rs):
     cdef _RS r = _RS.__new__(_RS)
     r.entries = []
     r.body = 0
     cdef size_t body
     cdef int number
-    if isinstance(rs, RecordSet):
-        groups = ((<RecordSet>rs).group(0), (<RecordSet>rs).group(1), (<RecordSet>rs).group(2))
-    else:
-        groups = (_data_of(rs.parameters_records), _data_of(rs.metrics_records),
-                  _data_of(rs.configs_records))
+    groups = _recordset_groups(rs)
     for number in range(1, 4):
         data = <dict>groups[number - 1]
         if not data:
@@ -1304,10 +1381,10 @@ cdef _RS _prepare_recordset(object rs):
             kb = _key_bytes(k)
             rec = data[k]
             if number == 1:
-                prep = _prepare_params(rec)
+                prep = _params_of(rec)
                 body = (<_Params>prep).body
             else:
-                prep = _prepare_items(rec, number == 3, True)
+                prep = _items_of(rec, number == 3, True)
                 body = (<_Items>prep).body
             r.entries.append((number, kb, prep, body))
             r.body += fr_pb_len_field_size(
@@ -1347,6 +1424,15 @@ def recordset_to_bytes(rs):
     return out
 
 
+cdef object _proto_str(object x, str what):
+    """x for a protobuf string field: a str, or UTF-8 bytes (decoded, as protobuf does)."""
+    if isinstance(x, bytes):
+        return (<bytes>x).decode("utf-8")
+    if not isinstance(x, str):
+        raise TypeError(f"{what} must be a str, not {type(x).__name__}")
+    return x
+
+
 cdef bytes _metadata_body(object metadata):
     cdef fr_pb_writer w
     cdef int64_t i = 0
@@ -1361,6 +1447,8 @@ cdef bytes _metadata_body(object metadata):
         if name not in metadata:
             continue
         x = metadata[name]
+        if x is None:   # protobuf's constructor leaves a field given None unset
+            continue
         wt = _MD_WT[num]
         if wt == FR_PB_VARINT:
             if isinstance(x, float) or not isinstance(x, int) and not hasattr(x, "__index__"):
@@ -1373,15 +1461,17 @@ cdef bytes _metadata_body(object metadata):
                 parts.append((num, wt, u))
                 size += fr_pb_tag_size(num) + fr_pb_varint_size(u)
         elif wt == FR_PB_I64:
-            if not isinstance(x, (int, float)):
-                raise TypeError(f"metadata {name!r} must be a float, not {type(x).__name__}")
-            u = fr_pb_double_to_bits(<double>float(x))
+            # protobuf's double setter: any real number (np.float32, Decimal, ...)
+            try:
+                u = fr_pb_double_to_bits(PyFloat_AsDouble(x))
+            except TypeError:
+                raise TypeError(f"metadata {name!r} must be a float, not "
+                                f"{type(x).__name__}") from None
             if u:
                 parts.append((num, wt, u))
                 size += fr_pb_tag_size(num) + 8
         else:
-            if not isinstance(x, str):
-                raise TypeError(f"metadata {name!r} must be a str, not {type(x).__name__}")
+            x = _proto_str(x, f"metadata {name!r}")
             b = _key_bytes(x)
             if b:
                 parts.append((num, wt, b))
@@ -1405,15 +1495,15 @@ cdef bytes _error_body(object error):
     cdef uint64_t u = 0
     code = error.get("code", 0)
     reason = error.get("reason", None)
+    if code is None:    # unset, as protobuf's constructor takes it
+        code = 0
     if isinstance(code, float) or not hasattr(code, "__index__"):
         raise TypeError(f"error 'code' must be an int, not {type(code).__name__}")
     if _int_value(code, &i, &u):
         raise ValueError(f"Value out of range: {code}")
-    if reason is None:
+    if not reason:      # Flower's error_to_proto: ``reason if reason else ""``
         reason = ""
-    if not isinstance(reason, str):
-        raise TypeError(f"error 'reason' must be a str, not {type(reason).__name__}")
-    rb = _key_bytes(reason)
+    rb = _key_bytes(_proto_str(reason, "error 'reason'"))
     u = fr_pb_zigzag64(i)
     size = (fr_pb_tag_size(1) + fr_pb_varint_size(u) if u else 0) + \
         (fr_pb_len_field_size(2, <size_t>len(rb)) if rb else 0)
@@ -1480,14 +1570,22 @@ cdef class _Leaves:
         free(self.leaves)
 
 
-cdef list _leaf_specs(object spec):
-    """[(metric name, TensorSpec, width, elem, container)] for a metrics spec."""
-    from .spec import TensorSpec
-    out = []
+cdef list _spec_snapshot(object spec):
+    """[(metric name, spec, its items if it is a list/tuple spec)], read once: the spec is
+    used twice (the leaves, then the result's structure) with Python code running in
+    between, and the two must agree (the result indexes the leaves' columns)."""
     if not hasattr(spec, "items"):
         raise TypeError(f"spec must be a mapping of metric name to TensorSpec, got "
                         f"{type(spec).__name__}")
-    for name, s in spec.items():
+    return [(name, s, tuple(s) if isinstance(s, (list, tuple)) else None)
+            for name, s in spec.items()]
+
+
+cdef list _leaf_specs(list snap):
+    """[(metric name, TensorSpec, width, elem, container)] for a spec's snapshot."""
+    from .spec import TensorSpec
+    out = []
+    for name, s, parts in snap:
         if not isinstance(name, str):
             raise TypeError(f"metric names must be str, got {type(name).__name__}")
         if isinstance(s, TensorSpec):
@@ -1499,12 +1597,12 @@ cdef list _leaf_specs(object spec):
                 raise TypeError(f"metric {name!r}: metrics_columns reads a scalar or a fixed-"
                                 f"length list (of at least one number) per client, not shape "
                                 f"{s.shape}")
-        elif isinstance(s, (list, tuple)):
-            for j, c in enumerate(s):
+        elif parts is not None:
+            for j, c in enumerate(parts):
                 if not isinstance(c, TensorSpec) or c.shape != ():
                     raise TypeError(f"metric {name!r}: a list spec's items must be scalar "
                                     f"TensorSpecs, got {c!r}")
-                out.append((name, c, len(s), j, type(s)))
+                out.append((name, c, len(parts), j, type(s)))
         elif hasattr(s, "items"):
             raise TypeError(f"metric {name!r}: a nested mapping spec cannot be read from one "
                             f"metric: a metric value is a number or a list of numbers (give "
@@ -1515,9 +1613,9 @@ cdef list _leaf_specs(object spec):
     return out
 
 
-cdef _Leaves _make_leaves(object spec, Py_ssize_t n_rows):
+cdef _Leaves _make_leaves(list snap, Py_ssize_t n_rows):
     cdef _Leaves L = _Leaves.__new__(_Leaves)
-    specs = _leaf_specs(spec)
+    specs = _leaf_specs(snap)
     L.n = len(specs)
     L.leaves = <fr_wire_leaf *>malloc((L.n if L.n else 1) * sizeof(fr_wire_leaf))
     if L.leaves == NULL:
@@ -1698,7 +1796,8 @@ def metrics_columns(buffers, record, spec, *, wire="recordset", buffer_offset=0)
     cdef bint message = kind == _W_MESSAGE
     cdef list bufs = list(buffers)
     cdef Py_ssize_t n = len(bufs), i
-    cdef _Leaves L = _make_leaves(spec, n)
+    cdef list snap = _spec_snapshot(spec)
+    cdef _Leaves L = _make_leaves(snap, n)
     cdef list inputs = [None] * n
     cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
     cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
@@ -1750,10 +1849,10 @@ def metrics_columns(buffers, record, spec, *, wire="recordset", buffer_offset=0)
     # Assemble the batch in the spec's structure, in the declared dtypes.
     out = {}
     cdef Py_ssize_t k = 0
-    for name, s in spec.items():
-        if isinstance(s, (list, tuple)):
+    for name, s, parts in snap:
+        if parts is not None:
             cols = []
-            for _ in s:
+            for _ in parts:
                 cols.append(L.columns[k].astype(L.dtypes[k], copy=False))
                 k += 1
             out[name] = type(s)(cols) if isinstance(s, tuple) else cols
