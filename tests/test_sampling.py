@@ -1756,6 +1756,51 @@ def test_tff_live_sample_is_a_subset_of_the_same_size(tff_factory):
                 assert {_row_key(r) for r in o} <= pool and {_row_key(r) for r in t} <= pool
 
 
+# (dtype, shape, client value, what fastrec does): "same" where TFF accepts the value, else TFF
+# raises TypeError and fastrec either casts it ("cast", a documented difference) or raises.
+_TFF_VALUE_KINDS = [
+    ("float32", (), 1.5, "same"), ("float32", (), np.float32(2.5), "same"),
+    ("float32", (), np.float16(2.5), "same"), ("float32", (), np.array(1.5, np.float32), "same"),
+    ("float64", (), np.float32(0.1), "same"), ("float32", (2,), (1.0, 2.0), "same"),
+    ("float32", (2, 2), [[1.0, 2.0], [3.0, 4.0]], "same"), ("int64", (), 5, "same"),
+    ("int32", (), np.uint8(7), "same"), ("uint64", (), 2**63, "same"),
+    ("bool", (), True, "same"), ("bool", (), np.bool_(True), "same"),
+    ("complex64", (), 1 + 2j, "same"),
+    ("float32", (), 3, "cast"), ("float32", (), np.float64(0.1), "cast"),
+    ("float32", (2,), [1, 2], "cast"), ("float32", (2,), np.array([1, 2], np.int32), "cast"),
+    ("int32", (), np.int64(5), "cast"),
+    # out of an integer dtype's range, or of the shape: ValueError here
+    ("int32", (), 2**31, ValueError), ("int32", (), np.int64(2**40), ValueError),
+    ("uint8", (), -1, ValueError), ("int64", (), 2**63, ValueError),
+    ("float32", (2,), [1.0, 2.0, 3.0], ValueError), ("float32", (1,), 1.5, ValueError),
+    ("float32", (), np.array([1.5], np.float32), ValueError),
+    # of the wrong kind: TypeError in both
+    ("float32", (), True, TypeError), ("int32", (), 1.5, TypeError), ("int32", (), True, TypeError),
+    ("bool", (), 1, TypeError), ("float32", (), "1.0", TypeError),
+]
+
+
+@pytest.mark.parametrize("dtype, shape, value, ours", _TFF_VALUE_KINDS)
+def test_tff_live_value_kinds(tff_factory, dtype, shape, value, ours):
+    spec = {"a": TensorSpec(dtype, shape)}
+    process = FinalizeThenSampleFactory(5).create({"a": lambda x: x}, spec)
+    theirs = tff_factory(5).create(collections.OrderedDict(a=lambda x: x), _tff_type(spec))
+    clients = [collections.OrderedDict(a=value)]
+    if ours == "same":
+        _assert_same_tree(process.next(process.initialize(), clients).result[1],
+                          theirs.next(theirs.initialize(), clients).result[1])
+        return
+    with pytest.raises(TypeError):
+        theirs.next(theirs.initialize(), clients)
+    if ours == "cast":
+        got = process.next(process.initialize(), clients).result[1]["a"]
+        assert got.dtype == np.dtype(dtype) and got.shape == (1,) + shape
+        assert np.array_equal(got[0], np.asarray(value).astype(dtype))
+    else:
+        with pytest.raises(ours):
+            process.next(process.initialize(), clients)
+
+
 def test_tff_live_both_refuse_a_finalizer_that_cannot_run(tff_factory):
     spec = {"a": TensorSpec("float32", (2,))}
     fins = {"a": lambda x: x[5]}   # out of range for a (2,) value: fails when traced / probed

@@ -38,9 +38,12 @@ State (a plain, picklable ``dict``, validated field by field whenever it comes b
 Differences from TFF 0.87, all deliberate: seeded runs are reproducible; keys are 64-bit and
 depend only on (seed, round, index), so they merge exactly across workers (TFF's int32 key
 chain repeats after ~65-86k draws); complex NaN/Inf are counted; values TFF refuses with a
-TypeError (a Python int or a float64 array under a float32 spec) are cast; a client kept in
-both merged states (same round, index and key) is kept once; order is arrival order always
+TypeError for their type alone (a Python int or an int array under a float spec, a float64
+value under float32, an int64 under int32) are cast, integers only within range; a value out of
+an integer dtype's range or of the spec's shape is a ValueError (TFF: TypeError); a client kept
+in both merged states (same round, index and key) is kept once; order is arrival order always
 (TFF keeps it only while the reservoir is not full).
+
 Finalizers run on numpy values, so their arithmetic is numpy's, not TensorFlow's: under NumPy 1
 a numpy scalar combined with a Python float may widen (TF keeps the tensor's dtype), and
 subnormal numbers are kept where TF's CPU kernels flush them to zero. tests/test_sampling.py
