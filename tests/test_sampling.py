@@ -1801,6 +1801,20 @@ def test_tff_live_value_kinds(tff_factory, dtype, shape, value, ours):
             process.next(process.initialize(), clients)
 
 
+def test_tff_live_none_dimension(tff_factory):
+    """Values of a (None,) spec vary in length; reduced by the finalizer they sample alike
+    (the reduction is TF's or numpy's, whichever the value is)."""
+    import tensorflow as tf
+    spec = {"a": TensorSpec("float32", (None,))}
+    fins = {"a": lambda x: tf.reduce_sum(x) if isinstance(x, tf.Tensor) else np.sum(x)}
+    clients = [collections.OrderedDict(a=v) for v in ([1.0, 2.0], [3.0], [4.0, 5.0, np.inf])]
+    theirs = tff_factory(5).create(_tff_finalizers(fins), _tff_type(spec))
+    ours = FinalizeThenSampleFactory(5).create(fins, spec)
+    t_out, o_out = theirs.next(theirs.initialize(), clients), ours.next(ours.initialize(), clients)
+    _assert_same_tree(o_out.result, t_out.result)
+    _assert_same_tree(o_out.measurements, t_out.measurements)
+
+
 def test_tff_live_both_refuse_a_finalizer_that_cannot_run(tff_factory):
     spec = {"a": TensorSpec("float32", (2,))}
     fins = {"a": lambda x: x[5]}   # out of range for a (2,) value: fails when traced / probed
