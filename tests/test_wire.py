@@ -269,6 +269,63 @@ def test_fast_path_refusals_match_general_path():
         wire.recordset_to_bytes(rs)
 
 
+class _PretendsFloat:
+    """Passes isinstance(x, float) (via __class__); its __float__ clears the list it is in."""
+
+    def __init__(self, lst):
+        self.lst = lst
+
+    @property
+    def __class__(self):
+        return float
+
+    def __float__(self):
+        self.lst.clear()
+        return 2.0
+
+
+class _PretendsInt(_PretendsFloat):
+    @property
+    def __class__(self):
+        return int
+
+    def __index__(self):
+        self.lst.clear()
+        return 2
+
+
+class _ClearingBytes(bytes):
+    def __bytes__(self):
+        self.lst.clear()
+        return b"z"
+
+
+def test_list_value_mutated_while_encoding():
+    """Converting a list element runs Python code that may shrink the list (or free the
+    elements another one's bytes were taken from): the encoder works on a snapshot, where
+    it once read past the list's end (a crash)."""
+    lst = [1.0]
+    lst += [_PretendsFloat(lst)] + [1.0] * 300
+    data = wire.metrics_record_to_bytes(MetricsRecord({"x": lst}))
+    assert wire.metrics_record_from_bytes(data)["x"] == [1.0, 2.0] + [1.0] * 300
+    lst = [1]
+    lst += [_PretendsInt(lst)] + [1] * 300
+    data = wire.metrics_record_to_bytes(MetricsRecord({"x": lst}))
+    assert wire.metrics_record_from_bytes(data)["x"] == [1, 2] + [1] * 300
+    lst = []
+    for i in range(300):
+        b = _ClearingBytes(b"b%d" % i)
+        b.lst = lst
+        lst.append(b)
+    strs = [("s%d" % i) * 3 for i in range(300)]   # freed if the bytes list clears it
+    clear_strs = _ClearingBytes(b"y")
+    clear_strs.lst = strs
+    rs = RecordSet(configs_records={"c": ConfigsRecord({"a": strs, "b": [clear_strs], "c": lst})})
+    back = wire.recordset_from_bytes(wire.recordset_to_bytes(rs)).configs_records["c"]
+    assert back["a"] == [("s%d" % i) * 3 for i in range(300)]
+    assert back["b"] == [b"z"] and back["c"] == [b"z"] * 300
+
+
 def test_value_kinds_and_edge_cases():
     rec = MetricsRecord({"big": 2**64 - 1, "neg": -5, "nan": math.nan, "inf": -math.inf,
                          "e": [], "u": [1, 2**63], "s": [-1, 2], "mix": [1, True], "": 0.0,

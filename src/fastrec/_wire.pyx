@@ -223,7 +223,7 @@ cdef inline const uint8_t *_utf8(object s, size_t *n) except NULL:
     return <const uint8_t *>p
 
 
-cdef bint _all_instances(list items, object t):
+cdef bint _all_instances(tuple items, object t):
     cdef object x
     for x in items:
         if type(x) is not t and not PyObject_IsInstance(x, t):
@@ -231,7 +231,7 @@ cdef bint _all_instances(list items, object t):
     return True
 
 
-cdef int _int_list(list items, fr_value *v) except -1:
+cdef int _int_list(tuple items, fr_value *v) except -1:
     cdef size_t k, n = len(items)
     cdef int64_t i = 0
     cdef uint64_t u = 0
@@ -256,7 +256,7 @@ cdef int _int_list(list items, fr_value *v) except -1:
     return 0
 
 
-cdef int _list_value(list items, int kind, fr_value *v, list keep) except -1:
+cdef int _list_value(tuple items, int kind, fr_value *v, list keep) except -1:
     cdef size_t k, n = len(items)
     cdef object x
     cdef fr_span *sp
@@ -325,7 +325,7 @@ cdef int _scalar_value(object value, int kind, fr_value *v, list keep) except -1
 
 cdef int value_from_py(object value, bint configs, fr_value *v, list keep) except -1:
     cdef type tp = type(value)
-    cdef list items
+    cdef tuple items
     v.n = 0
     # Fast paths for exact builtin types, which the general loop below would
     # classify the same way.
@@ -339,7 +339,10 @@ cdef int value_from_py(object value, bint configs, fr_value *v, list keep) excep
     is_list = tp is list or PyObject_IsInstance(value, list)
     items = None
     if is_list:
-        items = value if tp is list else list(value)
+        # A snapshot: converting an element (__float__, __index__, __bytes__ of an object
+        # that passes isinstance) runs Python code, which could shrink the list under the
+        # unchecked indexing below or free elements whose bytes the value points into.
+        items = tuple(value)
     for t, scalar_kind, list_kind in order:
         if PyObject_IsInstance(value, t):
             return _scalar_value(value, scalar_kind, v, keep)
