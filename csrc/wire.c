@@ -838,7 +838,7 @@ static inline int small_len_field(const uint8_t *p, size_t n, size_t *at, uint8_
         u = p[k + 1];
     else if ((w = small_varint(p + k + 1, n - k - 1, &u)) == 0)
         return 1;
-    if (u > n - k - 1 - w)
+    if (u > n - k - 1 - w || u >= INT32_MAX)          /* as fr_pb_next_field */
         return 1;
     *at = k + 1 + w;
     *len = (size_t)u;
