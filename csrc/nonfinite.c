@@ -83,7 +83,10 @@ static int64_t count_contig_generic(const char *p, fr_ftype t, int64_t n)
     return count_contig_body(p, t, n);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* Not with clang-cl (_MSC_VER): __builtin_cpu_supports reads __cpu_model from
+ * compiler-rt's builtins, which the MSVC toolchain does not link, so the
+ * module would fail to link; MSVC itself has no target attribute. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_MSC_VER)
 #define FR_NONFINITE_AVX2 1
 __attribute__((target("avx2")))
 static int64_t count_contig_avx2(const char *p, fr_ftype t, int64_t n)
