@@ -961,23 +961,27 @@ fr_status fr_npy_write_header(uint8_t *dst, size_t cap, const char *descr_lit, s
  * strided row miss cache, and independent ones overlap their latency.
  * Called with a constant w (4 or 8), so each call inlines into a loop of
  * fixed-size moves. */
+/* Source elements are addressed as src + k * stride: stepping a pointer past the
+ * row's last element (or before its first, for a negative stride) is undefined
+ * behaviour even if it is never read. */
 static inline void copy_row_x4(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride,
                                size_t w)
 {
     int64_t k = 0;
-    for (; k + 4 <= n; k += 4, src += 4 * stride, dst += 4 * w) {
+    for (; k + 4 <= n; k += 4, dst += 4 * w) {
+        const uint8_t *s = src + k * stride;
         uint8_t a[8], b[8], c[8], d[8];
-        memcpy(a, src, w);
-        memcpy(b, src + stride, w);
-        memcpy(c, src + 2 * stride, w);
-        memcpy(d, src + 3 * stride, w);
+        memcpy(a, s, w);
+        memcpy(b, s + stride, w);
+        memcpy(c, s + 2 * stride, w);
+        memcpy(d, s + 3 * stride, w);
         memcpy(dst, a, w);
         memcpy(dst + w, b, w);
         memcpy(dst + 2 * w, c, w);
         memcpy(dst + 3 * w, d, w);
     }
-    for (; k < n; k++, src += stride, dst += w)
-        memcpy(dst, src, w);
+    for (; k < n; k++, dst += w)
+        memcpy(dst, src + k * stride, w);
 }
 
 static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride,
@@ -990,10 +994,10 @@ static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride
     /* Fixed-size memcpy compiles to a single load/store per element. */
     switch (itemsize) {
     case 1:
-        for (int64_t k = 0; k < n; k++, src += stride) dst[k] = *src;
+        for (int64_t k = 0; k < n; k++) dst[k] = src[k * stride];
         break;
     case 2:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += 2) memcpy(dst, src, 2);
+        for (int64_t k = 0; k < n; k++, dst += 2) memcpy(dst, src + k * stride, 2);
         break;
     case 4:
         copy_row_x4(dst, src, n, stride, 4);
@@ -1002,10 +1006,10 @@ static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride
         copy_row_x4(dst, src, n, stride, 8);
         break;
     case 16:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += 16) memcpy(dst, src, 16);
+        for (int64_t k = 0; k < n; k++, dst += 16) memcpy(dst, src + k * stride, 16);
         break;
     default:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += itemsize) memcpy(dst, src, itemsize);
+        for (int64_t k = 0; k < n; k++, dst += itemsize) memcpy(dst, src + k * stride, itemsize);
         break;
     }
 }
