@@ -339,7 +339,7 @@ static fr_status parse_descr(parser *p)
 {
     size_t start = p->i;
     if (at_string_start(p)) {
-        size_t off, len;
+        size_t off = 0, len = 0; /* set on FR_OK (GCC -O3 cannot tell) */
         fr_status st = parse_plain_string(p, &off, &len);
         if (st == FR_OK) {
             size_t after = p->i;
@@ -539,7 +539,7 @@ static fr_status parse_shape(parser *p)
     }
     int comma = 0;
     for (;;) {
-        int64_t d;
+        int64_t d = 0; /* set on FR_OK (GCC -O3 cannot tell) */
         fr_status st = parse_dim(p, &d);
         if (st != FR_OK) {
             return st;
@@ -607,7 +607,7 @@ static fr_status parse_dict(parser *p)
             size_t len = 0;
             fr_status st;
             do {
-                size_t off, n;
+                size_t off = 0, n = 0; /* set on FR_OK (GCC -O3 cannot tell) */
                 st = parse_plain_string(p, &off, &n);
                 if (st != FR_OK) {
                     if (st == FR_ERR_TYPE) {
