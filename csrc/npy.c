@@ -832,7 +832,10 @@ fr_status fr_npy_data_nbytes(fr_npy_header *h, size_t itemsize, size_t *nbytes)
         }
         bytes *= d;
     }
-    if (bytes > (uint64_t)SIZE_MAX) {
+    /* ... and in numpy's npy_intp, i.e. ptrdiff_t: on a 32-bit build the caller's
+     * cast of each dimension to npy_intp would otherwise truncate it silently (a
+     * (0, 2**33) header read as shape (0, 0)). No-op where ptrdiff_t is 64-bit. */
+    if (count > (uint64_t)PTRDIFF_MAX || bytes > (uint64_t)PTRDIFF_MAX) {
         snprintf(h->msg, FR_NPY_MSG_LEN, "shape is not valid: too large for this platform");
         return FR_ERR_OVERFLOW;
     }
