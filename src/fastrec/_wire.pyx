@@ -1703,16 +1703,18 @@ def metrics_columns(buffers, record, spec, *, wire="recordset", buffer_offset=0)
     cdef Py_ssize_t n = len(bufs), i
     cdef _Leaves L = _make_leaves(spec, n)
     cdef list inputs = [None] * n
-    cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
-    cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
-    cdef uint8_t *slow = <uint8_t *>malloc(n if n else 1)
     cdef _Dec d = _Dec.__new__(_Dec)
     cdef _In inp
+    # Everything that can raise goes before the mallocs, which only the finally below frees
+    # (a record name with a lone surrogate used to leak all three).
     cdef bytes rb = record.encode("utf-8") if record is not None else b""
     cdef const uint8_t *rp = <const uint8_t *>PyBytes_AS_STRING(rb)
     cdef size_t rlen = <size_t>len(rb)
     cdef fr_wire_leaf *leaves = L.leaves
     cdef size_t nleaves = <size_t>L.n
+    cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
+    cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
+    cdef uint8_t *slow = <uint8_t *>malloc(n if n else 1)
     try:
         if ptrs == NULL or lens == NULL or slow == NULL:
             raise MemoryError()
