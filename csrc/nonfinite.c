@@ -83,7 +83,10 @@ static int64_t count_contig_generic(const char *p, fr_ftype t, int64_t n)
     return count_contig_body(p, t, n);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* Not with clang-cl (_MSC_VER): __builtin_cpu_supports reads __cpu_model from
+ * compiler-rt's builtins, which the MSVC toolchain does not link, so the
+ * module would fail to link; MSVC itself has no target attribute. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_MSC_VER)
 #define FR_NONFINITE_AVX2 1
 __attribute__((target("avx2")))
 static int64_t count_contig_avx2(const char *p, fr_ftype t, int64_t n)
@@ -101,10 +104,14 @@ static int64_t count_contig(const char *p, fr_ftype t, int64_t n)
     return count_contig_generic(p, t, n);
 }
 
-static int64_t count_strided(const char *p, fr_ftype t, int64_t n, int64_t stride)
+/* Elements are addressed as base + i * stride: stepping a pointer past the last
+ * one (or before the first, for a negative stride) is undefined behaviour even
+ * if it is never read. */
+static int64_t count_strided(const char *base, fr_ftype t, int64_t n, int64_t stride)
 {
     int64_t c = 0;
-    for (int64_t i = 0; i < n; i++, p += stride) {
+    for (int64_t i = 0; i < n; i++) {
+        const char *p = base + i * stride;
         switch (t) {
         case FR_FT_FLOAT16: c += bad16(load16(p)); break;
         case FR_FT_FLOAT32: c += bad32(load32(p)); break;
@@ -141,17 +148,16 @@ static int64_t count_nd(const char *data, fr_ftype t, int ndim, const int64_t *s
     for (;;) {
         c += count_1d(p, t, shape[inner], strides[inner]);
         int d = inner - 1;
-        while (d >= 0) {
-            idx[d]++;
-            p += strides[d];
-            if (idx[d] < shape[d])
-                break;
-            p -= strides[d] * shape[d];
+        /* p only ever points at an element: rewind a finished axis from its last
+         * index instead of stepping past it first */
+        while (d >= 0 && ++idx[d] == shape[d]) {
+            p -= strides[d] * (shape[d] - 1);
             idx[d] = 0;
             d--;
         }
         if (d < 0)
             return c;
+        p += strides[d];
     }
 }
 
@@ -182,9 +188,8 @@ fr_status fr_count_nonfinite(const char *data, fr_ftype t, int ndim, const int64
         return FR_OK;
     }
     int64_t rows = 0;
-    const char *p = data;
-    for (int64_t r = 0; r < shape[0]; r++, p += strides[0])
-        rows += count_nd(p, t, ndim - 1, shape + 1, strides + 1) > 0;
+    for (int64_t r = 0; r < shape[0]; r++)
+        rows += count_nd(data + r * strides[0], t, ndim - 1, shape + 1, strides + 1) > 0;
     *out = rows;
     return FR_OK;
 }

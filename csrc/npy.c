@@ -339,7 +339,7 @@ static fr_status parse_descr(parser *p)
 {
     size_t start = p->i;
     if (at_string_start(p)) {
-        size_t off, len;
+        size_t off = 0, len = 0; /* set on FR_OK (GCC -O3 cannot tell) */
         fr_status st = parse_plain_string(p, &off, &len);
         if (st == FR_OK) {
             size_t after = p->i;
@@ -539,7 +539,7 @@ static fr_status parse_shape(parser *p)
     }
     int comma = 0;
     for (;;) {
-        int64_t d;
+        int64_t d = 0; /* set on FR_OK (GCC -O3 cannot tell) */
         fr_status st = parse_dim(p, &d);
         if (st != FR_OK) {
             return st;
@@ -607,7 +607,7 @@ static fr_status parse_dict(parser *p)
             size_t len = 0;
             fr_status st;
             do {
-                size_t off, n;
+                size_t off = 0, n = 0; /* set on FR_OK (GCC -O3 cannot tell) */
                 st = parse_plain_string(p, &off, &n);
                 if (st != FR_OK) {
                     if (st == FR_ERR_TYPE) {
@@ -832,7 +832,10 @@ fr_status fr_npy_data_nbytes(fr_npy_header *h, size_t itemsize, size_t *nbytes)
         }
         bytes *= d;
     }
-    if (bytes > (uint64_t)SIZE_MAX) {
+    /* ... and in numpy's npy_intp, i.e. ptrdiff_t: on a 32-bit build the caller's
+     * cast of each dimension to npy_intp would otherwise truncate it silently (a
+     * (0, 2**33) header read as shape (0, 0)). No-op where ptrdiff_t is 64-bit. */
+    if (count > (uint64_t)PTRDIFF_MAX || bytes > (uint64_t)PTRDIFF_MAX) {
         snprintf(h->msg, FR_NPY_MSG_LEN, "shape is not valid: too large for this platform");
         return FR_ERR_OVERFLOW;
     }
@@ -961,23 +964,27 @@ fr_status fr_npy_write_header(uint8_t *dst, size_t cap, const char *descr_lit, s
  * strided row miss cache, and independent ones overlap their latency.
  * Called with a constant w (4 or 8), so each call inlines into a loop of
  * fixed-size moves. */
+/* Source elements are addressed as src + k * stride: stepping a pointer past the
+ * row's last element (or before its first, for a negative stride) is undefined
+ * behaviour even if it is never read. */
 static inline void copy_row_x4(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride,
                                size_t w)
 {
     int64_t k = 0;
-    for (; k + 4 <= n; k += 4, src += 4 * stride, dst += 4 * w) {
+    for (; k + 4 <= n; k += 4, dst += 4 * w) {
+        const uint8_t *s = src + k * stride;
         uint8_t a[8], b[8], c[8], d[8];
-        memcpy(a, src, w);
-        memcpy(b, src + stride, w);
-        memcpy(c, src + 2 * stride, w);
-        memcpy(d, src + 3 * stride, w);
+        memcpy(a, s, w);
+        memcpy(b, s + stride, w);
+        memcpy(c, s + 2 * stride, w);
+        memcpy(d, s + 3 * stride, w);
         memcpy(dst, a, w);
         memcpy(dst + w, b, w);
         memcpy(dst + 2 * w, c, w);
         memcpy(dst + 3 * w, d, w);
     }
-    for (; k < n; k++, src += stride, dst += w)
-        memcpy(dst, src, w);
+    for (; k < n; k++, dst += w)
+        memcpy(dst, src + k * stride, w);
 }
 
 static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride,
@@ -990,10 +997,10 @@ static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride
     /* Fixed-size memcpy compiles to a single load/store per element. */
     switch (itemsize) {
     case 1:
-        for (int64_t k = 0; k < n; k++, src += stride) dst[k] = *src;
+        for (int64_t k = 0; k < n; k++) dst[k] = src[k * stride];
         break;
     case 2:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += 2) memcpy(dst, src, 2);
+        for (int64_t k = 0; k < n; k++, dst += 2) memcpy(dst, src + k * stride, 2);
         break;
     case 4:
         copy_row_x4(dst, src, n, stride, 4);
@@ -1002,10 +1009,10 @@ static void copy_row(uint8_t *dst, const uint8_t *src, int64_t n, int64_t stride
         copy_row_x4(dst, src, n, stride, 8);
         break;
     case 16:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += 16) memcpy(dst, src, 16);
+        for (int64_t k = 0; k < n; k++, dst += 16) memcpy(dst, src + k * stride, 16);
         break;
     default:
-        for (int64_t k = 0; k < n; k++, src += stride, dst += itemsize) memcpy(dst, src, itemsize);
+        for (int64_t k = 0; k < n; k++, dst += itemsize) memcpy(dst, src + k * stride, itemsize);
         break;
     }
 }

@@ -100,7 +100,10 @@ static fr_status read_payload(fr_pb_ctx *c, const uint8_t **p, const uint8_t *en
         q = *p;
         if (fr_pb_read_varint(c, p, end, &n) != FR_OK)
             return FR_ERR_VALUE;
-        if (*p - q > 5 || n >= INT32_MAX)
+        /* upb bounds the value only: unlike a tag, a length may be an overlong
+         * varint of up to 10 bytes (protobuf's C++ parser would refuse one
+         * past 5, but Python's protobuf is upb). */
+        if (n >= INT32_MAX)
             return fr_pb_fail(c, q, "length does not fit in 31 bits");
         if (n > (uint64_t)(end - *p))
             return fr_pb_fail(c, q, "length past the end of the data");

@@ -18,7 +18,8 @@
  *   - a varint has at most 10 bytes; bits past 64 in the 10th byte are dropped;
  *   - a tag has at most 5 bytes and must fit in 32 bits; field number 0 and
  *     wire types 6 and 7 are malformed;
- *   - a length has at most 5 bytes, must be < 2^31 and must fit in what is left;
+ *   - a length is any varint (overlong ones too, up to the 10 bytes) whose value
+ *     is < 2^31 and fits in what is left;
  *   - an unknown group is skipped field by field, up to its matching EGROUP,
  *     counting one nesting level per group; a stray EGROUP is malformed.
  * Nothing here allocates memory sized by an input length, and every read

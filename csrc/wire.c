@@ -838,7 +838,7 @@ static inline int small_len_field(const uint8_t *p, size_t n, size_t *at, uint8_
         u = p[k + 1];
     else if ((w = small_varint(p + k + 1, n - k - 1, &u)) == 0)
         return 1;
-    if (u > n - k - 1 - w)
+    if (u > n - k - 1 - w || u >= INT32_MAX)          /* as fr_pb_next_field */
         return 1;
     *at = k + 1 + w;
     *len = (size_t)u;
@@ -917,7 +917,7 @@ static int canonical_value(const uint8_t *q, size_t m, fr_value *v)
 static int canonical_items(const uint8_t *p, size_t n, fr_wire_leaf *leaves, size_t nleaves,
                            size_t row, fr_value *v)
 {
-    size_t at = 0, item_len, end, key_len, val_len, k, j, hint = 0;
+    size_t at = 0, item_len, end, key_len, val_len, k, j = 0, hint = 0;
     const uint8_t *key, *name;
     while (at < n) {
         if (small_len_field(p, n, &at, 0x0a, &item_len))

@@ -121,6 +121,24 @@ def test_zero_itemsize_descr_matches_numpy_load(descr, copy):
         (want.dtype, (4096,), 0)
 
 
+@pytest.mark.parametrize("descr", ["'|V0'", "'|S0'", "'<U0'"])
+@pytest.mark.parametrize("fortran,shape", [(True, (2, 3)), (False, (2, 3)), (True, (4, 0, 2)),
+                                           (False, ()), (True, (5,))])
+@pytest.mark.parametrize("copy", [True, False])
+def test_zero_itemsize_layout_matches_numpy_load(descr, fortran, shape, copy):
+    # Fuzz finding: a Fortran-order U0 array came back C-contiguous=False where numpy.load's
+    # (a transposed view) is both, so np.ascontiguousarray copied it into a U1 array.
+    data = npy_header("{'descr': %s, 'fortran_order': %s, 'shape': %r}" % (descr, fortran, shape))
+    want = np_load(data)
+    got = ours(data, copy=copy)
+    assert (got.dtype, got.shape, got.strides) == (want.dtype, want.shape, want.strides)
+    assert (got.flags.c_contiguous, got.flags.f_contiguous) == \
+        (want.flags.c_contiguous, want.flags.f_contiguous)
+    assert np.ascontiguousarray(got).dtype == np.ascontiguousarray(want).dtype
+    assert np.asfortranarray(got).dtype == np.asfortranarray(want).dtype
+    assert got.flags.writeable == copy
+
+
 def test_zero_itemsize_huge_shape_allocates_nothing():
     data = npy_header("{'descr': '|V0', 'fortran_order': True, 'shape': (9223372036854775807,)}")
     assert ours(data).shape == np_load(data).shape == (2**63 - 1,)

@@ -410,6 +410,65 @@ def test_list_values_mutated_while_encoding_never_crash():
         assert back.configs_records["c"]["a"] == chunks
 
 
+class _PretendsFloat:
+    """Passes isinstance(x, float) (via __class__); its __float__ clears the list it is in."""
+
+    def __init__(self, lst):
+        self.lst = lst
+
+    @property
+    def __class__(self):
+        return float
+
+    def __float__(self):
+        self.lst.clear()
+        return 2.0
+
+
+class _PretendsInt(_PretendsFloat):
+    @property
+    def __class__(self):
+        return int
+
+    def __index__(self):
+        self.lst.clear()
+        return 2
+
+
+class _ClearingBytes(bytes):
+    def __bytes__(self):
+        self.lst.clear()
+        return b"z"
+
+
+def test_list_value_mutated_while_encoding():
+    """Converting a list element runs Python code that may shrink the list (or free the
+    elements another one's bytes were taken from): the encoder works on a snapshot, where
+    it once read past the list's end (a crash)."""
+    lst = [1.0]
+    lst += [_PretendsFloat(lst)] + [1.0] * 300
+    data = wire.metrics_record_to_bytes(MetricsRecord({"x": lst}))
+    assert wire.metrics_record_from_bytes(data)["x"] == [1.0, 2.0] + [1.0] * 300
+    lst = [1]
+    lst += [_PretendsInt(lst)] + [1] * 300
+    data = wire.metrics_record_to_bytes(MetricsRecord({"x": lst}))
+    assert wire.metrics_record_from_bytes(data)["x"] == [1, 2] + [1] * 300
+    lst = []
+    for i in range(300):
+        b = _ClearingBytes(b"b%d" % i)
+        b.lst = lst
+        lst.append(b)
+    strs = [("s%d" % i) * 3 for i in range(300)]   # freed if the bytes list clears it
+    clear_strs = _ClearingBytes(b"y")
+    clear_strs.lst = strs
+    rs = RecordSet(configs_records={"c": ConfigsRecord({"a": strs, "b": [clear_strs], "c": lst})})
+    back = wire.recordset_from_bytes(wire.recordset_to_bytes(rs)).configs_records["c"]
+    assert back["a"] == [("s%d" % i) * 3 for i in range(300)]
+    # protobuf writes a bytes subclass's own buffer, so __bytes__ (and its clearing) never runs
+    assert back["b"] == [b"y"] and back["c"] == [b"b%d" % i for i in range(300)]
+    assert len(strs) == 300 and len(lst) == 300
+
+
 def test_value_kinds_and_edge_cases():
     rec = MetricsRecord({"big": 2**64 - 1, "neg": -5, "nan": math.nan, "inf": -math.inf,
                          "e": [], "u": [1, 2**63], "s": [-1, 2], "mix": [1, True], "": 0.0,
@@ -448,6 +507,11 @@ def _varint(n):
         else:
             out.append(b)
             return bytes(out)
+
+
+def _long_varint(n, width):
+    """n as an overlong varint of exactly `width` bytes (zero groups padded on)."""
+    return bytes(((n >> (7 * i)) & 0x7F) | (0x80 if i < width - 1 else 0) for i in range(width))
 
 
 def _field(num, wt, payload=b""):
@@ -504,6 +568,13 @@ READING_CASES = [
     ("metrics", b"\x1c"),                                      # stray end group
     ("metrics", b"\x18" + b"\xff" * 9 + b"\x7f"),              # 10-byte varint, high bits
     ("metrics", b"\x18" + b"\xff" * 10 + b"\x01"),             # 11-byte varint
+    # lengths are any varint with a value below 2^31 (upb; tags stop at 5 bytes)
+    ("metrics", b"\x0a" + _long_varint(11, 6) + _field(1, 2, b"a") + _field(2, 2, _field(1, 1, b"\0" * 8))),
+    ("metrics", _entry(b"a", b"\x0a" + _long_varint(8, 10) + b"\0" * 8)),  # a value's string
+    ("metrics", b"\x3a" + _long_varint(0, 10)),                # unknown field, 10-byte length
+    ("metrics", b"\x3a" + _long_varint(0, 11)),                # 11 bytes: malformed
+    ("metrics", b"\x3a" + _long_varint(2**31 - 1, 10)),        # not below 2^31
+    ("metrics", _long_varint(1 << 3 | 2, 6) + b"\x00"),        # 6-byte tag: malformed
     ("metrics", b"\xfa\xff\xff\xff\x0f\x00"),                   # large field number
     ("metrics", b"\xfa\xff\xff\xff\x1f\x00"),                   # tag beyond 32 bits
     ("array", _field(2, 0, _varint(2**64 - 1)) + _field(2, 2, _varint(3) + _varint(2**64 - 5))),
@@ -798,6 +869,23 @@ def test_metrics_columns_errors_name_buffer_record_metric(bad, match):
         wire.metrics_columns(bufs, "m", COL_SPEC)
 
 
+def test_metrics_columns_overlong_lengths_agree_with_the_decoder():
+    """A length may be an overlong varint (6 to 10 bytes): the decoder reads it as protobuf
+    does, and metrics_columns' layout-specific fast path must not disagree with it."""
+    good = wire.recordset_to_bytes(_reply(1))
+    assert good[1] < 0x80   # the first field's length: one byte, made overlong below
+    for width in (2, 5, 6, 10):
+        data = good[:1] + _long_varint(good[1], width) + good[2:]
+        assert wire.recordset_from_bytes(data) == wire.recordset_from_bytes(good)
+        got = wire.metrics_columns([data], "m", COL_SPEC)
+        _assert_batch_equal(got, wire.metrics_columns([good], "m", COL_SPEC))
+    data = good[:1] + _long_varint(good[1], 11) + good[2:]
+    with pytest.raises(ValueError, match="varint longer than 10 bytes"):
+        wire.recordset_from_bytes(data)
+    with pytest.raises(ValueError, match="buffer 0: malformed RecordSet"):
+        wire.metrics_columns([data], "m", COL_SPEC)
+
+
 def test_metrics_columns_refuses_malformed_and_odd_specs():
     good = wire.recordset_to_bytes(_reply(1))
     with pytest.raises(ValueError, match=r"buffer 1: malformed RecordSet at byte"):
@@ -816,6 +904,10 @@ def test_metrics_columns_refuses_malformed_and_odd_specs():
         wire.metrics_columns([good], "m", {"a": {"x": TensorSpec("float64")}})
     with pytest.raises(ValueError):
         wire.metrics_columns([good], "m", COL_SPEC, wire="json")
+    # a record name that is not UTF-8: refused before any scratch is taken (it leaked the
+    # per-buffer arrays once, which .ci/sanitize's LeakSanitizer reports)
+    with pytest.raises(UnicodeEncodeError):
+        wire.metrics_columns([good] * 1000, "\ud800", COL_SPEC)
 
 
 def test_metrics_columns_reads_the_spec_once():
@@ -1092,6 +1184,13 @@ OBJECT_CASES = [
     ("wrong kind: float for an int", _obj(_A1 + _entry(b"n", _dbl(1.0)))),
     ("out of range", _obj(_A1 + _entry(b"n", _sint(2**40)))),
     ("uint64 out of range", _obj(_A1 + _entry(b"n", _field(3, 0, _varint(2**64 - 1))))),
+    # overlong length varints: protobuf (upb) reads them, so inflate does and the fast path must
+    ("overlong item length", _obj(b"\x0a" + _long_varint(14, 6) + _field(1, 2, b"a")
+                                  + _field(2, 2, _dbl(1.5)) + _entry(b"n", _sint(1)))),
+    ("overlong value length", _obj(_field(1, 2, _field(1, 2, b"a") + b"\x12" + _long_varint(9, 10)
+                                          + _dbl(1.5)) + _entry(b"n", _sint(1)))),
+    ("overlong list length", _obj(_A1 + _entry(b"n", b"\xb2\x01" + _long_varint(3, 7)
+                                                 + _field(1, 2, b"\x02")))),
 ]
 OBJ_CASE_SPEC = {"a": TensorSpec("float64"), "n": TensorSpec("int32")}
 

@@ -411,11 +411,22 @@ cdef object _new_array(object dt, int ndim, cnp.npy_intp *dims, int fortran,
                        const uint8_t *src, Py_ssize_t nbytes, bint copy, object base):
     cdef cnp.ndarray arr
     cdef int i
-    if copy and (<cnp.dtype>dt).itemsize == 0:
-        # PyArray_NewFromDescr turns an unsized 'U0'/'S0'/'V0' into size 1
-        # when it allocates; the ndarray constructor keeps it, as numpy.load does.
-        return np.ndarray(tuple([dims[i] for i in range(ndim)]), dtype=dt,
-                          order="F" if fortran else "C")
+    cdef object count
+    if (<cnp.dtype>dt).itemsize == 0:
+        # No bytes to copy or view. PyArray_NewFromDescr would turn an unsized
+        # 'U0'/'S0'/'V0' into size 1 when it allocates; the ndarray constructor
+        # keeps it. Built as numpy.load builds it (1-d, then reshaped, transposed
+        # for Fortran order), so the contiguity flags match too: a transposed
+        # view of size-0 items is C- and F-contiguous, ndarray(order="F") only F.
+        shape = tuple([dims[i] for i in range(ndim)])
+        count = 1
+        for i in range(ndim):
+            count *= dims[i]
+        arr = np.ndarray(count, dtype=dt)
+        arr = arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+        if not copy:
+            arr.flags.writeable = False   # as every copy=False result
+        return arr
     Py_INCREF(dt)   # stolen by PyArray_NewFromDescr
     if copy:
         arr = _np_new_from_descr(&PyArray_Type, <cnp.PyArray_Descr *>dt, ndim, dims, NULL, NULL,

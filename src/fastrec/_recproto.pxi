@@ -56,17 +56,16 @@ cdef bytes _deflate_fast(dict data, bint config, bytes name):
 cdef bytes _deflate_values(TypedDict rec, bint config):
     cdef fr_value v
     cdef fr_pb_writer w
-    cdef fr_pb_ctx c
     cdef size_t vsize, item, total, kn
     cdef Py_ssize_t kn_
     cdef const char* ks
     cdef int ok = 1
+    cdef fr_status st
     cdef list keep
     fr_value_init(&v)
     w.buf = NULL
     w.len = 0
     w.cap = 0
-    c.err = NULL
     cdef bytes name = _class_name(rec, b"ConfigRecord" if config else b"MetricRecord",
                                   rec._exact)
     # Iterate the dict in C (no view/iterator objects) and share one `keep`
@@ -94,7 +93,11 @@ cdef bytes _deflate_values(TypedDict rec, bint config):
             total = fr_pb_len_field_size(1, item)
             if total > w.cap - w.len:
                 # grow geometrically: fr_pb_reserve grows to exactly what is asked
-                _pb_check(fr_pb_reserve(&w, total if total > w.cap else w.cap), &c, config)
+                st = fr_pb_reserve(&w, total if total > w.cap else w.cap)
+                if st == FR_ERR_NOMEM:
+                    raise MemoryError()
+                if st != FR_OK:   # FR_ERR_OVERFLOW: an encoding error, with no input offset
+                    raise ValueError(f"{name.decode()} too large to serialize")
             fr_pb_put_tag(&w, 1, FR_PB_LEN)
             fr_pb_put_varint(&w, item)
             if kn:

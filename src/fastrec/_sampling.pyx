@@ -1072,11 +1072,13 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         raise ValueError("positions must be a contiguous 1-d int64 array")
     cdef Py_ssize_t i, j, r
     cdef int64_t gi
+    cdef const int64_t *pos = <const int64_t *>cnp.PyArray_DATA(positions)
+    # _Acc allocates nsample rows per leaf (MemoryError): before the malloc that only the
+    # finally below frees.
+    cdef list accs = [_Acc(<Layout>lay, nsample) for lay in layouts]
     cdef int64_t *slot = <int64_t *>malloc((n if n > 0 else 1) * sizeof(int64_t))
     if slot == NULL:
         raise MemoryError()
-    cdef const int64_t *pos = <const int64_t *>cnp.PyArray_DATA(positions)
-    cdef list accs = [_Acc(<Layout>lay, nsample) for lay in layouts]
     cdef PyObject *p
     cdef int stage
     cdef dict unfin

@@ -229,7 +229,7 @@ cdef inline object _bytes_value(object x):
     return x
 
 
-cdef bint _all_instances(list items, object t):
+cdef bint _all_instances(tuple items, object t):
     cdef object x
     for x in items:
         if type(x) is not t and not PyObject_IsInstance(x, t):
@@ -237,7 +237,7 @@ cdef bint _all_instances(list items, object t):
     return True
 
 
-cdef int _int_list(list items, fr_value *v) except -1:
+cdef int _int_list(tuple items, fr_value *v) except -1:
     cdef size_t k, n = len(items)
     cdef int64_t i = 0
     cdef uint64_t u = 0
@@ -262,7 +262,7 @@ cdef int _int_list(list items, fr_value *v) except -1:
     return 0
 
 
-cdef int _list_value(list items, int kind, fr_value *v, list keep) except -1:
+cdef int _list_value(tuple items, int kind, fr_value *v, list keep) except -1:
     cdef size_t k, n = len(items)
     cdef object x
     cdef fr_span *sp
@@ -328,7 +328,7 @@ cdef int _scalar_value(object value, int kind, fr_value *v, list keep) except -1
 
 cdef int value_from_py(object value, bint configs, fr_value *v, list keep) except -1:
     cdef type tp = type(value)
-    cdef list items
+    cdef tuple items
     v.n = 0
     # Fast paths for exact builtin types, which the general loop below would
     # classify the same way.
@@ -342,11 +342,10 @@ cdef int value_from_py(object value, bint configs, fr_value *v, list keep) excep
     is_list = tp is list or PyObject_IsInstance(value, list)
     items = None
     if is_list:
-        # A private copy: it holds every element while the C values point into them (a
-        # str's UTF-8, a bytes' buffer), and no hook run while converting (``__class__``,
-        # ``__float__``, ``__index__``) can resize it under the unchecked loops below. A
-        # list such a hook mutates is encoded as it was when its conversion started.
-        items = list(value)
+        # A snapshot: converting an element (__float__, __index__, __bytes__ of an object
+        # that passes isinstance) runs Python code, which could shrink the list under the
+        # unchecked indexing below or free elements whose bytes the value points into.
+        items = tuple(value)
     for t, scalar_kind, list_kind in order:
         if PyObject_IsInstance(value, t):
             return _scalar_value(value, scalar_kind, v, keep)
@@ -1799,16 +1798,18 @@ def metrics_columns(buffers, record, spec, *, wire="recordset", buffer_offset=0)
     cdef list snap = _spec_snapshot(spec)
     cdef _Leaves L = _make_leaves(snap, n)
     cdef list inputs = [None] * n
-    cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
-    cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
-    cdef uint8_t *slow = <uint8_t *>malloc(n if n else 1)
     cdef _Dec d = _Dec.__new__(_Dec)
     cdef _In inp
+    # Everything that can raise goes before the mallocs, which only the finally below frees
+    # (a record name with a lone surrogate used to leak all three).
     cdef bytes rb = record.encode("utf-8") if record is not None else b""
     cdef const uint8_t *rp = <const uint8_t *>PyBytes_AS_STRING(rb)
     cdef size_t rlen = <size_t>len(rb)
     cdef fr_wire_leaf *leaves = L.leaves
     cdef size_t nleaves = <size_t>L.n
+    cdef const uint8_t **ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
+    cdef size_t *lens = <size_t *>malloc((n if n else 1) * sizeof(size_t))
+    cdef uint8_t *slow = <uint8_t *>malloc(n if n else 1)
     try:
         if ptrs == NULL or lens == NULL or slow == NULL:
             raise MemoryError()
