@@ -3,6 +3,7 @@
 
 import ast
 import dataclasses
+import io
 import warnings
 
 import numpy as np
@@ -407,11 +408,29 @@ cdef class Array:
                 PyBuffer_Release(&view)
 
 
+cdef int _shape_in_place = -1   # see _load_sets_shape; -1 until first asked
+
+
+cdef bint _load_sets_shape():
+    """Whether this numpy's numpy.load gives an array its shape by assignment (older numpy)
+    or by reshape() (newer). For zero-itemsize arrays the two leave different contiguity
+    flags, so the one numpy.load uses is found once, by asking numpy.load itself."""
+    global _shape_in_place
+    if _shape_in_place < 0:
+        from numpy.lib import format as npy_format
+        buf = io.BytesIO()
+        npy_format.write_array_header_1_0(buf, {"descr": "|V0", "fortran_order": False,
+                                                "shape": (2, 3)})
+        buf.seek(0)
+        _shape_in_place = 1 if npy_format.read_array(buf).flags.f_contiguous else 0
+    return _shape_in_place == 1
+
+
 cdef object _new_array(object dt, int ndim, cnp.npy_intp *dims, int fortran,
                        const uint8_t *src, Py_ssize_t nbytes, bint copy, object base):
     cdef cnp.ndarray arr
     cdef int i
-    cdef object count
+    cdef object count, flat
     if (<cnp.dtype>dt).itemsize == 0:
         # No bytes to copy or view. PyArray_NewFromDescr would turn an unsized
         # 'U0'/'S0'/'V0' into size 1 when it allocates; the ndarray constructor
@@ -422,8 +441,13 @@ cdef object _new_array(object dt, int ndim, cnp.npy_intp *dims, int fortran,
         count = 1
         for i in range(ndim):
             count *= dims[i]
-        arr = np.ndarray(count, dtype=dt)
-        arr = arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+        flat = np.ndarray(count, dtype=dt)
+        rev = shape[::-1] if fortran else shape
+        if _load_sets_shape():
+            flat.shape = rev
+        else:
+            flat = flat.reshape(rev)
+        arr = flat.transpose() if fortran else flat
         if not copy:
             arr.flags.writeable = False   # as every copy=False result
         return arr
