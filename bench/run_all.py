@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
         f"Measured {datetime.date.today().isoformat()} with `python bench/run_all.py` "
         f"on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"numpy {numpy.__version__}, flwr {flwr_version}.",
-        "Each row: medians of interleaved repeats of baseline and fastrec in one interpreter (rows marked fresh process / steady state get their own); speed-up = baseline time / fastrec time.",
+        "Each row: medians of interleaved repeats of baseline and fastrec in one interpreter, a full garbage collection before each side's turn (rows marked fresh process / steady state get their own); speed-up = baseline time / fastrec time.",
         "",
     ]
     out = list(header)
