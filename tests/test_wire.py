@@ -6,9 +6,13 @@ the object wire among them, run without Flower.
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
+import pickle
 import random
 import struct
+import weakref
 
 import numpy as np
 import pytest
@@ -660,6 +664,94 @@ def test_mutation_fuzz_records(kind, data, rng):
         return
     for m in _mutations(enc, rng):
         check_decode(kind, m)
+
+
+# ---------------------------------------------------- decoded RecordSets and the cyclic GC
+
+_SEALED = RecordSet(
+    parameters_records={"p": ParametersRecord({"w": fastrec.array_from_numpy(np.ones(2))})},
+    metrics_records={"m": MetricsRecord({"acc": 0.5, "hist": [1, 2]})},
+    configs_records={"c": ConfigsRecord({"name": "x", "flags": [True]})})
+
+
+def _internals(rs):
+    """The group dicts and records of rs, read without unsealing it."""
+    groups = [d for d in gc.get_referents(rs) if type(d) is dict and d
+              and all(isinstance(rec, fastrec.records.TypedDict) for rec in d.values())]
+    return groups + [rec for d in groups for rec in d.values()]
+
+
+def _reach_in(how, rs):
+    """Python code reaching inside rs, in each way it can; returns a mutable inner list."""
+    if how == "view":
+        return rs.metrics_records["m"]["hist"]
+    if how == "getattr":
+        return getattr(rs, "configs_records")["c"]["flags"]
+    if how == "vars":
+        vars(rs)["me"] = [rs]
+        return vars(rs)["me"]
+    if how == "setattr":
+        rs.me = [rs]
+        return rs.me
+    if how == "eq":
+        class Spy(MetricsRecord):
+            def __eq__(self, other):
+                seen.append(other)
+                return NotImplemented
+        seen = []
+        other = RecordSet(parameters_records=dict(_SEALED.parameters_records),
+                          metrics_records={"m": Spy({"acc": 0.5, "hist": [1, 2]})})
+        rs == other  # noqa: B015
+        return seen[0]["hist"]
+    if how == "copy":
+        return copy.copy(rs).metrics_records["m"]["hist"]
+    raise AssertionError(how)
+
+
+def test_decoded_recordset_starts_outside_the_collector():
+    data = wire.recordset_to_bytes(_SEALED)
+    rs = wire.recordset_from_bytes(data)
+    assert not gc.is_tracked(rs)
+    # parameters records stay tracked; the metrics/configs groups and records do not
+    sealed = [o for o in _internals(rs)
+              if not isinstance(o, ParametersRecord) and not (type(o) is dict and "p" in o)]
+    assert len(sealed) == 4 and not any(gc.is_tracked(o) for o in sealed)
+    # reading it whole leaves it sealed, and reads it right
+    assert wire.recordset_to_bytes(rs) == data
+    unsealed = wire.recordset_from_bytes(data)
+    unsealed.metrics_records  # noqa: B018
+    assert repr(rs) == repr(unsealed)
+    assert not gc.is_tracked(rs)
+    assert rs == _SEALED and gc.is_tracked(rs)
+
+
+@pytest.mark.parametrize("how", ["view", "getattr", "vars", "setattr", "eq", "copy"])
+def test_reaching_into_a_decoded_recordset_puts_it_back_in_the_collector(how):
+    """Whatever way Python code gets hold of a decoded RecordSet's insides, it is
+    tracked again first, so a cycle made through them is collected."""
+    rs = wire.recordset_from_bytes(wire.recordset_to_bytes(_SEALED))
+    inner = _reach_in(how, rs)
+    assert gc.is_tracked(rs)
+    assert all(gc.is_tracked(o) for o in _internals(rs))
+    inner.append(rs)   # a cycle through the decoded records
+    ref = weakref.ref(rs)
+    del rs, inner
+    gc.collect()
+    assert ref() is None
+
+
+def test_sealed_recordsets_are_freed_and_pickled():
+    data = wire.recordset_to_bytes(_SEALED)
+    rs = wire.recordset_from_bytes(data)
+    ref = weakref.ref(rs)
+    del rs
+    assert ref() is None   # refcounting alone frees it
+    assert pickle.loads(pickle.dumps(wire.recordset_from_bytes(data))) == _SEALED
+    _meta, content, _err = wire.message_from_bytes(wire.message_to_bytes(
+        {"message_type": "evaluate"}, content=_SEALED))
+    assert not gc.is_tracked(content)
+    assert content.parameters_records["p"]["w"].numpy().tolist() == [1.0, 1.0]
+    assert gc.is_tracked(content)
 
 
 # ---------------------------------------------------------------- Message

@@ -45,6 +45,11 @@ cdef extern from "Python.h":
     Py_ssize_t _STR_LEN "PyUnicode_GET_LENGTH"(PyObject*) nogil
     Py_ssize_t _BYTES_LEN "PyBytes_GET_SIZE"(PyObject*) nogil
     PyObject* PyDict_GetItemWithError(object, object) except? NULL
+    int PyObject_GC_IsTracked(object)
+    void PyObject_GC_Track(object)
+    void PyObject_GC_UnTrack(object)
+    object PyObject_GenericGetAttr(object, object)
+    int PyObject_GenericSetAttr(object, object, PyObject *) except -1
     Py_ssize_t _DICT_SIZE "PyDict_GET_SIZE"(object) nogil
 
 
@@ -779,6 +784,7 @@ cdef class RecordSet:
         cdef TypedDict v = self._pv if which == 0 else self._mv if which == 1 else self._cv
         if v is not None:
             return v
+        _unseal(self)
         v = _recordset_dict(K_RS_PARAMS + which)
         if which == 0:
             if self._pd is None:
@@ -821,6 +827,9 @@ cdef class RecordSet:
         if not isinstance(other, RecordSet):
             return False
         cdef RecordSet o = <RecordSet>other
+        # Comparing records may run a record subclass's __eq__, which sees ours.
+        _unseal(self)
+        _unseal(o)
         mine = getattr(self, "__dict__")
         theirs = getattr(o, "__dict__")
         # Flower compares the instances' __dict__ ({"_data": ..., extras}).
@@ -831,6 +840,20 @@ cdef class RecordSet:
 
     def __ne__(self, other):
         return not self.__eq__(other)
+
+    # Every way for Python code to reach a sealed RecordSet's records is an attribute
+    # (properties, methods, __dict__, vars(), pickling) or __eq__: each unseals first.
+    def __getattribute__(self, name):
+        _unseal(self)
+        return PyObject_GenericGetAttr(self, name)
+
+    def __setattr__(self, name, value):
+        _unseal(self)
+        PyObject_GenericSetAttr(self, name, <PyObject *>value)
+
+    def __delattr__(self, name):
+        _unseal(self)
+        PyObject_GenericSetAttr(self, name, NULL)
 
     def __reduce__(self):
         return (copyreg.__newobj__, (type(self),), self.__getstate__())
@@ -852,10 +875,54 @@ cdef class RecordSet:
 
 cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs):
     """A RecordSet holding these dicts (taken over, not copied), whose values
-    the caller guarantees are records of the right type (the wire decoder)."""
+    the caller guarantees are freshly made records of the right type holding only
+    exact builtin values (the wire decoder). It is returned sealed."""
     cdef RecordSet rs = RecordSet.__new__(RecordSet)
-    rs._pd, rs._md, rs._cd = params, metrics, configs
+    rs._pd = params if params else None
+    rs._md = metrics if metrics else None
+    rs._cd = configs if configs else None
+    _seal(rs)
     return rs
+
+
+# Sealing. A server decodes thousands of replies and keeps them alive while it
+# aggregates; each RecordSet's metrics/configs records and their group dicts would be
+# a few more objects for every cyclic garbage collection to walk, and for a big heap
+# (flwr imports ~55k objects) the full collections that many new objects trigger
+# cost more than the decoding. Yet a decoded RecordSet cannot be part of a cycle:
+# its records hold only exact builtin values, and nothing but the RecordSet refers
+# to them. So, as CPython does for tuples and dicts of atomic values, the decoder
+# leaves these out of the collector ("sealed": the RecordSet untracked). The first
+# time Python code can reach inside -- any attribute access, attribute assignment,
+# __eq__, a view -- _unseal tracks them all again, before any reference escapes.
+# Parameters records stay tracked: they are few, and their arrays are not atomic.
+# Sealing only ever delays collection of garbage that cannot exist; it never frees.
+
+cdef void _seal(RecordSet rs):
+    cdef dict d
+    for d in (rs._md, rs._cd):
+        if d is not None:
+            for rec in d.values():
+                PyObject_GC_UnTrack(rec)
+            PyObject_GC_UnTrack(d)
+    PyObject_GC_UnTrack(rs)
+
+
+cdef inline void _unseal(RecordSet rs):
+    if not PyObject_GC_IsTracked(rs):
+        _track_groups(rs)
+
+
+cdef void _track_groups(RecordSet rs):
+    cdef dict d
+    for d in (rs._md, rs._cd):
+        if d is not None:
+            for rec in d.values():
+                if not PyObject_GC_IsTracked(rec):
+                    PyObject_GC_Track(rec)
+            if not PyObject_GC_IsTracked(d):
+                PyObject_GC_Track(d)
+    PyObject_GC_Track(rs)
 
 
 MutableMapping.register(TypedDict)
