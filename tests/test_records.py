@@ -1192,3 +1192,127 @@ def test_isinstance_semantics_in_list_rule_and_count_bytes(kind, make):
         except Exception as e:  # noqa: BLE001 - the outcome is compared
             return type(e).__name__, str(e)
     assert run(fastrec) == run(fc)
+
+
+# ---------------------------------------------------------------- sealed records
+# A decoder's fresh metrics/configs record (wire.metrics_record_from_bytes,
+# app.MetricRecord.inflate, ...) starts outside the cyclic GC, with its dict and its
+# list values; every way for Python code to reach its values tracks them again.
+
+def _decoders():
+    from fastrec import app, wire
+    metrics = {"acc": 0.5, "n": 3, "hist": [1.0, 2.0]}
+    configs = {"name": "x", "flags": [True, False], "raw": b"\x00"}
+    return [
+        ("MetricsRecord", lambda: wire.metrics_record_from_bytes(
+            wire.metrics_record_to_bytes(MetricsRecord(metrics))), "hist"),
+        ("ConfigsRecord", lambda: wire.configs_record_from_bytes(
+            wire.configs_record_to_bytes(ConfigsRecord(configs))), "flags"),
+        ("MetricRecord", lambda: app.MetricRecord.inflate(app.MetricRecord(metrics).deflate()),
+         "hist"),
+        ("ConfigRecord", lambda: app.ConfigRecord.inflate(app.ConfigRecord(configs).deflate()),
+         "flags"),
+    ]
+
+
+_DECODERS = {name: (make, key) for name, make, key in _decoders()}
+
+
+def _parts(rec):
+    """The record, its dict and its list values, found without touching the record."""
+    import gc
+    data = [d for d in gc.get_referents(rec) if type(d) is dict and d and "me" not in d]
+    assert len(data) == 1
+    return [rec, data[0]] + [v for v in data[0].values() if type(v) is list]
+
+
+def _reach(how, rec, key):
+    """Python code reaching a list value of rec (or giving it one); returns that list."""
+    if how == "getitem":
+        return rec[key]
+    if how == "get":
+        return rec.get(key)
+    if how == "values":
+        return [v for v in rec.values() if type(v) is list][0]
+    if how == "items":
+        return dict(rec.items())[key]
+    if how == "pop":
+        out = rec.pop(key)
+        rec[key] = out
+        return out
+    if how == "setitem":
+        new = [1, 2] if type(rec).__name__.startswith("Metric") else [True]
+        rec["fresh"] = new
+        return new
+    if how == "vars":
+        vars(rec)["me"] = []
+        return vars(rec)["me"]
+    if how == "setattr":
+        rec.me = []
+        return rec.me
+    if how == "pickle":
+        import pickle as pk
+        pk.dumps(rec)
+        return rec[key]
+    if how == "eq":
+        seen = []
+
+        class Spy(list):
+            def __eq__(self, other):
+                seen.append(other)
+                return False
+        other = dict(_DECODERS[type(rec).__name__][0]())
+        other[key] = Spy()
+        rec == other  # noqa: B015
+        return seen[0]
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("name", list(_DECODERS))
+def test_decoded_records_start_sealed_and_read_right(name):
+    import gc
+    make, key = _DECODERS[name]
+    rec = make()
+    parts = _parts(rec)
+    assert len(parts) == 3 and not any(gc.is_tracked(o) for o in parts)
+    # len, in, iteration, repr and isinstance see only keys and atomic values
+    assert len(rec) == 3 and key in rec and list(rec) == sorted(list(rec), key=list(rec).index)
+    repr(rec)
+    isinstance(rec, (ParametersRecord, RecordSet))
+    assert not any(gc.is_tracked(o) for o in parts)
+    tracked = make()
+    tracked.keys()
+    assert all(gc.is_tracked(o) for o in _parts(tracked))
+    assert rec == tracked and dict(rec) == dict(tracked)
+
+
+@pytest.mark.parametrize("how", ["getitem", "get", "values", "items", "pop", "setitem",
+                                 "vars", "setattr", "pickle", "eq"])
+@pytest.mark.parametrize("name", list(_DECODERS))
+def test_reaching_into_a_sealed_record_tracks_it(name, how):
+    import gc
+    import weakref
+    make, key = _DECODERS[name]
+    rec = make()
+    inner = _reach(how, rec, key)
+    assert all(gc.is_tracked(o) for o in _parts(rec))
+    inner.append(rec)   # a cycle through the record: the collector must find it
+    ref = weakref.ref(rec)
+    del rec, inner
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("name", ["MetricsRecord", "MetricRecord"])
+def test_sampling_a_sealed_record_tracks_it(name):
+    import gc
+    make, key = _DECODERS[name]
+    from fastrec import FinalizeThenSampleFactory, TensorSpec
+    proc = FinalizeThenSampleFactory(2).create(
+        {"acc": lambda v: v, "n": lambda v: v, "hist": lambda v: v},
+        {"acc": TensorSpec("float32"), "n": TensorSpec("int64"),
+         "hist": TensorSpec("float32", (2,))})
+    rec = make()
+    out = proc.next(proc.initialize(), [rec, make()])
+    assert gc.is_tracked(rec)
+    assert out.result[0]["hist"].tolist() == [[1.0, 2.0], [1.0, 2.0]]

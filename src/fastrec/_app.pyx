@@ -23,7 +23,8 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, INT64_
 from libc.stdlib cimport malloc, realloc, free
 
 from fastrec._array cimport Array as _Array15
-from fastrec._records cimport (TypedDict, _count_bytes, K_CUSTOM, K_METRICS, K_CONFIGS)
+from fastrec._records cimport (TypedDict, _count_bytes, K_CUSTOM, K_METRICS, K_CONFIGS,
+                               seal_record)
 
 import copyreg
 import hashlib

@@ -29,6 +29,19 @@ cdef class TypedDict:
 # Flower's count_bytes for a metrics/configs/parameters record (by its _kind).
 cdef object _count_bytes(TypedDict rec)
 
+# Sealed records (see "Sealing" in _records.pyx): a decoder's fresh metrics/configs
+# record kept out of the cyclic GC until Python code can reach inside. Code that
+# hands a record's values to Python code (not just reads them) unseals it first.
+cdef extern from "Python.h":
+    int PyObject_GC_IsTracked(object)
+
+cdef void seal_record(TypedDict rec)
+cdef void _track_record(TypedDict rec)
+
+cdef inline void unseal_record(TypedDict rec):
+    if not PyObject_GC_IsTracked(rec):
+        _track_record(rec)
+
 cdef class MetricsRecord(TypedDict):
     pass
 

@@ -27,6 +27,7 @@ from libc.stdint cimport int64_t, INT64_MAX
 from fastrec._array cimport Array
 
 import copyreg
+import sys
 from types import GenericAlias
 from collections.abc import Mapping, MutableMapping
 
@@ -45,7 +46,6 @@ cdef extern from "Python.h":
     Py_ssize_t _STR_LEN "PyUnicode_GET_LENGTH"(PyObject*) nogil
     Py_ssize_t _BYTES_LEN "PyBytes_GET_SIZE"(PyObject*) nogil
     PyObject* PyDict_GetItemWithError(object, object) except? NULL
-    int PyObject_GC_IsTracked(object)
     void PyObject_GC_Track(object)
     void PyObject_GC_UnTrack(object)
     object PyObject_GenericGetAttr(object, object)
@@ -395,6 +395,8 @@ cdef object _count_bytes(TypedDict rec):
 # TypedDict and the records
 # ----------------------------------------------------------------------------
 
+cdef str _CLASS = sys.intern("__class__")
+
 @cython.collection_type("mapping")
 cdef class TypedDict:
     """A ``MutableMapping`` that type-checks every key and value it stores.
@@ -451,13 +453,33 @@ cdef class TypedDict:
 
     def __setitem__(self, key, value):
         """Set ``key`` to ``value`` after checking both (TypeError if invalid)."""
+        unseal_record(self)
         self._set(key, value)
 
     def __getitem__(self, key):
+        unseal_record(self)
         return self._data[key]
 
     def __delitem__(self, key):
+        unseal_record(self)
         del self._data[key]
+
+    # Every way for Python code to reach a sealed record's values (or give it new
+    # ones) is an attribute (methods, properties, __dict__, pickling), an item, or a
+    # comparison, which may run the other side's code on our values: each unseals
+    # first. Iteration, len, `in` and repr only show keys and atomic values.
+    def __getattribute__(self, name):
+        if name is not _CLASS:   # isinstance() asks for __class__: nothing escapes
+            unseal_record(self)
+        return PyObject_GenericGetAttr(self, name)
+
+    def __setattr__(self, name, value):
+        unseal_record(self)
+        PyObject_GenericSetAttr(self, name, <PyObject *>value)
+
+    def __delattr__(self, name):
+        unseal_record(self)
+        PyObject_GenericSetAttr(self, name, NULL)
 
     def __iter__(self):
         return iter(self._data)
@@ -472,7 +494,9 @@ cdef class TypedDict:
         return repr(self._data)
 
     def __eq__(self, other):
+        unseal_record(self)
         if isinstance(other, TypedDict):
+            unseal_record(<TypedDict>other)
             return self._data == (<TypedDict>other)._data
         if isinstance(other, dict) or PyObject_IsInstance(other, dict):
             return self._data == other
@@ -844,7 +868,8 @@ cdef class RecordSet:
     # Every way for Python code to reach a sealed RecordSet's records is an attribute
     # (properties, methods, __dict__, vars(), pickling) or __eq__: each unseals first.
     def __getattribute__(self, name):
-        _unseal(self)
+        if name is not _CLASS:
+            _unseal(self)
         return PyObject_GenericGetAttr(self, name)
 
     def __setattr__(self, name, value):
@@ -897,13 +922,35 @@ cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs):
 # __eq__, a view -- _unseal tracks them all again, before any reference escapes.
 # Parameters records stay tracked: they are few, and their arrays are not atomic.
 # Sealing only ever delays collection of garbage that cannot exist; it never frees.
+#
+# The same holds for a single decoded metrics/configs record (MetricRecord.inflate,
+# metrics_record_from_bytes, the records inside a RecordSet): its values are exact
+# builtin scalars and fresh lists of them, which only the record refers to. It,
+# its dict and those lists are sealed; TypedDict's entry points unseal it.
+
+cdef void seal_record(TypedDict rec):
+    """Untrack a fresh, exact metrics/configs record holding only the decoder's values."""
+    for v in rec._data.values():
+        if type(v) is list:
+            PyObject_GC_UnTrack(v)
+    PyObject_GC_UnTrack(rec._data)
+    PyObject_GC_UnTrack(rec)
+
+
+cdef void _track_record(TypedDict rec):
+    for v in rec._data.values():
+        if type(v) is list and not PyObject_GC_IsTracked(v):
+            PyObject_GC_Track(v)
+    if not PyObject_GC_IsTracked(rec._data):
+        PyObject_GC_Track(rec._data)
+    PyObject_GC_Track(rec)
 
 cdef void _seal(RecordSet rs):
     cdef dict d
     for d in (rs._md, rs._cd):
         if d is not None:
             for rec in d.values():
-                PyObject_GC_UnTrack(rec)
+                seal_record(<TypedDict>rec)
             PyObject_GC_UnTrack(d)
     PyObject_GC_UnTrack(rs)
 
@@ -918,8 +965,7 @@ cdef void _track_groups(RecordSet rs):
     for d in (rs._md, rs._cd):
         if d is not None:
             for rec in d.values():
-                if not PyObject_GC_IsTracked(rec):
-                    PyObject_GC_Track(rec)
+                unseal_record(<TypedDict>rec)
             if not PyObject_GC_IsTracked(d):
                 PyObject_GC_Track(d)
     PyObject_GC_Track(rs)

@@ -210,4 +210,5 @@ cdef object _inflate_values(type cls, object content, bint config):
     else:
         return cls(metric_dict=values, keep_input=False)
     rec._data = values
+    seal_record(rec)
     return rec

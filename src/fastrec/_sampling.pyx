@@ -30,7 +30,7 @@ from fastrec._kernels cimport (
     FR_FT_COMPLEX64, FR_FT_COMPLEX128, FR_FT_FLOAT16, FR_FT_FLOAT32, FR_FT_FLOAT64,
     fr_client_keys, fr_count_nonfinite, fr_entry, fr_ftype, fr_gather_rows, fr_round_sample,
     fr_select_top)
-from fastrec._records cimport TypedDict as _TypedDict
+from fastrec._records cimport TypedDict as _TypedDict, unseal_record
 from fastrec._status cimport FR_ERR_NOMEM, FR_ERR_TYPE, FR_OK, fr_status, fr_status_name
 
 cnp.import_array()
@@ -1016,6 +1016,7 @@ cdef int _reader_of(type t) except -1:
 
 cdef dict _read_client(object cv, int reader):
     if reader == _READ_FASTREC and (<_TypedDict>cv)._exact:
+        unseal_record(<_TypedDict>cv)   # its values go on to Python code
         return (<_TypedDict>cv)._data
     if reader == _READ_FLWR:
         d = getattr(cv, "__dict__", None)

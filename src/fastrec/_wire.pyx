@@ -23,7 +23,7 @@ from libc.string cimport memcmp, memcpy, memmove
 
 from fastrec._array cimport Array
 from fastrec._records cimport (ConfigsRecord, MetricsRecord, ParametersRecord, RecordSet,
-                               TypedDict, recordset_from_dicts)
+                               TypedDict, recordset_from_dicts, seal_record)
 from fastrec._status cimport *
 
 cdef extern from "Python.h":
@@ -598,11 +598,15 @@ def record_items_from_bytes(buf, bint configs, bint map_entries=True):
 
 
 def metrics_record_from_bytes(buf):
-    return _new_metrics(record_items_from_bytes(buf, False))
+    cdef MetricsRecord rec = _new_metrics(record_items_from_bytes(buf, False))
+    seal_record(rec)
+    return rec
 
 
 def configs_record_from_bytes(buf):
-    return _new_configs(record_items_from_bytes(buf, True))
+    cdef ConfigsRecord rec = _new_configs(record_items_from_bytes(buf, True))
+    seal_record(rec)
+    return rec
 
 
 def recordset_from_bytes(buf):
