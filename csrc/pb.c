@@ -118,8 +118,8 @@ static fr_status read_payload(fr_pb_ctx *c, const uint8_t **p, const uint8_t *en
     }
 }
 
-fr_status fr_pb_next_field(fr_pb_ctx *c, const uint8_t **p, const uint8_t *end, int depth,
-                           fr_pb_field *f)
+fr_status fr_pb_next_field_slow(fr_pb_ctx *c, const uint8_t **p, const uint8_t *end, int depth,
+                                fr_pb_field *f)
 {
     f->start = *p;
     if (read_tag(c, p, end, &f->number, &f->wire_type) != FR_OK)

@@ -78,8 +78,10 @@ fr_status fr_pb_read_varint(fr_pb_ctx *c, const uint8_t **p, const uint8_t *end,
  * known fields in fastrec's schemas); `depth` is the nesting level of the
  * message being read (0 for the top level). An EGROUP tag is malformed here
  * (fastrec's messages never sit inside a group). Error: FR_ERR_VALUE. */
-fr_status fr_pb_next_field(fr_pb_ctx *c, const uint8_t **p, const uint8_t *end, int depth,
-                           fr_pb_field *f);
+fr_status fr_pb_next_field_slow(fr_pb_ctx *c, const uint8_t **p, const uint8_t *end, int depth,
+                                fr_pb_field *f);
+static inline fr_status fr_pb_next_field(fr_pb_ctx *c, const uint8_t **p, const uint8_t *end,
+                                         int depth, fr_pb_field *f);
 
 /* 1 if s[0..n) is well-formed UTF-8 (no overlongs, no surrogates, <= U+10FFFF). */
 int fr_pb_utf8_valid(const uint8_t *s, size_t n);
@@ -199,6 +201,37 @@ static inline uint64_t fr_pb_load64(const uint8_t *p)
     for (i = 7; i >= 0; i--)
         v = (v << 8) | p[i];
     return v;
+}
+
+/* fr_pb_next_field, inline for the fields nearly every record is made of: a one-byte
+ * tag (field numbers 1-15) and a one-byte length or varint, or 8 fixed bytes. Anything
+ * else, and every error, is the general reader's (which reads those alike). */
+static inline fr_status fr_pb_next_field(fr_pb_ctx *c, const uint8_t **p, const uint8_t *end,
+                                         int depth, fr_pb_field *f)
+{
+    const uint8_t *q = *p;
+    size_t room = (size_t)(end - q);
+    if (room >= 2 && q[0] >= 8 && q[0] < 0x80) {   /* >= 8: field number not 0 */
+        int wt = q[0] & 7;
+        if (wt == FR_PB_LEN && q[1] < 0x80 && q[1] <= room - 2) {
+            f->ptr = q + 2;
+            f->len = q[1];
+            *p = q + 2 + q[1];
+        } else if (wt == FR_PB_VARINT && q[1] < 0x80) {
+            f->u = q[1];
+            *p = q + 2;
+        } else if (wt == FR_PB_I64 && room >= 9) {
+            f->u = fr_pb_load64(q + 1);
+            *p = q + 9;
+        } else {
+            return fr_pb_next_field_slow(c, p, end, depth, f);
+        }
+        f->start = q;
+        f->number = (uint32_t)(q[0] >> 3);
+        f->wire_type = wt;
+        return FR_OK;
+    }
+    return fr_pb_next_field_slow(c, p, end, depth, f);
 }
 
 #endif

@@ -40,6 +40,7 @@ import numpy as np
 from fastrec._array import array_from_numpy as _array_from_numpy15
 
 cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(object)
     PyTypeObject PyFloat_Type
     PyTypeObject PyLong_Type
     PyTypeObject PyBool_Type

@@ -35,7 +35,7 @@ cdef object _count_bytes(TypedDict rec)
 cdef extern from "Python.h":
     int PyObject_GC_IsTracked(object)
 
-cdef void seal_record(TypedDict rec)
+cdef void seal_record(TypedDict rec, bint lists_sealed=*)
 cdef void _track_record(TypedDict rec)
 
 cdef inline void unseal_record(TypedDict rec):

@@ -928,11 +928,13 @@ cdef RecordSet recordset_from_dicts(dict params, dict metrics, dict configs):
 # builtin scalars and fresh lists of them, which only the record refers to. It,
 # its dict and those lists are sealed; TypedDict's entry points unseal it.
 
-cdef void seal_record(TypedDict rec):
-    """Untrack a fresh, exact metrics/configs record holding only the decoder's values."""
-    for v in rec._data.values():
-        if type(v) is list:
-            PyObject_GC_UnTrack(v)
+cdef void seal_record(TypedDict rec, bint lists_sealed=False):
+    """Untrack a fresh, exact metrics/configs record holding only the decoder's values
+    (``lists_sealed``: the decoder untracked its lists as it made them)."""
+    if not lists_sealed:
+        for v in rec._data.values():
+            if type(v) is list:
+                PyObject_GC_UnTrack(v)
     PyObject_GC_UnTrack(rec._data)
     PyObject_GC_UnTrack(rec)
 

@@ -124,7 +124,8 @@ cdef bint _shared_busy = False
 fr_value_init(&_shared_value)
 
 
-cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
+cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config, bint seal):
+    """The items of a record body; ``seal``: the lists are untracked, for seal_record."""
     global _shared_busy
     cdef fr_pb_ctx c
     c.base = p
@@ -173,7 +174,10 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config):
                 out[key] = _NOVALUE
                 missing = True
             else:
-                out[key] = value_to_py(vp)
+                val = value_to_py(vp)
+                if seal and type(val) is list:
+                    PyObject_GC_UnTrack(val)
+                out[key] = val
     finally:
         if shared:
             _shared_busy = False
@@ -199,7 +203,7 @@ cdef object _inflate_values(type cls, object content, bint config):
         content, _class_name(cls, b"ConfigRecord" if config else b"MetricRecord", exact, True))
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(content)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(content)
-    cdef dict values = _decode_values(p + off, n - off, config)
+    cdef dict values = _decode_values(p + off, n - off, config, exact)
     cdef TypedDict rec
     if cls is MetricRecord:
         rec = MetricRecord.__new__(MetricRecord)
@@ -210,5 +214,5 @@ cdef object _inflate_values(type cls, object content, bint config):
     else:
         return cls(metric_dict=values, keep_input=False)
     rec._data = values
-    seal_record(rec)
+    seal_record(rec, True)
     return rec
