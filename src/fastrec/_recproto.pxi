@@ -124,7 +124,8 @@ cdef bint _shared_busy = False
 fr_value_init(&_shared_value)
 
 
-cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config, bint seal):
+cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config, bint seal,
+                         dict out=None):
     """The items of a record body; ``seal``: the lists are untracked, for seal_record."""
     global _shared_busy
     cdef fr_pb_ctx c
@@ -140,7 +141,8 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config, bint seal)
     cdef fr_pb_field f, g
     cdef fr_value local
     cdef fr_value* vp
-    cdef dict out = {}
+    if out is None:
+        out = {}
     cdef bint missing = False
     cdef bint shared = not _shared_busy
     if shared:
@@ -203,16 +205,15 @@ cdef object _inflate_values(type cls, object content, bint config):
         content, _class_name(cls, b"ConfigRecord" if config else b"MetricRecord", exact, True))
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(content)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(content)
-    cdef dict values = _decode_values(p + off, n - off, config, exact)
     cdef TypedDict rec
-    if cls is MetricRecord:
-        rec = MetricRecord.__new__(MetricRecord)
-    elif cls is ConfigRecord:
-        rec = ConfigRecord.__new__(ConfigRecord)
-    elif config:
+    if exact:
+        # decoded straight into the fresh record's own (empty) dict
+        rec = MetricRecord.__new__(MetricRecord) if cls is MetricRecord else \
+            ConfigRecord.__new__(ConfigRecord)
+        _decode_values(p + off, n - off, config, True, rec._data)
+        seal_record(rec, True)
+        return rec
+    values = _decode_values(p + off, n - off, config, False)
+    if config:
         return cls(config_dict=values, keep_input=False)   # Flower's call, keywords and all
-    else:
-        return cls(metric_dict=values, keep_input=False)
-    rec._data = values
-    seal_record(rec, True)
-    return rec
+    return cls(metric_dict=values, keep_input=False)

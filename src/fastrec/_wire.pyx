@@ -528,6 +528,7 @@ cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dic
     cdef fr_pb_field f, g
     cdef fr_span key
     cdef dict items
+    cdef TypedDict rec
     cdef list keys, values
     cdef bint unknown
     if depth > FR_PB_MAX_DEPTH:
@@ -541,7 +542,10 @@ cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dic
             _check(fr_pb_fail(&d.c, f.ptr, "nesting deeper than 100"), d, what)
         key.ptr = f.ptr
         key.len = 0
-        items = {} if f.number != 1 else None
+        # a record's items are merged straight into the fresh record's own dict
+        rec = None if f.number == 1 else MetricsRecord.__new__(MetricsRecord) \
+            if f.number == 2 else ConfigsRecord.__new__(ConfigsRecord)
+        items = None if rec is None else rec._data
         keys = [] if f.number == 1 else None
         values = [] if f.number == 1 else None
         q = f.ptr
@@ -566,9 +570,9 @@ cdef int _recordset_merge(_Dec d, const uint8_t *ptr, size_t len, int depth, dic
         if f.number == 1:
             params[key_str(key.ptr, key.len)] = _params_record(keys, values)
         elif f.number == 2:
-            metrics[key_str(key.ptr, key.len)] = _new_metrics(items)
+            metrics[key_str(key.ptr, key.len)] = rec
         else:
-            configs[key_str(key.ptr, key.len)] = _new_configs(items)
+            configs[key_str(key.ptr, key.len)] = rec
     return 0
 
 
