@@ -18,7 +18,7 @@ from cpython.object cimport PyObject, PyTypeObject, PyObject_IsInstance, PyObjec
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.dict cimport PyDict_Next
-from libc.string cimport memcpy, memchr, memcmp
+from libc.string cimport memcpy, memchr
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, INT64_MIN, UINT64_MAX
 from libc.stdlib cimport malloc, realloc, free
 

@@ -9,6 +9,8 @@
 # hex ids, plain decimal length) is checked in C; anything else is decided by
 # the same Python operations Flower uses (str.split, int(x, 16), int(x)).
 
+from fastrec._wire cimport same_bytes
+
 cdef enum:
     _NOGIL_COPY = 1 << 20
 
@@ -172,16 +174,6 @@ cdef int _head_fast(const unsigned char* p, Py_ssize_t n, _HeadSpans* out) excep
     return 1
 
 
-cdef inline bint _same_name(const unsigned char* a, const unsigned char* b,
-                            Py_ssize_t n) noexcept nogil:
-    # A class name is a dozen bytes: a plain loop beats a call to memcmp.
-    cdef Py_ssize_t k
-    for k in range(n):
-        if a[k] != b[k]:
-            return False
-    return True
-
-
 cdef Py_ssize_t _body_offset(bytes content, bytes expect) except -1:
     """Where the body of `content` (an object of class `expect`) starts; ValueError
     unless the header checks out. Allocation-free in the common case."""
@@ -189,7 +181,8 @@ cdef Py_ssize_t _body_offset(bytes content, bytes expect) except -1:
     cdef _HeadSpans s
     cdef Py_ssize_t en = PyBytes_GET_SIZE(expect)
     if _head_fast(p, PyBytes_GET_SIZE(content), &s):
-        if s.sp1 == en and _same_name(p, <const unsigned char*>PyBytes_AS_STRING(expect), en):
+        if s.sp1 == en and same_bytes(<const uint8_t*>p, <const uint8_t*>PyBytes_AS_STRING(expect),
+                                      <size_t>en):
             return s.hn + 1
     return _parse_head(content, expect.decode("utf-8")).body_off
 

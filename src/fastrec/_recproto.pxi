@@ -124,9 +124,9 @@ cdef bint _shared_busy = False
 fr_value_init(&_shared_value)
 
 
-cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config, bint seal,
-                         dict out=None):
-    """The items of a record body; ``seal``: the lists are untracked, for seal_record."""
+cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config, dict into=None):
+    """The items of a record body, in a new dict, or ``into``: a fresh exact record's own
+    dict, to be sealed with it (its lists are untracked as they are made)."""
     global _shared_busy
     cdef fr_pb_ctx c
     c.base = p
@@ -141,8 +141,8 @@ cdef dict _decode_values(const uint8_t* p, Py_ssize_t n, bint config, bint seal,
     cdef fr_pb_field f, g
     cdef fr_value local
     cdef fr_value* vp
-    if out is None:
-        out = {}
+    cdef bint seal = into is not None
+    cdef dict out = into if seal else {}
     cdef bint missing = False
     cdef bint shared = not _shared_busy
     if shared:
@@ -210,10 +210,10 @@ cdef object _inflate_values(type cls, object content, bint config):
         # decoded straight into the fresh record's own (empty) dict
         rec = MetricRecord.__new__(MetricRecord) if cls is MetricRecord else \
             ConfigRecord.__new__(ConfigRecord)
-        _decode_values(p + off, n - off, config, True, rec._data)
+        _decode_values(p + off, n - off, config, rec._data)
         seal_record(rec, True)
         return rec
-    values = _decode_values(p + off, n - off, config, False)
+    values = _decode_values(p + off, n - off, config)
     if config:
         return cls(config_dict=values, keep_input=False)   # Flower's call, keywords and all
     return cls(metric_dict=values, keep_input=False)

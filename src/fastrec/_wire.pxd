@@ -121,6 +121,16 @@ cdef extern from "wire.h" nogil:
 cdef object value_to_py(const fr_value *v)
 # The str of valid UTF-8 key bytes, shared between equal keys (a small cache).
 cdef object key_str(const uint8_t *p, size_t n)
+
+
+cdef inline bint same_bytes(const uint8_t *a, const uint8_t *b, size_t n) noexcept nogil:
+    """a[0:n] == b[0:n], for keys and class names of a few bytes, where a plain loop
+    beats a call to the library's memcmp."""
+    cdef size_t k
+    for k in range(n):
+        if a[k] != b[k]:
+            return False
+    return True
 # Fill v from a Python value with Flower's serde rules (bool first for configs);
 # list elements go to v's scratch; strings are views into objects that `keep`
 # (a list the caller holds until the value is written) keeps alive.

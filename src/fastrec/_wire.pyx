@@ -99,15 +99,6 @@ cdef struct _KeySlot:
 cdef _KeySlot _keys[_KEY_SLOTS]
 
 
-cdef inline bint _same_bytes(const uint8_t *a, const uint8_t *b, size_t n) noexcept nogil:
-    # For a few bytes a plain loop beats a call to the library's memcmp.
-    cdef size_t k
-    for k in range(n):
-        if a[k] != b[k]:
-            return False
-    return True
-
-
 cdef object key_str(const uint8_t *p, size_t n):
     """The str of the (valid) UTF-8 bytes p[0:n], shared between equal keys."""
     cdef uint32_t h = 2166136261u
@@ -121,7 +112,7 @@ cdef object key_str(const uint8_t *p, size_t n):
     for k in range(n):
         h = (h ^ p[k]) * 16777619u
     slot = &_keys[(h ^ (h >> 16)) & (_KEY_SLOTS - 1)]
-    if slot.s != NULL and slot.n == n and _same_bytes(slot.b, p, n):
+    if slot.s != NULL and slot.n == n and same_bytes(slot.b, p, n):
         return <object>slot.s
     out = PyUnicode_DecodeUTF8(<const char *>p, <Py_ssize_t>n, NULL)
     Py_XDECREF(slot.s)
