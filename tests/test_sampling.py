@@ -1041,6 +1041,84 @@ def test_list_values_refilled_only_when_nobody_kept_them(keep):
                    for i, a in enumerate(live))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "int32", "int16", "int8",
+                                   "uint32", "uint8"])
+@pytest.mark.parametrize("keep", ["nothing", "return", "list", "functional"])
+def test_number_scalars_reused_only_when_nobody_kept_them(dtype, keep):
+    """A Python number becomes a numpy scalar of the spec's dtype; fastrec stores the next
+    client's number into the previous client's scalar when nothing but itself holds it.
+    Every client must see, and every kept scalar and sample hold, that client's own value."""
+    seen, kept = [], []
+
+    def fin(v):
+        seen.append((type(v), v.item()))
+        if keep == "list":
+            kept.append(v)
+        return v if keep in ("return", "list", "functional") else v + 0
+
+    spec = {"x": TensorSpec(dtype), "y": TensorSpec("float64")}
+    values = [i % 100 for i in range(60)] if "int" in dtype else [i / 7 for i in range(60)]
+    clients = [{"x": x, "y": float(i)} for i, x in enumerate(values)]
+    if keep == "functional":
+        proc = FinalizeThenSampleFactory(60, seed=1).create(
+            lambda d: {"x": fin(d["x"]), "y": d["y"]}, spec)
+    else:
+        proc = FinalizeThenSampleFactory(60, seed=1).create({"x": fin, "y": lambda v: v},
+                                                            spec)
+    seen.clear()
+    kept.clear()   # the probe's call at create()
+    out = proc.next(proc.initialize(), clients)
+    want = [np.dtype(dtype).type(x).item() for x in values]
+    assert seen == [(np.dtype(dtype).type, w) for w in want]
+    assert out.result[0]["x"].tolist() == want
+    assert out.result[0]["y"].tolist() == [float(i) for i in range(60)]
+    if keep == "list":
+        assert [v.item() for v in kept] == want
+        assert len({id(v) for v in kept}) == len(kept)
+
+
+def test_metrics_read_in_any_key_order_and_key_identity():
+    """Clients whose keys come in the finalizers' order are read item by item; any other
+    order, equal keys that are other str objects, str subclasses and dicts mutated by a
+    finalizer must read exactly what a lookup by name reads."""
+    class Key(str):
+        pass
+
+    spec = {"a": TensorSpec("float64"), "b": TensorSpec("float64"), "c": TensorSpec("int64")}
+    names = list(spec)
+
+    def copy_of(k):
+        return "".join(list(k))   # equal, not the same object
+
+    makers = [lambda v: {k: v[k] for k in names},
+              lambda v: {k: v[k] for k in reversed(names)},
+              lambda v: {copy_of(k): v[k] for k in names},
+              lambda v: {Key(k): v[k] for k in names},
+              lambda v: {"b": v["b"], "a": v["a"], "c": v["c"]},
+              lambda v: collections.OrderedDict((k, v[k]) for k in names)]
+    raw = [{"a": i / 3, "b": -i / 5, "c": i} for i in range(len(makers) * 5)]
+    clients = [makers[i % len(makers)](v) for i, v in enumerate(raw)]
+    fins = {k: (lambda v: v) for k in names}
+    proc = FinalizeThenSampleFactory(len(raw), seed=3).create(fins, spec)
+    out = proc.next(proc.initialize(), clients)
+    for k in names:
+        assert out.result[0][k].tolist() == [v[k] for v in raw]
+
+    # A finalizer that reorders the client's dict between reads: later metrics are read
+    # from the dict as it is then, by name.
+    def shuffle(v, box=[]):
+        for c in clients:
+            b = c.pop("b", None)
+            if b is not None:
+                c["b"] = b
+        return v
+    proc = FinalizeThenSampleFactory(len(raw), seed=3).create(
+        {"a": shuffle, "b": lambda v: v, "c": lambda v: v}, spec)
+    out = proc.next(proc.initialize(), clients)
+    for k in names:
+        assert out.result[0][k].tolist() == [v[k] for v in raw]
+
+
 def test_struct_value_shrunk_while_its_elements_are_checked():
     spec = {"x": [TensorSpec("int64")] * 40}
     value = []

@@ -13,8 +13,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+cimport cython
 cimport numpy as cnp
-from cpython.dict cimport PyDict_Size
+from cpython.dict cimport PyDict_Next, PyDict_Size
+from cpython.object cimport PyObject_Hash
+from cpython.unicode cimport PyUnicode_Compare
 from cpython.list cimport PyList_AsTuple
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
@@ -37,10 +40,13 @@ cnp.import_array()
 
 cdef extern from "Python.h":
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
+    object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, PyObject *kw)
     ctypedef struct PyTypeObject:
         pass
     PyTypeObject PyFloat_Type
     PyTypeObject PyLong_Type
+    PyTypeObject PyUnicode_Type
+    double PyLong_AsDouble(object) except? -1.0
     PyTypeObject *_TYPE "Py_TYPE"(PyObject *) nogil
     # Borrowed pointers, compared by address only (cpython.list's versions return objects).
     Py_ssize_t PyList_GET_SIZE(object) nogil
@@ -259,6 +265,41 @@ _FINAL_ACCEPTS = {K_BOOL: "b", K_INT: "biu", K_FLOAT: "biuf", K_COMPLEX: "biufc"
 _KIND = {"b": K_BOOL, "i": K_INT, "u": K_INT, "f": K_FLOAT, "c": K_COMPLEX}
 
 
+cdef extern from "numpy/arrayscalars.h":
+    ctypedef struct PyFloatScalarObject:
+        float obval
+    ctypedef struct PyDoubleScalarObject:
+        double obval
+    ctypedef struct PyByteScalarObject:
+        int8_t obval
+    ctypedef struct PyShortScalarObject:
+        int16_t obval
+    ctypedef struct PyIntScalarObject:
+        int32_t obval
+    ctypedef struct PyLongLongScalarObject:
+        int64_t obval
+
+cdef extern from *:
+    """
+    /* A new numpy scalar of the exact type `type`, its value still to be stored: what
+       numpy's PyArrayScalar_New macro does for a type known at compile time. */
+    static PyObject *fastrec_new_scalar(PyObject *type) {
+        PyTypeObject *t = (PyTypeObject *)type;
+        return t->tp_alloc(t, 0);
+    }
+    """
+    object _new_scalar "fastrec_new_scalar"(object type)
+
+# How a C value is stored straight into a new scalar of a dtype (S_NONE: through NumPy).
+# Integers of every width share the signed struct: an in-range value has the same bits.
+# bool is S_NONE: NumPy's bool scalars are two singletons, never new objects.
+cdef enum:
+    S_NONE = 0
+    S_F32 = 1
+    S_F64 = 2
+    S_INT = 3
+
+
 cdef class _DType:
     """A numeric dtype, pre-digested for the per-value checks."""
     cdef readonly object dtype
@@ -272,6 +313,7 @@ cdef class _DType:
     cdef int typenum
     cdef bint c_int_range   # lo/hi fit int64: range checks in C (all but uint64)
     cdef int64_t clo, chi
+    cdef int store          # S_*
 
     def __cinit__(self, dtype, str accepts_table="spec"):
         dt = np.dtype(dtype)
@@ -293,6 +335,11 @@ cdef class _DType:
             self.c_int_range = self.hi <= INT64_MAX
             if self.c_int_range:
                 self.clo, self.chi = self.lo, self.hi
+                self.store = S_INT
+        elif self.ftype == FR_FT_FLOAT32:
+            self.store = S_F32
+        elif self.ftype == FR_FT_FLOAT64:
+            self.store = S_F64
 
 
 # 2**128 - 2**103: FLT_MAX plus half an ulp, where IEEE round-to-nearest reaches infinity.
@@ -488,7 +535,7 @@ cdef enum:
 
 cdef class CompiledSpec:
     """A checked TensorSpec (leaf), list/tuple of specs (struct) or mapping of them."""
-    cdef object spare        # the last array _float_list made, to refill if nobody kept it
+    cdef object spare        # the last scalar or array made, to refill if nobody kept it
     cdef int tag
     cdef _DType dt
     cdef readonly object dtype
@@ -562,6 +609,9 @@ cdef extern from "numpy/ndarraytypes.h":
     ctypedef struct _ArrayFields "PyArrayObject_fields":
         PyObject *weakreflist
 
+cdef extern from "numpy/arrayobject.h":
+    PyTypeObject PyArray_Type
+
 
 cdef bint _refillable(PyObject *p, CompiledSpec s, cnp.npy_intp n) noexcept:
     """Whether the array _float_list made for the previous client can be overwritten for
@@ -578,7 +628,7 @@ cdef bint _refillable(PyObject *p, CompiledSpec s, cnp.npy_intp n) noexcept:
     return ((cnp.PyArray_FLAGS(a) & want) == want and cnp.PyArray_NDIM(a) == 1
             and cnp.PyArray_DIMS(a)[0] == n and cnp.PyArray_STRIDES(a)[0] == s.dt.itemsize
             and cnp.PyArray_TYPE(a) == s.dt.typenum and cnp.PyArray_ISNOTSWAPPED(a)
-            and cnp.PyArray_BASE(a) == NULL and type(a) is np.ndarray)
+            and cnp.PyArray_BASE(a) == NULL and _TYPE(p) == &PyArray_Type)
 
 
 cdef object _float_list(CompiledSpec s, list v):
@@ -611,10 +661,70 @@ cdef object _float_list(CompiledSpec s, list v):
     return a
 
 
+cdef object _spare_scalar(CompiledSpec s):
+    """A scalar of the spec's dtype to store a value in: the one made for the previous
+    client when nothing but the spec holds it any more (the finalizer neither kept nor
+    returned it into a sample), else a new one. NumPy scalars take no weak references and
+    cache no hash, so a scalar only the spec holds cannot be seen to change."""
+    # p is borrowed (a typed local would hold a reference of its own)
+    cdef PyObject *p = <PyObject *>s.spare
+    if p.ob_refcnt == 1 and <PyObject *>_TYPE(p) == <PyObject *>s.dt.scalar_type:
+        return s.spare
+    x = _new_scalar(s.dt.scalar_type)
+    s.spare = x
+    return x
+
+
+cdef object _number_scalar(CompiledSpec s, object v):
+    """``v``, an exact Python float or int, stored straight into a scalar of a float32,
+    float64 or int64-ranged integer spec; None where _to_scalar decides (other types and
+    dtypes, and every error: out of range, int too large for a double)."""
+    cdef _DType d = s.dt
+    cdef PyTypeObject *t = _TYPE(<PyObject *>v)
+    cdef double x
+    cdef int64_t i
+    cdef int overflow = 0
+    if d.store == S_INT:
+        if t != &PyLong_Type:
+            return None
+        i = PyLong_AsLongLongAndOverflow(v, &overflow)   # cannot fail on an exact int
+        if overflow or i < d.clo or i > d.chi:
+            return None
+        out = _spare_scalar(s)
+        if d.itemsize == 8:
+            (<PyLongLongScalarObject *><PyObject *>out).obval = i
+        elif d.itemsize == 4:
+            (<PyIntScalarObject *><PyObject *>out).obval = <int32_t>i
+        elif d.itemsize == 2:
+            (<PyShortScalarObject *><PyObject *>out).obval = <int16_t>i
+        else:
+            (<PyByteScalarObject *><PyObject *>out).obval = <int8_t>i
+        return out
+    if t == &PyFloat_Type:
+        x = PyFloat_AS_DOUBLE(v)
+    elif t == &PyLong_Type:
+        try:
+            x = PyLong_AsDouble(v)
+        except OverflowError:
+            return None
+    else:
+        return None
+    out = _spare_scalar(s)
+    if d.store == S_F32:
+        (<PyFloatScalarObject *><PyObject *>out).obval = _narrow(x)
+    else:
+        (<PyDoubleScalarObject *><PyObject *>out).obval = x
+    return out
+
+
 cdef object _convert(CompiledSpec s, object v):
     """The value handed to the finalizer for ``v`` under spec ``s``: numbers become numpy
     scalars of the spec's dtype, arrays and lists ndarrays of it, structures new containers."""
     if s.tag == T_SCALAR:
+        if s.dt.store != S_NONE and type(v) is not s.dt.scalar_type:
+            x = _number_scalar(s, v)
+            if x is not None:
+                return x
         return _to_scalar(s.dt, v)
     if s.tag == T_ARRAY:
         if cnp.PyArray_CheckExact(v) and _exact_array(s, <cnp.ndarray>v):
@@ -869,13 +979,6 @@ cdef inline bint _float_bad(float x) noexcept nogil:
     return (b & 0x7F800000U) == 0x7F800000U
 
 
-cdef extern from "numpy/arrayscalars.h":
-    ctypedef struct PyFloatScalarObject:
-        float obval
-    ctypedef struct PyDoubleScalarObject:
-        double obval
-
-
 cdef int _scalar_bad(_DType d, object x) except -1:
     """Non-finite flag of the numpy scalar ``x`` of exactly ``d``'s type (so its value is
     read off the scalar's struct: PyArray_ScalarAsCtype would look the type up again)."""
@@ -896,6 +999,7 @@ cdef int _scalar_bad(_DType d, object x) except -1:
     return _count_array(np.asarray(x), False) > 0
 
 
+@cython.final   # add() is called per client and metric: a direct call, no vtable
 cdef class _Acc:
     """Non-finite counts and sampled rows of one finalized metric over a round's clients."""
     cdef Layout layout
@@ -949,7 +1053,7 @@ cdef class _Acc:
             self.outs[j][slot] = x
         return 0
 
-    cdef int add(self, object v, int64_t slot) except -1:
+    cdef inline int add(self, object v, int64_t slot) except -1:
         cdef Py_ssize_t j
         if self.layout.single:
             if type(v) is self.scalar0:   # the common case: a numpy scalar of the probe's type
@@ -1026,6 +1130,25 @@ cdef dict _read_client(object cv, int reader):
     return dict(cv.items())
 
 
+cdef inline bint _next_is(object d, Py_ssize_t *it, object name, PyObject **value):
+    """Whether ``d``'s next item (PyDict_Next from ``*it``) has the key ``name``, and if so
+    its value in ``*value`` (borrowed). Clients built alike hold their metrics in the same
+    order, so reading them in order replaces a hash lookup per metric; the first key out of
+    order sends the rest to lookups. A key matches as a lookup would: the same object, or
+    an exact str with the same hash and characters."""
+    cdef PyObject *key
+    if not PyDict_Next(d, it, &key, value):
+        value[0] = NULL
+        return False
+    if key == <PyObject *>name:
+        return True
+    if _TYPE(key) == &PyUnicode_Type and PyObject_Hash(<object>key) == PyObject_Hash(name) \
+            and PyUnicode_Compare(<object>key, name) == 0:
+        return True
+    value[0] = NULL
+    return False
+
+
 cdef enum:
     _STAGE_KEYS = 0
     _STAGE_CONVERT = 1
@@ -1081,6 +1204,9 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     if slot == NULL:
         raise MemoryError()
     cdef PyObject *p
+    cdef Py_ssize_t it    # PyDict_Next's position in the client's dict
+    cdef bint in_order    # the client's keys so far came in the names' order
+    cdef PyObject *valp   # borrowed from val: the finalizer's one argument
     cdef int stage
     cdef dict unfin
     cdef dict outd
@@ -1116,21 +1242,28 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
             stage = _STAGE_KEYS
             ctx_name = None
             try:
+                it = 0
+                in_order = True
                 for j in range(m):
                     ctx_name = names[j]
                     stage = _STAGE_KEYS
-                    p = PyDict_GetItemWithError(cv, ctx_name)
+                    p = NULL
+                    if in_order:
+                        in_order = _next_is(cv, &it, ctx_name, &p)
                     if p == NULL:
-                        raise _key_error(gi, cv, names)
+                        p = PyDict_GetItemWithError(cv, ctx_name)
+                        if p == NULL:
+                            raise _key_error(gi, cv, names)
                     raw = <object>p   # owned: converting may run code that mutates cv
                     stage = _STAGE_CONVERT
                     val = f = None    # let go of the last values: _float_list may refill one
                     val = _convert(<CompiledSpec>specs[j], raw)
+                    valp = <PyObject *>val
                     if functional is not None:
                         unfin[ctx_name] = val
                         continue
                     stage = _STAGE_FINALIZE
-                    f = fins[j](val)
+                    f = PyObject_Vectorcall(<object>PyTuple_GET_ITEM(fins, j), &valp, 1, NULL)
                     stage = _STAGE_MEASURE
                     (<_Acc>accs[j]).add(f, slot[i])
                 if functional is not None:
