@@ -1119,6 +1119,41 @@ def test_metrics_read_in_any_key_order_and_key_identity():
         assert out.result[0][k].tolist() == [v[k] for v in raw]
 
 
+def test_every_kind_of_callable_is_a_finalizer():
+    """Python functions are called through their vectorcall entry point, everything else
+    through PyObject_Vectorcall: the results must not depend on which."""
+    import functools
+
+    class Twice:
+        def __call__(self, v):
+            return v * 2
+
+        def method(self, v):
+            return v * 2
+
+    kinds = {"function": lambda v: v * 2, "partial": functools.partial(np.multiply, 2),
+             "object": Twice(), "method": Twice().method, "ufunc": np.negative,
+             "builtin": abs}
+    spec = {k: TensorSpec("float64") for k in kinds}
+    clients = [{k: float(i) - 3 for k in kinds} for i in range(7)]
+    proc = FinalizeThenSampleFactory(7, seed=0).create(kinds, spec)
+    out = proc.next(proc.initialize(), clients)
+    for k, fn in kinds.items():
+        assert out.result[0][k].tolist() == [float(fn(np.float64(c[k]))) for c in clients]
+
+    def bad(v):
+        if v == 2:   # not the probe's 1
+            raise ArithmeticError("no")
+        return v
+    proc = FinalizeThenSampleFactory(7, seed=0).create(
+        {"first": abs, "second": bad}, {"first": TensorSpec("float64"),
+                                        "second": TensorSpec("float64")})
+    with pytest.raises(ArithmeticError) as e:
+        proc.next(proc.initialize(), [{"first": 1.0, "second": 3.0},
+                                      {"first": 1.0, "second": 2.0}])
+    assert "(while finalizing metric 'second' of client 1)" in " ".join(e.value.__notes__)
+
+
 def test_struct_value_shrunk_while_its_elements_are_checked():
     spec = {"x": [TensorSpec("int64")] * 40}
     value = []

@@ -41,6 +41,22 @@ cnp.import_array()
 cdef extern from "Python.h":
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
     object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, PyObject *kw)
+    ctypedef PyObject *(*vectorcallfunc)(PyObject *, PyObject **, size_t, PyObject *)
+    vectorcallfunc PyVectorcall_Function(object callable)
+    bint PyFunction_Check(object o)
+
+cdef extern from *:
+    """
+    /* One positional argument through a vectorcall entry point read once per round: for a
+       Python function this skips PyObject_Vectorcall's lookup of the entry point and its
+       result check, which CPython's own bytecode calls skip too. */
+    static PyObject *fastrec_vcall1(vectorcallfunc f, PyObject *callable, PyObject *arg) {
+        PyObject *args[1];
+        args[0] = arg;
+        return f(callable, args, 1, NULL);
+    }
+    """
+    object _vcall1 "fastrec_vcall1"(vectorcallfunc f, PyObject *callable, PyObject *arg)
     ctypedef struct PyTypeObject:
         pass
     PyTypeObject PyFloat_Type
@@ -1102,6 +1118,7 @@ cdef enum:
     _READ_FLWR = 2      # Flower's TypedDict, not overridden: cv.__dict__["_data"]
 
 _FLWR_TYPEDDICT = "flwr.common.record.typeddict"
+cdef object _ORDERED_DICT = OrderedDict   # a C global: no module lookup per client
 
 
 cdef int _reader_of(type t) except -1:
@@ -1130,7 +1147,7 @@ cdef dict _read_client(object cv, int reader):
     return dict(cv.items())
 
 
-cdef inline bint _next_is(object d, Py_ssize_t *it, object name, PyObject **value):
+cdef inline bint _next_is(object d, Py_ssize_t *it, PyObject *name, PyObject **value):
     """Whether ``d``'s next item (PyDict_Next from ``*it``) has the key ``name``, and if so
     its value in ``*value`` (borrowed). Clients built alike hold their metrics in the same
     order, so reading them in order replaces a hash lookup per metric; the first key out of
@@ -1140,10 +1157,10 @@ cdef inline bint _next_is(object d, Py_ssize_t *it, object name, PyObject **valu
     if not PyDict_Next(d, it, &key, value):
         value[0] = NULL
         return False
-    if key == <PyObject *>name:
+    if key == name:
         return True
-    if _TYPE(key) == &PyUnicode_Type and PyObject_Hash(<object>key) == PyObject_Hash(name) \
-            and PyUnicode_Compare(<object>key, name) == 0:
+    if _TYPE(key) == &PyUnicode_Type and PyObject_Hash(<object>key) == PyObject_Hash(<object>name) \
+            and PyUnicode_Compare(<object>key, <object>name) == 0:
         return True
     value[0] = NULL
     return False
@@ -1175,9 +1192,8 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     """
     # The round was sampled over the clients as they are now; finalizers and value
     # conversions run Python code that may mutate the caller's list, so read a snapshot.
-    if type(clients) is not tuple:
-        clients = tuple(clients)
-    cdef Py_ssize_t n = len(clients)
+    cdef tuple cl = clients if type(clients) is tuple else tuple(clients)
+    cdef Py_ssize_t n = len(cl)
     cdef Py_ssize_t m = len(names)
     cdef Py_ssize_t q = len(out_names)
     cdef Py_ssize_t nsample = positions.shape[0] if positions.ndim == 1 else -1
@@ -1203,7 +1219,15 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef int64_t *slot = <int64_t *>malloc((n if n > 0 else 1) * sizeof(int64_t))
     if slot == NULL:
         raise MemoryError()
+    # Python functions' vectorcall entry points (NULL: call through PyObject_Vectorcall).
+    # fins holds the functions for the whole round.
+    cdef vectorcallfunc *vcalls = <vectorcallfunc *>calloc(m if m > 0 else 1,
+                                                           sizeof(vectorcallfunc))
+    if vcalls == NULL:
+        free(slot)
+        raise MemoryError()
     cdef PyObject *p
+    cdef PyObject *namep  # the metric at hand (borrowed from names or out_names)
     cdef Py_ssize_t it    # PyDict_Next's position in the client's dict
     cdef bint in_order    # the client's keys so far came in the names' order
     cdef PyObject *valp   # borrowed from val: the finalizer's one argument
@@ -1211,6 +1235,10 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef dict unfin
     cdef dict outd
     cdef tuple fins = finalizers if functional is None else None
+    if fins is not None:
+        for j in range(m):
+            if PyFunction_Check(fins[j]):
+                vcalls[j] = PyVectorcall_Function(fins[j])
     cdef int reader = _READ_ITEMS
     mapping_type = None
     try:
@@ -1221,12 +1249,12 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 raise ValueError("sample positions must be ascending and inside the batch")
             slot[pos[r]] = r
         for i in range(n):
-            cv = clients[i]
+            cv = <object>PyTuple_GET_ITEM(cl, i)
             gi = offset + i
             # Exact dict and OrderedDict (no __getitem__ override) are read with the C API,
             # so are the dicts inside fastrec's and Flower's records; other mappings are
             # copied through items() once, one call instead of one per metric.
-            if type(cv) is not dict and type(cv) is not OrderedDict:
+            if type(cv) is not dict and type(cv) is not _ORDERED_DICT:
                 if type(cv) is not mapping_type:  # the type checks are slow: once per type
                     if not isinstance(cv, Mapping):
                         raise TypeError(f"client {gi}: expected a mapping of metric name to "
@@ -1238,36 +1266,40 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 raise _key_error(gi, cv, names)
             if functional is not None:
                 unfin = {}
-            # One try per client, not per value: `stage` and `ctx_name` say what failed.
+            # One try per client, not per value: `stage` and `namep` say what failed.
             stage = _STAGE_KEYS
-            ctx_name = None
+            namep = NULL
             try:
                 it = 0
                 in_order = True
                 for j in range(m):
-                    ctx_name = names[j]
+                    namep = PyTuple_GET_ITEM(names, j)
                     stage = _STAGE_KEYS
                     p = NULL
                     if in_order:
-                        in_order = _next_is(cv, &it, ctx_name, &p)
+                        in_order = _next_is(cv, &it, namep, &p)
                     if p == NULL:
-                        p = PyDict_GetItemWithError(cv, ctx_name)
+                        p = PyDict_GetItemWithError(cv, <object>namep)
                         if p == NULL:
                             raise _key_error(gi, cv, names)
                     raw = <object>p   # owned: converting may run code that mutates cv
                     stage = _STAGE_CONVERT
-                    val = f = None    # let go of the last values: _float_list may refill one
-                    val = _convert(<CompiledSpec>specs[j], raw)
+                    val = f = None    # let go of the last values: their spares may refill
+                    val = _convert(<CompiledSpec>PyTuple_GET_ITEM(specs, j), raw)
                     valp = <PyObject *>val
                     if functional is not None:
-                        unfin[ctx_name] = val
+                        unfin[<object>namep] = val
                         continue
                     stage = _STAGE_FINALIZE
-                    f = PyObject_Vectorcall(<object>PyTuple_GET_ITEM(fins, j), &valp, 1, NULL)
+                    if vcalls[j] != NULL:
+                        f = _vcall1(vcalls[j], PyTuple_GET_ITEM(fins, j), valp)
+                    else:
+                        f = PyObject_Vectorcall(<object>PyTuple_GET_ITEM(fins, j), &valp, 1,
+                                                NULL)
                     stage = _STAGE_MEASURE
-                    (<_Acc>accs[j]).add(f, slot[i])
+                    (<_Acc>PyList_GET_ITEM(accs, j)).add(f, slot[i])
                 if functional is not None:
-                    ctx_name = None
+                    namep = NULL
                     stage = _STAGE_FINALIZE
                     out = functional(unfin)
                     stage = _STAGE_KEYS
@@ -1282,9 +1314,10 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                                          f"{list(out_names)}")
                     stage = _STAGE_MEASURE
                     for j in range(q):
-                        ctx_name = out_names[j]
-                        (<_Acc>accs[j]).add(outd[ctx_name], slot[i])
+                        namep = PyTuple_GET_ITEM(out_names, j)
+                        (<_Acc>PyList_GET_ITEM(accs, j)).add(outd[<object>namep], slot[i])
             except Exception as e:
+                ctx_name = <object>namep if namep != NULL else None
                 if stage == _STAGE_FINALIZE:
                     where = "the metrics" if ctx_name is None else f"metric {ctx_name!r}"
                     add_note(e, f"(while finalizing {where} of client {gi})")
@@ -1294,6 +1327,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 raise
     finally:
         free(slot)
+        free(vcalls)
     return ([(<_Acc>a).samples() for a in accs], [(<_Acc>a).measurement() for a in accs])
 
 
