@@ -2134,6 +2134,12 @@ def test_client_structure_differing_from_the_probe_names_metric_and_global_index
         lambda m: {"a": m["x"]} if m["x"] < 5 else {"b": m["x"]}, {"x": TensorSpec("float64")})
     with pytest.raises(ValueError, match="client 5.*'b'.*create"):
         f.next(f.initialize(), [{"x": float(i)} for i in range(10)])
+    # A lone scalar of the first leaf's own type where the probe returned a structure.
+    for make in (lambda v: [v, v], lambda v: {"a": v}, lambda v: (v,)):
+        g = FinalizeThenSampleFactory(2, seed=0).create(
+            {"x": lambda v, make=make: make(v) if v < 5 else v}, {"x": TensorSpec("float64")})
+        with pytest.raises(ValueError, match="client 5, metric 'x'"):
+            g.next(g.initialize(), [{"x": float(i)} for i in range(10)])
 
 
 # ----------------------------------------------------------------------------------------------

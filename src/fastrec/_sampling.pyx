@@ -62,6 +62,7 @@ cdef extern from *:
     PyTypeObject PyFloat_Type
     PyTypeObject PyLong_Type
     PyTypeObject PyUnicode_Type
+    PyTypeObject PyList_Type
     double PyLong_AsDouble(object) except? -1.0
     PyTypeObject *_TYPE "Py_TYPE"(PyObject *) nogil
     # Borrowed pointers, compared by address only (cpython.list's versions return objects).
@@ -733,19 +734,23 @@ cdef object _number_scalar(CompiledSpec s, object v):
     return out
 
 
-cdef object _convert(CompiledSpec s, object v):
+cdef inline object _convert(CompiledSpec s, object v):
     """The value handed to the finalizer for ``v`` under spec ``s``: numbers become numpy
-    scalars of the spec's dtype, arrays and lists ndarrays of it, structures new containers."""
+    scalars of the spec's dtype, arrays and lists ndarrays of it, structures new containers.
+    (Small and inline: the common cases; the rest is in the functions it calls.)"""
+    cdef PyTypeObject *t = _TYPE(<PyObject *>v)
     if s.tag == T_SCALAR:
-        if s.dt.store != S_NONE and type(v) is not s.dt.scalar_type:
+        if <PyObject *>t == <PyObject *>s.dt.scalar_type:
+            return v
+        if s.dt.store != S_NONE:
             x = _number_scalar(s, v)
             if x is not None:
                 return x
         return _to_scalar(s.dt, v)
     if s.tag == T_ARRAY:
-        if cnp.PyArray_CheckExact(v) and _exact_array(s, <cnp.ndarray>v):
+        if t == &PyArray_Type and _exact_array(s, <cnp.ndarray>v):
             return v
-        if type(v) is list and s.ndim == 1:
+        if t == &PyList_Type and s.ndim == 1:
             a = _float_list(s, v)
             if a is not None:
                 return a
@@ -1026,13 +1031,13 @@ cdef class _Acc:
     cdef int64_t *counts
     cdef Py_ssize_t nleaves
     cdef _DType d0          # the first leaf's dtype and scalar type: the one-leaf fast path
-    cdef object scalar0     # exact numpy scalar type of a shape-() first leaf, else None
+    cdef object scalar0     # exact numpy scalar type of a lone shape-() leaf, else None
 
     def __cinit__(self, Layout layout, Py_ssize_t nsample):
         self.layout = layout
         self.dts = layout._dts
         self.d0 = layout._dts[0] if layout._dts else None
-        self.scalar0 = (self.d0.scalar_type if self.d0 is not None and layout.shapes[0] == ()
+        self.scalar0 = (self.d0.scalar_type if layout.single and layout.shapes[0] == ()
                         else None)
         self.shapes = layout.shapes
         self.nleaves = len(layout.shapes)
@@ -1070,9 +1075,23 @@ cdef class _Acc:
         return 0
 
     cdef inline int add(self, object v, int64_t slot) except -1:
+        # The common case, inline: a numpy scalar of the probe's type, float or integer.
+        if type(v) is self.scalar0:
+            if self.d0.store == S_F32:
+                self.counts[0] += _float_bad((<PyFloatScalarObject *><PyObject *>v).obval)
+            elif self.d0.store == S_F64:
+                self.counts[0] += _double_bad((<PyDoubleScalarObject *><PyObject *>v).obval)
+            elif self.d0.kind >= K_FLOAT:
+                self.counts[0] += _scalar_bad(self.d0, v)
+            if slot >= 0:
+                self.outs[0][slot] = v
+            return 0
+        return self.add_any(v, slot)
+
+    cdef int add_any(self, object v, int64_t slot) except -1:
         cdef Py_ssize_t j
         if self.layout.single:
-            if type(v) is self.scalar0:   # the common case: a numpy scalar of the probe's type
+            if type(v) is self.scalar0:
                 self.counts[0] += _scalar_bad(self.d0, v) if self.d0.kind >= K_FLOAT else 0
                 if slot >= 0:
                     self.outs[0][slot] = v
