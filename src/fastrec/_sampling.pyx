@@ -1178,7 +1178,8 @@ cdef inline bint _next_is(object d, Py_ssize_t *it, PyObject *name, PyObject **v
         return False
     if key == name:
         return True
-    if _TYPE(key) == &PyUnicode_Type and PyObject_Hash(<object>key) == PyObject_Hash(<object>name) \
+    if _TYPE(key) == &PyUnicode_Type \
+            and PyObject_Hash(<object>key) == PyObject_Hash(<object>name) \
             and PyUnicode_Compare(<object>key, <object>name) == 0:
         return True
     value[0] = NULL
@@ -1267,28 +1268,29 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
             if pos[r] < 0 or pos[r] >= n or (r and pos[r] <= pos[r - 1]):
                 raise ValueError("sample positions must be ascending and inside the batch")
             slot[pos[r]] = r
-        for i in range(n):
-            cv = <object>PyTuple_GET_ITEM(cl, i)
-            gi = offset + i
-            # Exact dict and OrderedDict (no __getitem__ override) are read with the C API,
-            # so are the dicts inside fastrec's and Flower's records; other mappings are
-            # copied through items() once, one call instead of one per metric.
-            if type(cv) is not dict and type(cv) is not _ORDERED_DICT:
-                if type(cv) is not mapping_type:  # the type checks are slow: once per type
-                    if not isinstance(cv, Mapping):
-                        raise TypeError(f"client {gi}: expected a mapping of metric name to "
-                                        f"value, got {type(cv).__name__}")
-                    mapping_type = type(cv)
-                    reader = _reader_of(mapping_type)
-                cv = _read_client(cv, reader)
-            if PyDict_Size(cv) != m:
-                raise _key_error(gi, cv, names)
-            if functional is not None:
-                unfin = {}
-            # One try per client, not per value: `stage` and `namep` say what failed.
-            stage = _STAGE_KEYS
-            namep = NULL
-            try:
+        # One try for the whole loop, not per client or value: `stage` and `namep` say
+        # what failed.
+        try:
+            for i in range(n):
+                stage = _STAGE_KEYS
+                namep = NULL
+                cv = <object>PyTuple_GET_ITEM(cl, i)
+                gi = offset + i
+                # Exact dict and OrderedDict (no __getitem__ override) are read with the C API,
+                # so are the dicts inside fastrec's and Flower's records; other mappings are
+                # copied through items() once, one call instead of one per metric.
+                if type(cv) is not dict and type(cv) is not _ORDERED_DICT:
+                    if type(cv) is not mapping_type:  # the type checks are slow: once per type
+                        if not isinstance(cv, Mapping):
+                            raise TypeError(f"client {gi}: expected a mapping of metric name to "
+                                            f"value, got {type(cv).__name__}")
+                        mapping_type = type(cv)
+                        reader = _reader_of(mapping_type)
+                    cv = _read_client(cv, reader)
+                if PyDict_Size(cv) != m:
+                    raise _key_error(gi, cv, names)
+                if functional is not None:
+                    unfin = {}
                 it = 0
                 in_order = True
                 for j in range(m):
@@ -1335,15 +1337,15 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                     for j in range(q):
                         namep = PyTuple_GET_ITEM(out_names, j)
                         (<_Acc>PyList_GET_ITEM(accs, j)).add(outd[<object>namep], slot[i])
-            except Exception as e:
-                ctx_name = <object>namep if namep != NULL else None
-                if stage == _STAGE_FINALIZE:
-                    where = "the metrics" if ctx_name is None else f"metric {ctx_name!r}"
-                    add_note(e, f"(while finalizing {where} of client {gi})")
-                    raise
-                if stage != _STAGE_KEYS and isinstance(e, (TypeError, ValueError)):
-                    raise _context(e, gi, ctx_name) from None
+        except Exception as e:
+            ctx_name = <object>namep if namep != NULL else None
+            if stage == _STAGE_FINALIZE:
+                where = "the metrics" if ctx_name is None else f"metric {ctx_name!r}"
+                add_note(e, f"(while finalizing {where} of client {gi})")
                 raise
+            if stage != _STAGE_KEYS and isinstance(e, (TypeError, ValueError)):
+                raise _context(e, gi, ctx_name) from None
+            raise
     finally:
         free(slot)
         free(vcalls)
