@@ -1077,6 +1077,42 @@ def test_number_scalars_reused_only_when_nobody_kept_them(dtype, keep):
         assert len({id(v) for v in kept}) == len(kept)
 
 
+_FAST_DTYPES = ["float32", "float64", "int64", "int32", "int16", "int8", "uint32", "uint16",
+                "uint8"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from(_FAST_DTYPES),
+       values=st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                 st.integers(-2**70, 2**70), st.integers(-300, 300),
+                                 st.sampled_from([10**400, -10**400])),
+                       min_size=1, max_size=6))
+def test_python_numbers_cast_as_numpy_casts_them(dtype, values):
+    """Exact Python floats and ints are written straight into numpy scalars (reused across
+    calls): each must be the scalar numpy's own cast gives, of the exact type, or the
+    spec's ValueError/TypeError where the value does not fit or is not accepted."""
+    leaf = _sampling.CompiledSpec.leaf(np.dtype(dtype), ())
+    dt = np.dtype(dtype)
+    for v in values:
+        if dt.kind == "f" and isinstance(v, int) and abs(v) > 10**300:
+            want = ValueError   # no double holds it
+        elif dt.kind == "f":
+            with np.errstate(over="ignore"):
+                want = np.array(float(v)).astype(dt)[()]
+        elif isinstance(v, float):
+            want = TypeError
+        else:
+            info = np.iinfo(dt)
+            want = dt.type(v) if info.min <= v <= info.max else ValueError
+        if isinstance(want, type):
+            with pytest.raises(want):
+                _sampling.convert_value(leaf, v)
+            continue
+        got = _sampling.convert_value(leaf, v)
+        assert type(got) is dt.type
+        assert got.tobytes() == want.tobytes() or (np.isnan(want) and np.isnan(got)), (v, got)
+
+
 def test_metrics_read_in_any_key_order_and_key_identity():
     """Clients whose keys come in the finalizers' order are read item by item; any other
     order, equal keys that are other str objects, str subclasses and dicts mutated by a

@@ -5,7 +5,9 @@ The C kernels (csrc/keys.c, reservoir.c, nonfinite.c) do the numeric work;
 this module converts Python values around them: it checks every client's
 unfinalized metrics against the compiled spec, calls the finalizers, counts
 non-finite finalized leaves and keeps only the sampled clients' values.
-Scalars never become numpy objects on the way.
+A client's numbers and lists are written straight into numpy scalars and
+arrays of the spec's dtypes (the previous client's, when nothing kept
+them), and finalized scalars are read off their structs.
 """
 
 from collections import OrderedDict
