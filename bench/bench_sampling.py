@@ -229,12 +229,12 @@ non-finite counts, keys and sampling).
 The columnar rows run in fresh interpreters. In a fresh process the baseline's ~20 MB of
 NumPy temporaries per round are page-faulted in on every call; once the process has freed a
 model-sized buffer (steady state), glibc keeps its heap and the baseline gets ~2× faster, so
-that row is the harder one. Columnar rounds of 200k+ clients draw their keys on a second
-thread while the finalizers run (keys need only seed, round and index), in chunks both threads
-take, and only when the load average leaves a core free: on an oversubscribed machine the GIL
-hand-offs cost more than the overlap saves. This machine has 2 cores shared by several
-processes; the load average is printed under the table, and with a core taken by others
-every row here slows down.
+that row is the harder one. Columnar rounds of 200k+ clients draw their keys on a helper C
+thread (no GIL) while the finalizers run (keys need only seed, round and index), in chunks
+both threads take; the caller never waits for the helper (a chunk the helper is still drawing
+when the caller is done, the caller draws again), so a helper that gets no core costs at most
+one chunk. This machine has 2 cores; the load average is printed under the table, and with a
+core taken by others every row here slows down.
 The NumPy baseline is included in bench/bench_sampling.py (finalize each client in Python,
 `np.isfinite(v).all()` per leaf, uint64 `rng.integers` keys, `np.argpartition`); both sides'
 measurements are asserted equal before timing. For scale (TensorFlow is not a dependency, so

@@ -47,6 +47,40 @@ static void sort_best_first(fr_entry *h, int64_t n)
     }
 }
 
+fr_status fr_reservoir_draw(fr_reservoir *r, uint64_t stream, int64_t round, int64_t offset,
+                            int64_t start, int64_t n)
+{
+    if (n < 0 || start < 0 || offset < 0 || round < 0 || r->cap < 0 || r->count < 0 ||
+        r->count > r->cap)
+        return FR_ERR_VALUE;
+    if (offset > INT64_MAX - start || offset + start > INT64_MAX - n)
+        return FR_ERR_OVERFLOW;
+    int64_t p = start, end = start + n;
+    /* Fill: the first cap entries are kept whatever their keys. */
+    for (; p < end && r->count < r->cap; p++) {
+        uint64_t key = fr_client_key(stream, (uint64_t)(offset + p));
+        r->heap[r->count++] = (fr_entry){key, round, offset + p, p};
+        if (r->count == r->cap)
+            heapify(r->heap, r->cap);
+    }
+    if (p == end || r->cap == 0)
+        return FR_OK;
+    /* A later client wins a tie only by a larger key, so the hot loop is one compare of
+     * the fresh key against the heap's minimum; the heap is touched only on the
+     * ~k ln(n/k) replacements. */
+    fr_entry *h = r->heap;
+    uint64_t floor_key = h[0].key;
+    for (; p < end; p++) {
+        uint64_t key = fr_client_key(stream, (uint64_t)(offset + p));
+        if (key > floor_key) {
+            h[0] = (fr_entry){key, round, offset + p, p};
+            sift_down(h, r->cap, 0);
+            floor_key = h[0].key;
+        }
+    }
+    return FR_OK;
+}
+
 fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
                           int64_t n, int64_t k, fr_entry *out, int64_t *out_count)
 {
@@ -55,28 +89,16 @@ fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t
         return FR_ERR_VALUE;
     if (offset > INT64_MAX - n)
         return FR_ERR_OVERFLOW;
-    int64_t m = k < n ? k : n;
+    fr_reservoir r = {out, k < n ? k : n, 0};
     /* An empty reservoir keeps nothing: don't spend O(n) drawing keys for it. */
-    if (m == 0)
+    if (r.cap == 0)
         return FR_OK;
-    uint64_t stream = fr_round_stream(seed0, seed1, (uint64_t)round);
-    for (int64_t i = 0; i < m; i++)
-        out[i] = (fr_entry){fr_client_key(stream, (uint64_t)(offset + i)), round, offset + i, i};
-    heapify(out, m);
-    /* Within a round, a later client wins a tie only by a larger key, so the
-     * hot loop is one compare of the fresh key against the heap's minimum;
-     * the heap is touched only on the ~k ln(n/k) replacements. */
-    uint64_t floor_key = out[0].key;
-    for (int64_t i = m; i < n; i++) {
-        uint64_t key = fr_client_key(stream, (uint64_t)(offset + i));
-        if (key > floor_key) {
-            out[0] = (fr_entry){key, round, offset + i, i};
-            sift_down(out, m, 0);
-            floor_key = out[0].key;
-        }
-    }
-    sort_best_first(out, m);
-    *out_count = m;
+    fr_status st = fr_reservoir_draw(&r, fr_round_stream(seed0, seed1, (uint64_t)round), round,
+                                     offset, 0, n);
+    if (st != FR_OK)
+        return st;
+    sort_best_first(out, r.count);
+    *out_count = r.count;
     return FR_OK;
 }
 

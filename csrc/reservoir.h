@@ -36,6 +36,24 @@ int fr_entry_better(const fr_entry *a, const fr_entry *b);
 fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
                           int64_t n, int64_t k, fr_entry *out, int64_t *out_count);
 
+/* A reservoir being filled: the best `count` (at most `cap`) entries offered so far.  Until
+ * it is full the entries sit in offer order; from then on `heap` is a binary heap whose
+ * root is the worst entry (the next to evict). */
+typedef struct {
+    fr_entry *heap;   /* cap entries, owned by the caller */
+    int64_t cap;
+    int64_t count;
+} fr_reservoir;
+
+/* Offer the clients at batch positions start .. start+n-1 of one round to `r`: the client at
+ * position p has index offset + p and the key fr_client_key(stream, offset + p).  A
+ * reservoir must be offered positions in increasing order (ranges may skip positions, as when
+ * threads share a round's chunks): that is what lets an equal key lose to the entry already
+ * held without comparing positions.  FR_ERR_VALUE for negative start or n, or a negative
+ * round or offset; FR_ERR_OVERFLOW if offset + start + n overflows int64. */
+fr_status fr_reservoir_draw(fr_reservoir *r, uint64_t stream, int64_t round, int64_t offset,
+                            int64_t start, int64_t n);
+
 /* Merge reservoirs: sorts items[0..n) best-first in place and sets
  * *out_count = min(n, k), the number of leading items that form the top k.
  * FR_ERR_VALUE for negative n or k. */

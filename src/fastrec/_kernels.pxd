@@ -19,6 +19,7 @@ cdef extern from "nonfinite.h" nogil:
 cdef extern from "keys.h" nogil:
     fr_status fr_client_keys(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
                              int64_t n, uint64_t *out)
+    uint64_t fr_round_stream(uint64_t seed0, uint64_t seed1, uint64_t round)
 
 
 cdef extern from "reservoir.h" nogil:
@@ -29,6 +30,12 @@ cdef extern from "reservoir.h" nogil:
         int64_t src
     fr_status fr_round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
                               int64_t n, int64_t k, fr_entry *out, int64_t *out_count)
+    ctypedef struct fr_reservoir:
+        fr_entry *heap
+        int64_t cap
+        int64_t count
+    fr_status fr_reservoir_draw(fr_reservoir *r, uint64_t stream, int64_t round, int64_t offset,
+                                int64_t start, int64_t n)
     fr_status fr_select_top(fr_entry *items, int64_t n, int64_t k, int64_t *out_count)
     fr_status fr_gather_rows(const char *src, int64_t nrows, int64_t row_stride, int64_t row_bytes,
                              const int64_t *pos, int64_t npos, char *dst)

@@ -33,8 +33,15 @@ from libc.string cimport memcpy
 
 from fastrec._kernels cimport (
     FR_FT_COMPLEX64, FR_FT_COMPLEX128, FR_FT_FLOAT16, FR_FT_FLOAT32, FR_FT_FLOAT64,
-    fr_client_keys, fr_count_nonfinite, fr_entry, fr_ftype, fr_gather_rows, fr_round_sample,
-    fr_select_top)
+    fr_client_keys, fr_count_nonfinite, fr_entry, fr_ftype, fr_gather_rows, fr_reservoir,
+    fr_reservoir_draw, fr_round_sample, fr_round_stream, fr_select_top)
+from cpython.pythread cimport (
+    WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock, PyThread_release_lock,
+    PyThread_start_new_thread, PyThread_type_lock)
+
+cdef extern from "pythread.h":
+    # Cython's declaration omits nogil; CPython's locks need no thread state to be freed.
+    void PyThread_free_lock(PyThread_type_lock) nogil
 from fastrec._records cimport TypedDict as _TypedDict, unseal_record
 from fastrec._status cimport FR_ERR_NOMEM, FR_ERR_TYPE, FR_OK, fr_status, fr_status_name
 
@@ -1371,6 +1378,22 @@ def client_keys(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, i
     return out
 
 
+cdef tuple _entry_arrays(const fr_entry *buf, int64_t count):
+    """(keys, client indices, batch positions) of buf[0..count)."""
+    keys = np.empty(count, dtype=np.uint64)
+    idx = np.empty(count, dtype=np.int64)
+    pos = np.empty(count, dtype=np.int64)
+    cdef uint64_t *kp = <uint64_t *>cnp.PyArray_DATA(keys)
+    cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(idx)
+    cdef int64_t *pp = <int64_t *>cnp.PyArray_DATA(pos)
+    cdef int64_t r
+    for r in range(count):
+        kp[r] = buf[r].key
+        ip[r] = buf[r].index
+        pp[r] = buf[r].src
+    return keys, idx, pos
+
+
 def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, int64_t n,
                  int64_t k):
     """The round's reservoir: (keys, client indices, batch positions), best first."""
@@ -1380,28 +1403,207 @@ def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, 
     cdef fr_entry *buf = <fr_entry *>malloc((cap if cap > 0 else 1) * sizeof(fr_entry))
     if buf == NULL:
         raise MemoryError()
-    cdef int64_t count = 0, r
+    cdef int64_t count = 0
     cdef fr_status st
-    cdef uint64_t *kp
-    cdef int64_t *ip
-    cdef int64_t *pp
     try:
         with nogil:
             st = fr_round_sample(seed0, seed1, round, offset, n, cap, buf, &count)
         _check(st, "round_sample")
-        keys = np.empty(count, dtype=np.uint64)
-        idx = np.empty(count, dtype=np.int64)
-        pos = np.empty(count, dtype=np.int64)
-        kp = <uint64_t *>cnp.PyArray_DATA(keys)
-        ip = <int64_t *>cnp.PyArray_DATA(idx)
-        pp = <int64_t *>cnp.PyArray_DATA(pos)
-        for r in range(count):
-            kp[r] = buf[r].key
-            ip[r] = buf[r].index
-            pp[r] = buf[r].src
+        return _entry_arrays(buf, count)
     finally:
         free(buf)
-    return keys, idx, pos
+
+
+# A round's reservoir drawn by two threads: the caller's, and a helper C thread started with
+# the draw that takes chunks of the round's clients while the caller runs the finalizers; the
+# caller takes what is left once its own work is done. Keys depend only on (seed, round,
+# index), so the split changes nothing in the result. The helper never touches a Python
+# object (no GIL) and the caller never waits for it: the helper publishes its reservoir after
+# each chunk, and a chunk it is still drawing when the caller is done is drawn again by the
+# caller (the helper's copy is dropped). So a helper that gets no core, or is preempted, costs
+# the caller at most one chunk. The two share only this struct, under `lock`; the last to let
+# go frees it.
+ctypedef struct _DrawJob:
+    PyThread_type_lock lock   # guards next, busy_*, closed, refs, res[1] and st[1]
+    uint64_t stream
+    int64_t round, offset, n, chunk
+    int64_t next              # first batch position not yet handed out
+    int64_t busy_start, busy_size   # the chunk the helper is drawing (size 0: none)
+    bint closed               # the caller is done: the helper publishes nothing more
+    int refs
+    # [0] the caller's own chunks; [1] the helper's chunks as last published; [2] the chunk
+    # the helper was drawing when the caller closed. Each is offered increasing positions.
+    fr_reservoir res[3]
+    fr_reservoir mine         # the helper's working copy of res[1]
+    fr_status st[2]
+    int64_t chunks[2]         # chunks each thread drew
+
+
+cdef void _free_job(_DrawJob *j) noexcept nogil:
+    if j.lock != NULL:
+        PyThread_free_lock(j.lock)
+    free(j.res[0].heap)
+    free(j.res[1].heap)
+    free(j.res[2].heap)
+    free(j.mine.heap)
+    free(j)
+
+
+cdef void _let_go(_DrawJob *j) noexcept nogil:
+    PyThread_acquire_lock(j.lock, WAIT_LOCK)
+    j.refs -= 1
+    cdef bint last = j.refs == 0
+    PyThread_release_lock(j.lock)
+    if last:
+        _free_job(j)
+
+
+cdef int64_t _take_chunk(_DrawJob *j, int64_t *start) noexcept nogil:
+    """The next chunk's size (0: none left) and start; call with the lock held."""
+    cdef int64_t size = j.n - j.next
+    if size > j.chunk:
+        size = j.chunk
+    start[0] = j.next
+    j.next += size
+    return size
+
+
+cdef void _helper_main(void *arg) noexcept nogil:
+    cdef _DrawJob *j = <_DrawJob *>arg
+    cdef int64_t start = 0, size = 0
+    cdef fr_status st
+    PyThread_acquire_lock(j.lock, WAIT_LOCK)
+    while not j.closed:
+        size = _take_chunk(j, &start)
+        if size == 0:
+            break
+        j.busy_start, j.busy_size = start, size
+        PyThread_release_lock(j.lock)
+        st = fr_reservoir_draw(&j.mine, j.stream, j.round, j.offset, start, size)
+        PyThread_acquire_lock(j.lock, WAIT_LOCK)
+        j.busy_size = 0
+        if j.closed:      # too late: the caller drew this chunk itself
+            break
+        memcpy(j.res[1].heap, j.mine.heap, <size_t>j.mine.count * sizeof(fr_entry))
+        j.res[1].count = j.mine.count
+        j.chunks[1] += 1
+        if st != FR_OK and j.st[1] == FR_OK:
+            j.st[1] = st
+    PyThread_release_lock(j.lock)
+    _let_go(j)
+
+
+@cython.final
+cdef class RoundDraw:
+    """The round's reservoir over clients offset .. offset+n-1, the same as
+    :func:`round_sample`, drawn in chunks of ``chunk`` clients by a helper thread (when
+    ``helper``) while the caller works; :meth:`finish` draws what is left and returns
+    (keys, client indices, batch positions), best first. :meth:`close` (also on
+    deallocation) lets the helper go; neither ever waits for it."""
+    cdef _DrawJob *job
+    cdef bint drawn
+    cdef readonly int64_t helper_chunks   # after finish(): how many chunks the helper drew
+    cdef readonly int64_t redrawn         # ... and how many clients the caller drew again
+
+    def __cinit__(self, uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
+                  int64_t n, int64_t k, int64_t chunk=1 << 16, bint helper=True):
+        if n < 0 or k < 0 or offset < 0 or round < 0 or chunk < 1:
+            raise ValueError("n, k, offset and round must be non-negative and chunk positive")
+        if offset > INT64_MAX - n:
+            raise OverflowError("offset + n overflows int64")
+        cdef int64_t cap = k if k < n else n
+        cdef size_t nbytes = <size_t>(cap if cap > 0 else 1) * sizeof(fr_entry)
+        cdef int r
+        cdef _DrawJob *j = <_DrawJob *>calloc(1, sizeof(_DrawJob))
+        if j == NULL:
+            raise MemoryError()
+        j.lock = PyThread_allocate_lock()
+        for r in range(3):
+            j.res[r].heap = <fr_entry *>malloc(nbytes)
+            j.res[r].cap = cap
+        j.mine.heap = <fr_entry *>malloc(nbytes)
+        j.mine.cap = cap
+        if j.lock == NULL or j.res[0].heap == NULL or j.res[1].heap == NULL or \
+                j.res[2].heap == NULL or j.mine.heap == NULL:
+            _free_job(j)
+            raise MemoryError()
+        self.job = j
+        j.refs = 1
+        j.stream = fr_round_stream(seed0, seed1, <uint64_t>round)
+        j.round, j.offset, j.n, j.chunk = round, offset, n, chunk
+        # An empty reservoir keeps nothing: no keys to draw.
+        j.next = n if cap == 0 else 0
+        if helper and j.next < n:
+            j.refs = 2
+            if PyThread_start_new_thread(_helper_main, <void *>j) == -1:
+                j.refs = 1
+
+    def finish(self):
+        cdef _DrawJob *j = self.job
+        if j == NULL or self.drawn:
+            raise RuntimeError("this round's draw is closed")
+        self.drawn = True
+        cdef int64_t start = 0, size, busy_start = 0, busy_size = 0, m, count = 0
+        cdef int r
+        cdef fr_status st0 = FR_OK, st
+        cdef fr_entry *buf = NULL
+        try:
+            with nogil:
+                PyThread_acquire_lock(j.lock, WAIT_LOCK)
+                while True:
+                    size = _take_chunk(j, &start)
+                    if size == 0:
+                        break
+                    PyThread_release_lock(j.lock)
+                    st = fr_reservoir_draw(&j.res[0], j.stream, j.round, j.offset, start, size)
+                    if st != FR_OK and st0 == FR_OK:
+                        st0 = st
+                    j.chunks[0] += 1
+                    PyThread_acquire_lock(j.lock, WAIT_LOCK)
+                # From here on res[1] is the helper's for good; its unfinished chunk is ours.
+                j.closed = True
+                busy_start, busy_size = j.busy_start, j.busy_size
+                PyThread_release_lock(j.lock)
+                if busy_size > 0:
+                    st = fr_reservoir_draw(&j.res[2], j.stream, j.round, j.offset,
+                                           busy_start, busy_size)
+                    if st != FR_OK and st0 == FR_OK:
+                        st0 = st
+            self.helper_chunks = j.chunks[1]
+            self.redrawn = busy_size
+            _check(st0, "round_sample")
+            _check(j.st[1], "round_sample")
+            # The reservoirs' union, best first: equal keys by position, as in one pass.
+            m = j.res[0].count + j.res[1].count + j.res[2].count
+            buf = <fr_entry *>malloc((m if m > 0 else 1) * sizeof(fr_entry))
+            if buf == NULL:
+                raise MemoryError()
+            count = 0
+            for r in range(3):
+                memcpy(buf + count, j.res[r].heap, <size_t>j.res[r].count * sizeof(fr_entry))
+                count += j.res[r].count
+            _check(fr_select_top(buf, m, j.res[0].cap, &count), "select_top")
+            return _entry_arrays(buf, count)
+        finally:
+            free(buf)
+            self._close()
+
+    def close(self):
+        self._close()
+
+    cdef void _close(self) noexcept:
+        cdef _DrawJob *j = self.job
+        if j == NULL:
+            return
+        self.job = NULL
+        with nogil:
+            PyThread_acquire_lock(j.lock, WAIT_LOCK)
+            j.closed = True
+            PyThread_release_lock(j.lock)
+            _let_go(j)
+
+    def __dealloc__(self):
+        self._close()
 
 
 def select_top(cnp.ndarray keys not None, int64_t k):

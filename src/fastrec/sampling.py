@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -161,87 +160,14 @@ class MeasuredProcessOutput(NamedTuple):
 
 _INT64_MAX = (1 << 63) - 1
 
-# Columnar rounds at least this large draw their keys on a second thread while the
-# finalizers and non-finite counts run: the key loop releases the GIL, and at this size
-# it outweighs the ~0.1 ms a thread costs to start. The keys are cut into chunks that both
-# threads take in turn: the calling thread joins in once its own work is done, so the round
-# finishes as soon as possible whether or not the second thread gets a core of its own.
+# Columnar rounds at least this large draw their keys on a helper thread while the
+# finalizers and non-finite counts run (_sampling.RoundDraw: a C thread that needs no GIL,
+# taking chunks of the round that the calling thread finishes once its own work is done,
+# never waiting for the helper). At this size the keys outweigh the ~15 µs a thread costs
+# to start; with one core there is nothing to overlap.
 _OVERLAP_MIN_CLIENTS = 200_000
-_KEY_CHUNK = 1 << 16
-
-
-def _spare_core() -> bool:
-    """Whether a second thread is likely to get a core of its own. On an oversubscribed
-    machine the two threads' GIL hand-offs cost more than the overlap saves, so the keys are
-    then drawn on the calling thread (same result either way): the 1-minute load average
-    must leave a core free (without a load average, as on Windows: 2+ cores suffice)."""
-    cores = os.cpu_count() or 1
-    if cores < 2:
-        return False
-    try:
-        return os.getloadavg()[0] <= cores - 1
-    except (AttributeError, OSError):
-        return True
-
-
-class _KeyChunks:
-    """The round's reservoir over clients [offset, offset + n), drawn chunk by chunk by
-    whichever thread calls :meth:`work`; :meth:`reservoir` combines the chunks' top k."""
-
-    def __init__(self, s0, s1, rnd, offset, n, k, chunk=_KEY_CHUNK):
-        self._args = (s0, s1, rnd)
-        self._offset, self._n, self._k, self._chunk = offset, n, k, chunk
-        self._next = 0
-        self._lock = threading.Lock()
-        self._parts = []
-
-    def work(self):
-        while True:
-            with self._lock:
-                start = self._next
-                if start >= self._n:
-                    return
-                self._next = min(start + self._chunk, self._n)
-            size = min(self._chunk, self._n - start)
-            keys, idx, pos = _sampling.round_sample(*self._args, self._offset + start, size,
-                                                    self._k)
-            self._parts.append((start, keys, idx, pos + start))
-
-    def reservoir(self):
-        parts = sorted(self._parts, key=lambda p: p[0])   # batch order: ties by position
-        keys = np.concatenate([p[1] for p in parts])
-        indices = np.concatenate([p[2] for p in parts])
-        positions = np.concatenate([p[3] for p in parts])
-        top = _sampling.select_top(keys, self._k)
-        return keys[top], indices[top], positions[top]
-
-
-class _Background:
-    """Run ``fn(*args)`` on a fresh thread; :meth:`result` joins it and re-raises its error.
-
-    A fresh thread per call, not a pool: a pool's worker does not survive ``fork``.
-    """
-
-    def __init__(self, fn, *args):
-        self._value = self._error = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
-                                        name="fastrec-keys")
-        self._thread.start()
-
-    def _run(self, fn, args):
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # handed to the caller in result()
-            self._error = e
-
-    def join(self):
-        self._thread.join()
-
-    def result(self):
-        self.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+_KEY_CHUNK = 1 << 14    # ~10 µs of keys: the two threads finish within that of each other
+_CORES = os.cpu_count() or 1   # read once: it costs tens of µs per call on some systems
 
 
 def _check_int(value, what, minimum, maximum=None):
@@ -565,12 +491,10 @@ class AggregationProcess:
             rows = [{name: _row(cols[name], i) for name in self._spec_names} for i in range(n)]
             return self.next(state, rows, client_offset=offset)
         # Keys depend only on (seed, round, index), not on the values. In a large round a
-        # second thread draws them while this one runs the finalizers and counts non-finite
-        # rows, then helps with the rest.
-        s0, s1, rnd = st.seed[0], st.seed[1], st.round
-        chunks = (_KeyChunks(s0, s1, rnd, offset, n, self._k)
-                  if n >= _OVERLAP_MIN_CLIENTS and _spare_core() else None)
-        background = _Background(chunks.work) if chunks is not None else None
+        # helper thread draws them while this one runs the finalizers and counts non-finite
+        # rows, then this one helps with the rest.
+        draw = _sampling.RoundDraw(st.seed[0], st.seed[1], st.round, offset, n, self._k,
+                                   _KEY_CHUNK, n >= _OVERLAP_MIN_CLIENTS and _CORES > 1)
         try:
             if self._functional is None:
                 finalized = {name: _call_finalizer(fin.fn, cols[name], name)
@@ -593,16 +517,9 @@ class AggregationProcess:
                     raise _sampling.with_context(e, f"metric {name!r}") from None
                 leaves_of[name] = leaves
                 measurements[name] = layout.build([count_non_finite_rows(c) for c in leaves])
-            if chunks is None:
-                keys, indices, positions = _sampling.round_sample(s0, s1, rnd, offset, n, self._k)
-            else:
-                chunks.work()
+            keys, indices, positions = draw.finish()
         finally:
-            if background is not None:
-                background.join()
-        if background is not None and chunks is not None:
-            background.result()
-            keys, indices, positions = chunks.reservoir()
+            draw.close()
         order = np.argsort(positions, kind="stable")
         keys, indices, positions = keys[order], indices[order], positions[order]
         samples = [layout.build([_sampling.gather_rows(c, positions) for c in leaves_of[name]])
