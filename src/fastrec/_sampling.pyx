@@ -388,24 +388,6 @@ cdef inline float _narrow(double x) noexcept nogil:
     return <float>x
 
 
-cdef object _int_scalar(_DType d, int64_t i):
-    """The ``d`` integer scalar holding ``i`` (already in range)."""
-    cdef int8_t i8
-    cdef int16_t i16
-    cdef int32_t i32
-    # Same-width two's complement: an in-range value has the same bits signed or unsigned.
-    if d.itemsize == 8:
-        return PyArray_Scalar(&i, d.descr, None)
-    if d.itemsize == 4:
-        i32 = <int32_t>i
-        return PyArray_Scalar(&i32, d.descr, None)
-    if d.itemsize == 2:
-        i16 = <int16_t>i
-        return PyArray_Scalar(&i16, d.descr, None)
-    i8 = <int8_t>i
-    return PyArray_Scalar(&i8, d.descr, None)
-
-
 cdef object _check_int_range(_DType d, object v):
     iv = int(v)
     if iv < d.lo or iv > d.hi:
@@ -507,11 +489,9 @@ cdef extern from "numpy/arrayobject.h":
 
 
 cdef object _to_scalar(_DType d, object v):
-    """The ``d`` numpy scalar for the number ``v`` (TFF casts to the spec's dtype)."""
+    """The ``d`` numpy scalar for the number ``v`` (TFF casts to the spec's dtype): the
+    cases _number_scalar leaves, and their errors."""
     cdef double x
-    cdef float f
-    cdef int64_t i
-    cdef int overflow = 0
     t = type(v)
     if t is d.scalar_type:
         return v
@@ -526,22 +506,15 @@ cdef object _to_scalar(_DType d, object v):
             raise TypeError(f"expected a {d.dtype} scalar, got non-numeric {_describe(v)}")
         if k not in d.accepts:
             raise TypeError(f"expected a {d.dtype} scalar, got {_describe(v)}")
+    # (_number_scalar stored the exact floats and ints it could; here: other numeric types,
+    # dtypes it does not store into, and the errors.)
     if d.kind == K_INT:
-        if t is int and d.c_int_range:
-            i = PyLong_AsLongLongAndOverflow(v, &overflow)
-            if overflow == 0 and d.clo <= i <= d.chi:
-                return _int_scalar(d, i)
         return d.scalar_type(_check_int_range(d, v))
-    if d.kind == K_FLOAT and (t is float or t is int):
+    if d.kind == K_FLOAT and t is int:
         try:
             x = v   # int -> double: OverflowError past 1.8e308
         except OverflowError:
             raise ValueError(f"{v} does not fit {d.dtype}") from None
-        if d.itemsize == 8:
-            return PyArray_Scalar(&x, d.descr, None)
-        if d.itemsize == 4:
-            f = _narrow(x)
-            return PyArray_Scalar(&f, d.descr, None)
     try:
         return d.scalar_type(v)
     except (OverflowError, ValueError, TypeError) as e:
@@ -1098,13 +1071,9 @@ cdef class _Acc:
         return self.add_any(v, slot)
 
     cdef int add_any(self, object v, int64_t slot) except -1:
+        """add() for all but a lone scalar of the probe's type."""
         cdef Py_ssize_t j
         if self.layout.single:
-            if type(v) is self.scalar0:
-                self.counts[0] += _scalar_bad(self.d0, v) if self.d0.kind >= K_FLOAT else 0
-                if slot >= 0:
-                    self.outs[0][slot] = v
-                return 0
             if not PyFloat_Check(v):
                 if isinstance(v, (list, tuple)) or (isinstance(v, Mapping)
                                                     and not cnp.PyArray_Check(v)):
