@@ -74,6 +74,8 @@ def round_sample(
     seed0: int, seed1: int, round: int, offset: int, n: int, k: int
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 
+def helpers_running() -> int: ...
+
 class RoundDraw:
     helper_chunks: int
     redrawn: int

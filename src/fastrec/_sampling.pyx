@@ -1408,6 +1408,27 @@ ctypedef struct _DrawJob:
     int64_t chunks[2]         # chunks each thread drew
 
 
+# Helper threads still running (tests check that none outlives its draw by long).
+cdef PyThread_type_lock _helpers_lock = PyThread_allocate_lock()
+cdef int64_t _helpers_running = 0
+
+
+cdef void _count_helper(int64_t d) noexcept nogil:
+    PyThread_acquire_lock(_helpers_lock, WAIT_LOCK)
+    global _helpers_running
+    _helpers_running += d
+    PyThread_release_lock(_helpers_lock)
+
+
+def helpers_running():
+    """How many RoundDraw helper threads are running now."""
+    with nogil:
+        PyThread_acquire_lock(_helpers_lock, WAIT_LOCK)
+    n = _helpers_running
+    PyThread_release_lock(_helpers_lock)
+    return n
+
+
 cdef void _free_job(_DrawJob *j) noexcept nogil:
     if j.lock != NULL:
         PyThread_free_lock(j.lock)
@@ -1460,6 +1481,7 @@ cdef void _helper_main(void *arg) noexcept nogil:
             j.st[1] = st
     PyThread_release_lock(j.lock)
     _let_go(j)
+    _count_helper(-1)
 
 
 @cython.final
@@ -1503,9 +1525,13 @@ cdef class RoundDraw:
         # An empty reservoir keeps nothing: no keys to draw.
         j.next = n if cap == 0 else 0
         if helper and j.next < n:
+            if _helpers_lock == NULL:
+                raise MemoryError()
             j.refs = 2
+            _count_helper(1)
             if PyThread_start_new_thread(_helper_main, <void *>j) == -1:
                 j.refs = 1
+                _count_helper(-1)
 
     def finish(self):
         cdef _DrawJob *j = self.job
