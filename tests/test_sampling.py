@@ -9,6 +9,7 @@ import pickle
 import threading
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -1565,6 +1566,34 @@ def test_round_draw_checks_its_arguments_and_closes_once():
         d.finish()
     # An empty reservoir draws nothing, even over 2**62 clients (no helper is started).
     assert [len(x) for x in _sampling.RoundDraw(1, 2, 0, 0, 2**62, 0).finish()] == [0, 0, 0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_round_draw_made_before_a_fork_is_redrawn_alone_in_the_child():
+    # The child has none of the parent's helper threads; one may have held the draw's lock
+    # or been publishing its reservoir at the fork. The child draws the whole round itself.
+    want = _sampling.round_sample(1, 2, 3, 0, 400_000, 20)
+    drawn = _sampling.RoundDraw(1, 2, 3, 0, 400_000, 20, 1000, True)
+    dropped = _sampling.RoundDraw(1, 2, 4, 0, 400_000, 20, 1000, True)
+    with warnings.catch_warnings():   # 3.12+: "this process is multi-threaded" (it may be)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:   # the child: report by exit status only
+        ok = False
+        try:
+            got = drawn.finish()
+            dropped.close()
+            again = _sampling.RoundDraw(1, 2, 3, 0, 400_000, 20, 1000, True).finish()
+            ok = (drawn.helper_chunks == 0 and _helpers_end() == 0 and
+                  all(np.array_equal(a, b) for a, b in zip(got, want)) and
+                  all(np.array_equal(a, b) for a, b in zip(again, want)))
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    for a, b in zip(drawn.finish(), want):   # the parent's draw is untouched
+        np.testing.assert_array_equal(a, b)
+    dropped.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def test_round_draws_dropped_unfinished_leave_no_threads():

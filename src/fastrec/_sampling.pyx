@@ -13,6 +13,8 @@ them), and finalized scalars are read off their structs.
 from collections import OrderedDict
 from collections.abc import Mapping
 
+import os
+
 import numpy as np
 
 cimport cython
@@ -1406,11 +1408,27 @@ ctypedef struct _DrawJob:
     fr_reservoir mine         # the helper's working copy of res[1]
     fr_status st[2]
     int64_t chunks[2]         # chunks each thread drew
+    int64_t generation        # _fork_generation when made
 
 
 # Helper threads still running (tests check that none outlives its draw by long).
 cdef PyThread_type_lock _helpers_lock = PyThread_allocate_lock()
 cdef int64_t _helpers_running = 0
+# Bumped in a forked child, which has none of its parent's helper threads: a draw made
+# before the fork cannot trust its lock or the helper's reservoir there (the helper may have
+# held the one and been writing the other at the fork), so it redraws the round alone.
+cdef int64_t _fork_generation = 0
+
+
+def _after_fork_in_child():
+    global _helpers_lock, _helpers_running, _fork_generation
+    _helpers_lock = PyThread_allocate_lock()   # the parent's may be held: left as it was
+    _helpers_running = 0
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 cdef void _count_helper(int64_t d) noexcept nogil:
@@ -1484,6 +1502,24 @@ cdef void _helper_main(void *arg) noexcept nogil:
     _count_helper(-1)
 
 
+cdef int _adopt_after_fork(_DrawJob *j) except -1:
+    """Make a draw from before a fork this process's alone: a fresh lock, no helper, and
+    every chunk to draw again (what the helper published may be torn)."""
+    cdef PyThread_type_lock lock = PyThread_allocate_lock()
+    if lock == NULL:
+        raise MemoryError()
+    j.lock = lock   # the old one may be held by the parent's helper: leaked
+    j.generation = _fork_generation
+    j.refs = 1
+    j.res[0].count = j.res[1].count = j.res[2].count = 0
+    j.chunks[0] = j.chunks[1] = 0
+    j.busy_size = 0
+    j.closed = False
+    j.st[1] = FR_OK
+    j.next = j.n if j.res[0].cap == 0 else 0
+    return 0
+
+
 @cython.final
 cdef class RoundDraw:
     """The round's reservoir over clients offset .. offset+n-1, the same as
@@ -1520,6 +1556,7 @@ cdef class RoundDraw:
             raise MemoryError()
         self.job = j
         j.refs = 1
+        j.generation = _fork_generation
         j.stream = fr_round_stream(seed0, seed1, <uint64_t>round)
         j.round, j.offset, j.n, j.chunk = round, offset, n, chunk
         # An empty reservoir keeps nothing: no keys to draw.
@@ -1543,6 +1580,8 @@ cdef class RoundDraw:
         cdef fr_status st0 = FR_OK, st
         cdef fr_entry *buf = NULL
         try:
+            if j.generation != _fork_generation:
+                _adopt_after_fork(j)
             with nogil:
                 PyThread_acquire_lock(j.lock, WAIT_LOCK)
                 while True:
@@ -1591,6 +1630,10 @@ cdef class RoundDraw:
         if j == NULL:
             return
         self.job = NULL
+        if j.generation != _fork_generation:   # made before a fork: this child's alone
+            j.lock = NULL   # perhaps held by a helper that is not in this process: leaked
+            _free_job(j)
+            return
         with nogil:
             PyThread_acquire_lock(j.lock, WAIT_LOCK)
             j.closed = True
