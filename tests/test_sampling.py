@@ -1568,6 +1568,26 @@ def test_round_draw_checks_its_arguments_and_closes_once():
     assert [len(x) for x in _sampling.RoundDraw(1, 2, 0, 0, 2**62, 0).finish()] == [0, 0, 0]
 
 
+def test_round_draw_closed_from_another_thread_while_finishing():
+    # finish() draws without the GIL, so another thread can call close() meanwhile: the draw
+    # must not be freed under finish(), which closes it itself when done.
+    n = 3_000_000
+    want = _sampling.round_sample(1, 2, 3, 0, n, 30)
+    for helper in (False, True):
+        d = _sampling.RoundDraw(1, 2, 3, 0, n, 30, 1 << 14, helper)
+        got = []
+        t = threading.Thread(target=lambda: got.append(d.finish()))
+        t.start()
+        while t.is_alive():
+            d.close()
+            time.sleep(0.0001)
+        t.join()
+        for a, b in zip(got[0], want):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(RuntimeError, match="closed"):
+            d.finish()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_round_draw_made_before_a_fork_is_redrawn_alone_in_the_child():
     # The child has none of the parent's helper threads; one may have held the draw's lock

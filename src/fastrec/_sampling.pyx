@@ -1529,6 +1529,7 @@ cdef class RoundDraw:
     deallocation) lets the helper go; neither ever waits for it."""
     cdef _DrawJob *job
     cdef bint drawn
+    cdef bint finishing   # finish() is drawing without the GIL: close() leaves it to finish
     cdef readonly int64_t helper_chunks   # after finish(): how many chunks the helper drew
     cdef readonly int64_t redrawn         # ... and how many clients the caller drew again
 
@@ -1574,11 +1575,11 @@ cdef class RoundDraw:
         cdef _DrawJob *j = self.job
         if j == NULL or self.drawn:
             raise RuntimeError("this round's draw is closed")
-        self.drawn = True
         cdef int64_t start = 0, size, busy_start = 0, busy_size = 0, m, count = 0
         cdef int r
         cdef fr_status st0 = FR_OK, st
         cdef fr_entry *buf = NULL
+        self.drawn = self.finishing = True
         try:
             if j.generation != _fork_generation:
                 _adopt_after_fork(j)
@@ -1620,10 +1621,12 @@ cdef class RoundDraw:
             return _entry_arrays(buf, count)
         finally:
             free(buf)
+            self.finishing = False
             self._close()
 
     def close(self):
-        self._close()
+        if not self.finishing:   # else finish() closes when it is done
+            self._close()
 
     cdef void _close(self) noexcept:
         cdef _DrawJob *j = self.job
