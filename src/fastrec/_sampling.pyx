@@ -1395,7 +1395,7 @@ def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, 
 # the caller at most one chunk. The two share only this struct, under `lock`; the last to let
 # go frees it.
 ctypedef struct _DrawJob:
-    PyThread_type_lock lock   # guards next, busy_*, closed, refs, res[1] and st[1]
+    PyThread_type_lock lock   # guards next, busy_*, closed, refs and the helper_* fields
     uint64_t stream
     int64_t round, offset, n, chunk
     int64_t next              # first batch position not yet handed out
@@ -1406,8 +1406,8 @@ ctypedef struct _DrawJob:
     # the helper was drawing when the caller closed. Each is offered increasing positions.
     fr_reservoir res[3]
     fr_reservoir mine         # the helper's working copy of res[1]
-    fr_status st[2]
-    int64_t chunks[2]         # chunks each thread drew
+    fr_status helper_st       # the helper's first error in a published chunk
+    int64_t helper_chunks     # chunks the helper published
     int64_t generation        # _fork_generation when made
 
 
@@ -1494,9 +1494,9 @@ cdef void _helper_main(void *arg) noexcept nogil:
             break
         memcpy(j.res[1].heap, j.mine.heap, <size_t>j.mine.count * sizeof(fr_entry))
         j.res[1].count = j.mine.count
-        j.chunks[1] += 1
-        if st != FR_OK and j.st[1] == FR_OK:
-            j.st[1] = st
+        j.helper_chunks += 1
+        if st != FR_OK and j.helper_st == FR_OK:
+            j.helper_st = st
     PyThread_release_lock(j.lock)
     _let_go(j)
     _count_helper(-1)
@@ -1512,10 +1512,10 @@ cdef int _adopt_after_fork(_DrawJob *j) except -1:
     j.generation = _fork_generation
     j.refs = 1
     j.res[0].count = j.res[1].count = j.res[2].count = 0
-    j.chunks[0] = j.chunks[1] = 0
+    j.helper_chunks = 0
     j.busy_size = 0
     j.closed = False
-    j.st[1] = FR_OK
+    j.helper_st = FR_OK
     j.next = j.n if j.res[0].cap == 0 else 0
     return 0
 
@@ -1527,14 +1527,13 @@ cdef class RoundDraw:
     ``helper``) while the caller works; :meth:`finish` draws what is left and returns
     (keys, client indices, batch positions), best first. :meth:`close` (also on
     deallocation) lets the helper go; neither ever waits for it."""
-    cdef _DrawJob *job
-    cdef bint drawn
-    cdef bint finishing   # finish() is drawing without the GIL: close() leaves it to finish
+    cdef _DrawJob *job      # NULL once closed (finish() closes it too)
+    cdef bint finishing     # finish() is drawing without the GIL: close() leaves it to finish
     cdef readonly int64_t helper_chunks   # after finish(): how many chunks the helper drew
     cdef readonly int64_t redrawn         # ... and how many clients the caller drew again
 
     def __cinit__(self, uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset,
-                  int64_t n, int64_t k, int64_t chunk=1 << 16, bint helper=True):
+                  int64_t n, int64_t k, int64_t chunk=1 << 14, bint helper=True):
         if n < 0 or k < 0 or offset < 0 or round < 0 or chunk < 1:
             raise ValueError("n, k, offset and round must be non-negative and chunk positive")
         if offset > INT64_MAX - n:
@@ -1573,13 +1572,13 @@ cdef class RoundDraw:
 
     def finish(self):
         cdef _DrawJob *j = self.job
-        if j == NULL or self.drawn:
+        if j == NULL or self.finishing:
             raise RuntimeError("this round's draw is closed")
         cdef int64_t start = 0, size, busy_start = 0, busy_size = 0, m, count = 0
         cdef int r
         cdef fr_status st0 = FR_OK, st
         cdef fr_entry *buf = NULL
-        self.drawn = self.finishing = True
+        self.finishing = True
         try:
             if j.generation != _fork_generation:
                 _adopt_after_fork(j)
@@ -1593,7 +1592,6 @@ cdef class RoundDraw:
                     st = fr_reservoir_draw(&j.res[0], j.stream, j.round, j.offset, start, size)
                     if st != FR_OK and st0 == FR_OK:
                         st0 = st
-                    j.chunks[0] += 1
                     PyThread_acquire_lock(j.lock, WAIT_LOCK)
                 # From here on res[1] is the helper's for good; its unfinished chunk is ours.
                 j.closed = True
@@ -1604,10 +1602,10 @@ cdef class RoundDraw:
                                            busy_start, busy_size)
                     if st != FR_OK and st0 == FR_OK:
                         st0 = st
-            self.helper_chunks = j.chunks[1]
+            self.helper_chunks = j.helper_chunks
             self.redrawn = busy_size
             _check(st0, "round_sample")
-            _check(j.st[1], "round_sample")
+            _check(j.helper_st, "round_sample")
             # The reservoirs' union, best first: equal keys by position, as in one pass.
             m = j.res[0].count + j.res[1].count + j.res[2].count
             buf = <fr_entry *>malloc((m if m > 0 else 1) * sizeof(fr_entry))
