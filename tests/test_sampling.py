@@ -1116,6 +1116,117 @@ def test_python_numbers_cast_as_numpy_casts_them(dtype, values):
         assert got.tobytes() == want.tobytes() or (np.isnan(want) and np.isnan(got)), (v, got)
 
 
+_ANY_VALUE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**65, 2**65),
+    st.integers(-3, 3), st.booleans(), st.none(), st.text(max_size=2),
+    st.lists(st.floats(width=32), max_size=3),
+    st.lists(st.one_of(st.floats(), st.integers(-3, 3)), min_size=2, max_size=2),
+    st.tuples(st.floats(), st.floats()),
+    st.builds(np.float32, st.floats(width=32)), st.builds(np.float64, st.floats()),
+    st.builds(np.int64, st.integers(-2**63, 2**63 - 1)), st.builds(np.int8, st.integers(-128, 127)),
+    st.builds(lambda a, b, t: np.array([a, b], t), st.integers(-5, 5), st.floats(width=32),
+              st.sampled_from(["float32", "float64", ">f4"])),
+    st.builds(lambda a, b: np.array([a, b], np.int64), st.integers(-5, 5), st.integers(-5, 5)),
+    st.builds(lambda a: np.array(a, np.float32), st.floats(width=32)))
+
+_DIFF_SPEC = {"a": TensorSpec("float32"), "b": TensorSpec("float32", (2,)),
+              "c": TensorSpec("int64"), "d": TensorSpec("float64", (None,)),
+              "e": TensorSpec("int8")}
+
+
+def _finalizer_of(kind, kept):
+    if kind == "same":
+        return lambda v: v
+    if kind == "keep":
+        return lambda v: (kept.append(v), v)[1]
+    if kind == "sum":
+        return lambda v: np.sum(v)
+    if kind == "float":
+        return lambda v: float(np.sum(v))
+    if kind == "pair":
+        return lambda v: [v, v]
+    return lambda v: 1 / 0 if np.any(np.asarray(v) == 3) else v   # "raise", now and then
+
+
+_VALID_VALUE = {
+    "a": st.floats() | st.builds(np.float32, st.floats(width=32)) | st.integers(-3, 3)
+    | st.builds(np.float64, st.floats()),
+    "b": st.lists(st.floats(), min_size=2, max_size=2) | st.lists(st.integers(-3, 3),
+                                                                  min_size=2, max_size=2)
+    | st.builds(lambda a, b: np.array([a, b], np.float32), st.floats(width=32),
+                st.floats(width=32)) | st.tuples(st.floats(), st.floats()),
+    "c": st.integers(-2**63, 2**63 - 1) | st.builds(np.int64, st.integers(-9, 9))
+    | st.builds(np.int8, st.integers(-9, 9)),
+    "d": st.lists(st.floats(), max_size=3) | st.builds(np.array, st.lists(st.floats(),
+                                                                        max_size=3)),
+    "e": st.integers(-128, 127) | st.builds(np.int8, st.integers(-128, 127)),
+}
+
+
+@st.composite
+def _round_of_clients(draw):
+    """Mostly well-formed clients in the names' order (what the C step takes), some in
+    another order, and now and then one arbitrary client (most of them errors)."""
+    clients = []
+    for _ in range(draw(st.integers(0, 16))):
+        items = [(n, draw(_VALID_VALUE[n])) for n in "abcde"]
+        if draw(st.integers(0, 9)) == 0:
+            items = draw(st.permutations(items))
+        clients.append(dict(items))
+    if draw(st.integers(0, 4)) == 0:
+        odd = draw(st.dictionaries(st.sampled_from("abcdef"), _ANY_VALUE, min_size=4,
+                                   max_size=6))
+        clients.insert(draw(st.integers(0, len(clients))), odd)
+    return clients
+
+
+@settings(max_examples=300, deadline=None)
+@given(clients=_round_of_clients(),
+       kinds=st.lists(st.sampled_from(["same", "same", "keep", "sum", "float", "pair",
+                                       "raise"]), min_size=5, max_size=5),
+       k=st.integers(1, 3))
+def test_c_client_step_matches_the_general_path(clients, kinds, k):
+    """next() takes the common clients through its C step (fc_client) and the rest the
+    general way: on any mix of values, key orders and finalizers, the result, measurements,
+    the values finalizers saw and kept, and any error are those of the general way alone."""
+    def run(fast):
+        kept = []
+        fins = {n: _finalizer_of(kind, kept) for n, kind in zip("abcde", kinds)}
+        was = _sampling.set_client_fast_path(fast)
+        try:
+            try:
+                proc = FinalizeThenSampleFactory(k, seed=3).create(fins, _DIFF_SPEC)
+            except TypeError as e:   # a finalizer the probe refuses: both ways alike
+                return ("create", type(e), str(e))
+            kept.clear()
+            try:
+                out = proc.next(proc.initialize(), [dict(c) for c in clients])
+            except Exception as e:
+                return ("error", type(e), str(e), getattr(e, "__notes__", None))
+            return ("ok", _plain(out.result), out.measurements, _plain(out.state["samples"]),
+                    _plain(kept))
+        finally:
+            _sampling.set_client_fast_path(was)
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        assert run(True) == run(False)
+
+
+def _plain(v):
+    """v with arrays and numpy scalars as (type, dtype, shape, bytes): comparable with ==,
+    NaN included."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    if isinstance(v, (np.ndarray, np.generic)):
+        return (type(v), v.dtype.str, np.shape(v), np.asarray(v).tobytes())
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return v
+
+
 def test_metrics_read_in_any_key_order_and_key_identity():
     """Clients whose keys come in the finalizers' order are read item by item; any other
     order, equal keys that are other str objects, str subclasses and dicts mutated by a
