@@ -2586,7 +2586,8 @@ def test_record_clients_read_directly_unless_a_subclass_overrides_reading():
 
 def test_float32_narrowing_matches_numpy_at_the_range_edge():
     edge = [3.4028234663852886e38, 3.4028235e38, 3.4028235677973362e38, 3.4028235677973366e38,
-            3.5e38, 1e39, -1e39, -3.4028235677973366e38, float("nan"), 1e-46, -0.0]
+            3.5e38, 1e39, -1e39, -3.4028235677973366e38, -3.4028235677973362e38, -3.5e38,
+            -3.4028234663852886e38, float("inf"), float("-inf"), float("nan"), 1e-46, -0.0]
     with np.errstate(over="ignore"):
         expected = np.array(edge, np.float64).astype(np.float32)
     p = FinalizeThenSampleFactory(20, seed=0).create(

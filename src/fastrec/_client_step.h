@@ -21,21 +21,20 @@
 #include <numpy/arrayobject.h>
 #include <numpy/arrayscalars.h>
 
-/* x rounded to float32 as NumPy (IEEE 754) casts it. Past the float range C leaves the
-   conversion undefined, so overflow is spelled out: 2**128 - 2**103 (FLT_MAX plus half an
-   ulp) is where round-to-nearest reaches infinity. */
+/* x rounded to float32 as NumPy (IEEE 754) casts it. Within the float range C's conversion
+   rounds to nearest (Annex F); past it C leaves the conversion undefined, so overflow is
+   spelled out: 2**128 - 2**103 (FLT_MAX plus half an ulp) is where round-to-nearest reaches
+   infinity. NaN fails the first test. */
 static inline float fc_narrow(double x) {
+    if (x >= -FLT_MAX && x <= FLT_MAX)
+        return (float)x;
     if (x != x)
         return NAN;
     if (x >= 3.4028235677973366e38)
         return INFINITY;
     if (x <= -3.4028235677973366e38)
         return -INFINITY;
-    if (x > FLT_MAX)
-        return FLT_MAX;
-    if (x < -FLT_MAX)
-        return -FLT_MAX;
-    return (float)x;
+    return x > 0 ? FLT_MAX : -FLT_MAX;
 }
 
 static inline int fc_float_bad(float x) {
