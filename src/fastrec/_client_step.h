@@ -21,6 +21,15 @@
 #include <numpy/arrayobject.h>
 #include <numpy/arrayscalars.h>
 
+/* The per-value helpers are small and run once per value: inlined into fc_client. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FC_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define FC_INLINE static __forceinline
+#else
+#define FC_INLINE static inline
+#endif
+
 /* x rounded to float32 as NumPy (IEEE 754) casts it. Within the float range C's conversion
    rounds to nearest (Annex F); past it C leaves the conversion undefined, so overflow is
    spelled out: 2**128 - 2**103 (FLT_MAX plus half an ulp) is where round-to-nearest reaches
@@ -86,7 +95,7 @@ typedef struct {
 
 /* The spare scalar to store into when nothing but the spec holds it (the finalizer neither
    kept it nor returned it into a sample), else a new one; a new reference, NULL on error. */
-static PyObject *fc_scalar(fc_conv *s) {
+FC_INLINE PyObject *fc_scalar(fc_conv *s) {
     PyObject *p = s->spare;
     if (p != NULL && Py_REFCNT(p) == 1 && Py_TYPE(p) == s->scalar_type) {
         Py_INCREF(p);
@@ -103,7 +112,7 @@ static PyObject *fc_scalar(fc_conv *s) {
 /* Whether the array made for the previous client can be overwritten for this one: nothing
    else holds it (nor a view, which holds its base, nor a weak reference) and it is still the
    fresh array it was made as (a finalizer may reshape or re-type it in place). */
-static int fc_refillable(const fc_conv *s, PyObject *p, npy_intp n) {
+FC_INLINE int fc_refillable(const fc_conv *s, PyObject *p, npy_intp n) {
     if (p == NULL || Py_REFCNT(p) != 1 || Py_TYPE(p) != &PyArray_Type
             || ((PyArrayObject_fields *)p)->weakreflist != NULL)
         return 0;
@@ -165,7 +174,7 @@ static int fc_float_list(fc_conv *s, PyObject *v, PyObject **out) {
 
 /* What the finalizer receives for v, in *out (a new reference): 1; 0 where the general
    path decides; -1 on a memory error. */
-static int fc_convert(fc_conv *s, PyObject *v, PyObject **out) {
+FC_INLINE int fc_convert(fc_conv *s, PyObject *v, PyObject **out) {
     PyTypeObject *t = Py_TYPE(v);
     if (s->kind == FC_SCALAR) {
         if (t == s->scalar_type) {
