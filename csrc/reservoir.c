@@ -11,17 +11,30 @@ int fr_entry_better(const fr_entry *a, const fr_entry *b)
     return a->src < b->src;
 }
 
-/* A binary heap whose root is the *worst* entry: the one to evict first. */
-static void sift_down(fr_entry *h, int64_t n, int64_t i)
+/* Arrival order: by round, then client index, then position. */
+static int arrives_first(const fr_entry *a, const fr_entry *b)
+{
+    if (a->round != b->round)
+        return a->round < b->round;
+    if (a->index != b->index)
+        return a->index < b->index;
+    return a->src < b->src;
+}
+
+typedef int (*fr_order)(const fr_entry *, const fr_entry *);
+
+/* A binary heap under `first`, whose root is the entry that `first` ranks last: for the
+   reservoir (first = fr_entry_better) the worst entry, the one to evict. */
+static inline void sift_down_by(fr_entry *h, int64_t n, int64_t i, fr_order first)
 {
     fr_entry x = h[i];
     for (;;) {
         int64_t c = 2 * i + 1;
         if (c >= n)
             break;
-        if (c + 1 < n && fr_entry_better(&h[c], &h[c + 1]))
+        if (c + 1 < n && first(&h[c], &h[c + 1]))
             c++;
-        if (!fr_entry_better(&x, &h[c]))
+        if (!first(&x, &h[c]))
             break;
         h[i] = h[c];
         i = c;
@@ -29,22 +42,43 @@ static void sift_down(fr_entry *h, int64_t n, int64_t i)
     h[i] = x;
 }
 
-static void heapify(fr_entry *h, int64_t n)
+static void sift_down(fr_entry *h, int64_t n, int64_t i)
 {
-    for (int64_t i = n / 2 - 1; i >= 0; i--)
-        sift_down(h, n, i);
+    sift_down_by(h, n, i, fr_entry_better);
 }
 
-/* Heapsort with a worst-at-root heap leaves the array best-first. */
-static void sort_best_first(fr_entry *h, int64_t n)
+static inline void heapify_by(fr_entry *h, int64_t n, fr_order first)
 {
-    heapify(h, n);
+    for (int64_t i = n / 2 - 1; i >= 0; i--)
+        sift_down_by(h, n, i, first);
+}
+
+static void heapify(fr_entry *h, int64_t n)
+{
+    heapify_by(h, n, fr_entry_better);
+}
+
+/* Heapsort: moving the root (ranked last) to the end each time leaves the array in
+   `first` order. */
+static inline void heap_sort(fr_entry *h, int64_t n, fr_order first)
+{
+    heapify_by(h, n, first);
     for (int64_t end = n - 1; end > 0; end--) {
         fr_entry t = h[0];
         h[0] = h[end];
         h[end] = t;
-        sift_down(h, end, 0);
+        sift_down_by(h, end, 0, first);
     }
+}
+
+static void sort_best_first(fr_entry *h, int64_t n)
+{
+    heap_sort(h, n, fr_entry_better);
+}
+
+void fr_sort_arrival(fr_entry *items, int64_t n)
+{
+    heap_sort(items, n, arrives_first);
 }
 
 fr_status fr_reservoir_draw(fr_reservoir *r, uint64_t stream, int64_t round, int64_t offset,

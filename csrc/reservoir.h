@@ -59,6 +59,9 @@ fr_status fr_reservoir_draw(fr_reservoir *r, uint64_t stream, int64_t round, int
  * FR_ERR_VALUE for negative n or k. */
 fr_status fr_select_top(fr_entry *items, int64_t n, int64_t k, int64_t *out_count);
 
+/* Sorts items[0..n) in arrival order: by round, then index, then src. */
+void fr_sort_arrival(fr_entry *items, int64_t n);
+
 /* dst[j] = row pos[j] of src, for j < npos: rows are row_bytes contiguous
  * bytes, row_stride bytes apart (any sign).  FR_ERR_VALUE if a position is
  * outside [0, nrows) or a size is negative. */

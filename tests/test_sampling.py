@@ -253,6 +253,68 @@ def test_gather_rows():
         _sampling.select_top(np.array(1, np.uint64), 1)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 40), st.integers(0, 10))
+def test_round_sample_in_arrival_order(n, k, round_):
+    best = _sampling.round_sample(7, 9, round_, 3, n, k)
+    order = np.argsort(best[2], kind="stable")
+    for got, want in zip(_sampling.round_sample(7, 9, round_, 3, n, k, arrival=True), best):
+        np.testing.assert_array_equal(got, want[order])
+    drawn = _sampling.RoundDraw(7, 9, round_, 3, n, k, 16, True).finish(arrival=True)
+    for got, want in zip(drawn, best):
+        np.testing.assert_array_equal(got, want[order])
+
+
+_entries = st.integers(0, 12).flatmap(lambda m: st.tuples(
+    st.lists(st.integers(0, 3), min_size=m, max_size=m),          # keys: ties are common
+    st.lists(st.integers(0, 4), min_size=m, max_size=m),          # rounds
+    st.lists(st.integers(0, 5), min_size=m, max_size=m)))         # indices
+
+
+@settings(max_examples=300, deadline=None)
+@given(_entries, _entries, st.integers(0, 30), st.booleans())
+def test_union_entries_is_top_k_then_arrival_order(a, b, k, one_round):
+    """union_entries against its definition in NumPy: top k of the concatenation (larger key,
+    then earlier position), ordered by (round, index, position)."""
+    ak, ar, ai = (np.array(x, dt) for x, dt in zip(a, (np.uint64, np.int64, np.int64)))
+    bk, br, bi = (np.array(x, dt) for x, dt in zip(b, (np.uint64, np.int64, np.int64)))
+    if one_round:
+        br = np.full(len(bk), 2, np.int64)
+    keys, rounds, indices = (np.concatenate(p) for p in ((ak, bk), (ar, br), (ai, bi)))
+    top = np.lexsort((np.arange(len(keys)), -keys.astype(np.int64)))[:k]
+    want = top[np.lexsort((top, indices[top], rounds[top]))]
+    got = _sampling.union_entries(ak, ar, ai, bk, 2 if one_round else br, bi, k)
+    np.testing.assert_array_equal(got[0], want)
+    for g, w in zip(got[1:], (keys, rounds, indices)):
+        np.testing.assert_array_equal(g, w[want])
+        assert g.dtype == w.dtype
+    with pytest.raises(ValueError):
+        _sampling.union_entries(ak, ar, ai, bk, np.zeros(len(bk) + 1, np.int64), bi, k)
+    with pytest.raises(ValueError):
+        _sampling.union_entries(ak, ar, ai, bk, br, bi, -1)
+
+
+def test_gather_union():
+    a = np.arange(24.0).reshape(4, 3, 2)
+    b = -np.arange(12.0).reshape(2, 3, 2)
+    sel = np.array([5, 0, 4, 3, 3], np.int64)
+    pairs = [(a, b), (a[::-1], b), (a[:, :, 0], b[:, :, 0]),
+             (a.transpose(0, 2, 1), b.transpose(0, 2, 1)), (a.astype(np.float32), b), (a.astype(object), b), (a[:, 0, 0], b[:, 0, 0]),
+             (a.astype(">f8"), b.astype(">f8"))]
+    got = _sampling.gather_union([x for x, _ in pairs], [y for _, y in pairs], sel)
+    for g, (x, y) in zip(got, pairs):
+        want = np.concatenate([x, y])[sel]
+        np.testing.assert_array_equal(g, want)
+        assert g.dtype == want.dtype
+    for bad in (np.array([6], np.int64), np.array([-1], np.int64)):
+        with pytest.raises(ValueError):
+            _sampling.gather_union([a], [b], bad)
+    with pytest.raises(ValueError):
+        _sampling.gather_union([a], [], sel)
+    with pytest.raises(TypeError):
+        _sampling.gather_union([a], [[1.0]], sel)
+
+
 # ----------------------------------------------------------------------------------------------
 # TensorSpec, spec_of, factory and create validation
 # ----------------------------------------------------------------------------------------------

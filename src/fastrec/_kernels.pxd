@@ -37,5 +37,6 @@ cdef extern from "reservoir.h" nogil:
     fr_status fr_reservoir_draw(fr_reservoir *r, uint64_t stream, int64_t round, int64_t offset,
                                 int64_t start, int64_t n)
     fr_status fr_select_top(fr_entry *items, int64_t n, int64_t k, int64_t *out_count)
+    void fr_sort_arrival(fr_entry *items, int64_t n)
     fr_status fr_gather_rows(const char *src, int64_t nrows, int64_t row_stride, int64_t row_bytes,
                              const int64_t *pos, int64_t npos, char *dst)

@@ -34,7 +34,7 @@ from libc.string cimport memcpy
 from fastrec._kernels cimport (
     FR_FT_COMPLEX64, FR_FT_COMPLEX128, FR_FT_FLOAT16, FR_FT_FLOAT32, FR_FT_FLOAT64,
     fr_client_keys, fr_count_nonfinite, fr_entry, fr_ftype, fr_gather_rows, fr_reservoir,
-    fr_reservoir_draw, fr_round_sample, fr_round_stream, fr_select_top)
+    fr_reservoir_draw, fr_round_sample, fr_round_stream, fr_select_top, fr_sort_arrival)
 from cpython.pythread cimport (
     WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock, PyThread_release_lock,
     PyThread_start_new_thread, PyThread_type_lock)
@@ -1267,11 +1267,29 @@ def client_keys(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, i
     return out
 
 
+cdef inline cnp.ndarray _empty1(int64_t n, int typenum):
+    """np.empty(n, typenum) through the C API (no Python call: these run every round)."""
+    cdef cnp.npy_intp dim = <cnp.npy_intp>n
+    return cnp.PyArray_EMPTY(1, &dim, typenum, 0)
+
+
+cdef cnp.ndarray _c1d(object a, int typenum):
+    """``a`` as a C-contiguous 1-d ndarray of ``typenum`` (itself when it already is one)."""
+    if cnp.PyArray_CheckExact(a) and cnp.PyArray_NDIM(a) == 1 \
+            and cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISNOTSWAPPED(a) \
+            and cnp.PyArray_IS_C_CONTIGUOUS(a):
+        return a
+    a = np.ascontiguousarray(a, dtype=cnp.PyArray_DescrFromType(typenum))
+    if cnp.PyArray_NDIM(a) != 1:
+        raise ValueError("expected a 1-d array")
+    return a
+
+
 cdef tuple _entry_arrays(const fr_entry *buf, int64_t count):
     """(keys, client indices, batch positions) of buf[0..count)."""
-    keys = np.empty(count, dtype=np.uint64)
-    idx = np.empty(count, dtype=np.int64)
-    pos = np.empty(count, dtype=np.int64)
+    keys = _empty1(count, cnp.NPY_UINT64)
+    idx = _empty1(count, cnp.NPY_INT64)
+    pos = _empty1(count, cnp.NPY_INT64)
     cdef uint64_t *kp = <uint64_t *>cnp.PyArray_DATA(keys)
     cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(idx)
     cdef int64_t *pp = <int64_t *>cnp.PyArray_DATA(pos)
@@ -1284,8 +1302,9 @@ cdef tuple _entry_arrays(const fr_entry *buf, int64_t count):
 
 
 def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, int64_t n,
-                 int64_t k):
-    """The round's reservoir: (keys, client indices, batch positions), best first."""
+                 int64_t k, bint arrival=False):
+    """The round's reservoir: (keys, client indices, batch positions), best first, or in
+    arrival order (by position) if ``arrival``."""
     if k < 0 or n < 0:
         raise ValueError("n and k must be non-negative")
     cdef int64_t cap = k if k < n else n
@@ -1298,6 +1317,8 @@ def round_sample(uint64_t seed0, uint64_t seed1, int64_t round, int64_t offset, 
         with nogil:
             st = fr_round_sample(seed0, seed1, round, offset, n, cap, buf, &count)
         _check(st, "round_sample")
+        if arrival:
+            fr_sort_arrival(buf, count)
         return _entry_arrays(buf, count)
     finally:
         free(buf)
@@ -1443,7 +1464,8 @@ cdef class RoundDraw:
     """The round's reservoir over clients offset .. offset+n-1, the same as
     :func:`round_sample`, drawn in chunks of ``chunk`` clients by a helper thread (when
     ``helper``) while the caller works; :meth:`finish` draws what is left and returns
-    (keys, client indices, batch positions), best first. :meth:`close` (also on
+    (keys, client indices, batch positions), best first (by position if ``arrival``).
+    :meth:`close` (also on
     deallocation) lets the helper go; neither ever waits for it."""
     cdef _DrawJob *job      # NULL once closed (finish() closes it too)
     cdef bint finishing     # finish() is drawing without the GIL: close() leaves it to finish
@@ -1488,7 +1510,7 @@ cdef class RoundDraw:
                 j.refs = 1
                 _count_helper(-1)
 
-    def finish(self):
+    def finish(self, bint arrival=False):
         cdef _DrawJob *j = self.job
         if j == NULL or self.finishing:
             raise RuntimeError("this round's draw is closed")
@@ -1534,6 +1556,8 @@ cdef class RoundDraw:
                 memcpy(buf + count, j.res[r].heap, <size_t>j.res[r].count * sizeof(fr_entry))
                 count += j.res[r].count
             _check(fr_select_top(buf, m, j.res[0].cap, &count), "select_top")
+            if arrival:
+                fr_sort_arrival(buf, count)
             return _entry_arrays(buf, count)
         finally:
             free(buf)
@@ -1594,6 +1618,176 @@ def select_top(cnp.ndarray keys not None, int64_t k):
     finally:
         free(buf)
     return out
+
+
+cdef cnp.ndarray _entry_array(object a, object dtype, int typenum, str what, str key):
+    """``a`` as a contiguous 1-d array of ``dtype``: ValueError unless it is an ndarray of
+    exactly that dtype and one dimension."""
+    if not cnp.PyArray_Check(a) or cnp.PyArray_NDIM(a) != 1 \
+            or cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_ISNOTSWAPPED(a):
+        raise ValueError(f"{what}[{key!r}] must be a 1-d {np.dtype(dtype)} array")
+    if cnp.PyArray_IS_C_CONTIGUOUS(a) and type(a) is np.ndarray:
+        return a
+    return np.ascontiguousarray(a)
+
+
+def check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):
+    """A state's ``keys``, ``rounds`` and ``indices`` checked (1-d uint64/int64/int64 arrays
+    of one length, at most ``k``; rounds in [0, ``rnd``), indices non-negative, clients
+    distinct and in arrival order) in one pass; returns them as contiguous ndarrays."""
+    cdef cnp.ndarray ka = _entry_array(keys, np.uint64, cnp.NPY_UINT64, what, "keys")
+    cdef cnp.ndarray ra = _entry_array(rounds, np.int64, cnp.NPY_INT64, what, "rounds")
+    cdef cnp.ndarray ia = _entry_array(indices, np.int64, cnp.NPY_INT64, what, "indices")
+    cdef int64_t m = ka.shape[0], i
+    if ra.shape[0] != m or ia.shape[0] != m:
+        raise ValueError(f"{what}['keys'], ['rounds'] and ['indices'] differ in length")
+    if m > k:
+        raise ValueError(f"{what} holds {m} clients, more than sample_size={k}")
+    cdef const int64_t *r = <const int64_t *>cnp.PyArray_DATA(ra)
+    cdef const int64_t *ix = <const int64_t *>cnp.PyArray_DATA(ia)
+    cdef int bad = 0   # the first failed rule, checked in the order of the messages below
+    for i in range(m):
+        if r[i] < 0 or r[i] >= rnd:
+            bad = 1
+            break
+    if bad == 0:
+        for i in range(m):
+            if ix[i] < 0:
+                bad = 2
+                break
+    if bad == 0:
+        for i in range(1, m):
+            if not (r[i] > r[i - 1] or (r[i] == r[i - 1] and ix[i] > ix[i - 1])):
+                bad = 3
+                break
+    if bad == 1:
+        raise ValueError(f"{what}['rounds'] must lie in [0, {what}['round'] = {rnd})")
+    if bad == 2:
+        raise ValueError(f"{what}['indices'] must be non-negative")
+    if bad == 3:
+        raise ValueError(f"{what}'s clients must be distinct and in arrival order "
+                         f"(round, then index)")
+    return ka, ra, ia
+
+
+def union_entries(a_keys, a_rounds, a_indices, b_keys, b_rounds, b_indices, int64_t k):
+    """The best ``k`` entries of a's then b's (keys, rounds, indices), in arrival order:
+    ``(sel, keys, rounds, indices)``, ``sel`` their positions in the concatenation of a and
+    b. Larger keys win; equal keys keep the earlier position (a's entries first).
+    ``b_rounds`` may be an int: the round of all of b's entries."""
+    if k < 0:
+        raise ValueError("k must be non-negative")
+    cdef cnp.ndarray ak = _c1d(a_keys, cnp.NPY_UINT64)
+    cdef cnp.ndarray ar = _c1d(a_rounds, cnp.NPY_INT64)
+    cdef cnp.ndarray ai = _c1d(a_indices, cnp.NPY_INT64)
+    cdef cnp.ndarray bk = _c1d(b_keys, cnp.NPY_UINT64)
+    cdef cnp.ndarray bi = _c1d(b_indices, cnp.NPY_INT64)
+    cdef int64_t na = ak.shape[0], nb = bk.shape[0], n, i, count = 0, b_round = 0
+    cdef cnp.ndarray br = None
+    if isinstance(b_rounds, (int, np.integer)):
+        b_round = b_rounds
+    else:
+        br = _c1d(b_rounds, cnp.NPY_INT64)
+        if br.shape[0] != nb:
+            raise ValueError("each side's keys, rounds and indices must be of one length")
+    if ar.shape[0] != na or ai.shape[0] != na or bi.shape[0] != nb:
+        raise ValueError("each side's keys, rounds and indices must be of one length")
+    n = na + nb
+    cdef fr_entry *buf = <fr_entry *>malloc((n if n > 0 else 1) * sizeof(fr_entry))
+    if buf == NULL:
+        raise MemoryError()
+    cdef const uint64_t *kp = <const uint64_t *>cnp.PyArray_DATA(ak)
+    cdef const int64_t *rp = <const int64_t *>cnp.PyArray_DATA(ar)
+    cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(ai)
+    cdef uint64_t *ko
+    cdef int64_t *so
+    cdef int64_t *ro
+    cdef int64_t *io
+    try:
+        for i in range(na):
+            buf[i].key, buf[i].round, buf[i].index, buf[i].src = kp[i], rp[i], ip[i], i
+        kp = <const uint64_t *>cnp.PyArray_DATA(bk)
+        rp = <const int64_t *>cnp.PyArray_DATA(br) if br is not None else NULL
+        ip = <const int64_t *>cnp.PyArray_DATA(bi)
+        for i in range(nb):
+            buf[na + i].key = kp[i]
+            buf[na + i].round = rp[i] if rp != NULL else b_round
+            buf[na + i].index = ip[i]
+            buf[na + i].src = na + i
+        _check(fr_select_top(buf, n, k, &count), "select_top")
+        fr_sort_arrival(buf, count)
+        sel = _empty1(count, cnp.NPY_INT64)
+        keys = _empty1(count, cnp.NPY_UINT64)
+        rounds = _empty1(count, cnp.NPY_INT64)
+        indices = _empty1(count, cnp.NPY_INT64)
+        so, ko = <int64_t *>cnp.PyArray_DATA(sel), <uint64_t *>cnp.PyArray_DATA(keys)
+        ro, io = <int64_t *>cnp.PyArray_DATA(rounds), <int64_t *>cnp.PyArray_DATA(indices)
+        for i in range(count):
+            so[i], ko[i], ro[i], io[i] = buf[i].src, buf[i].key, buf[i].round, buf[i].index
+    finally:
+        free(buf)
+    return sel, keys, rounds, indices
+
+
+cdef bint _plain_rows(cnp.ndarray a, int64_t *row_bytes):
+    """Whether a's rows (along the first axis) are contiguous bytes, with no object
+    references; their size in *row_bytes."""
+    cdef int d, ndim = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
+    cdef int64_t size = cnp.PyArray_ITEMSIZE(a)
+    cdef object dt = a.descr   # numpy.pxd: PyArray_DESCR, not the Python attribute
+    cdef bint ok = ndim >= 1 and not dt.hasobject
+    for d in range(ndim - 1, 0, -1):
+        if dims[d] != 1 and strides[d] != size:
+            ok = False
+        size *= dims[d]
+    row_bytes[0] = size
+    return ok
+
+
+def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
+    """``[np.concatenate([x, y])[sel] for x, y in zip(xs, ys)]``, rows copied directly
+    where both sides hold plain rows of one dtype and shape (numpy otherwise)."""
+    if len(xs) != len(ys):
+        raise ValueError("xs and ys must have the same length")
+    if sel.ndim != 1 or cnp.PyArray_TYPE(sel) != cnp.NPY_INT64:
+        raise ValueError("sel must be a 1-d int64 array")
+    sel = np.ascontiguousarray(sel)
+    cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sel)
+    cdef int64_t nsel = sel.shape[0], j, na, nb, xrow, yrow
+    cdef cnp.ndarray x, y, out
+    cdef const char *xp
+    cdef const char *yp
+    cdef char *dst
+    cdef Py_ssize_t t
+    cdef list result = []
+    for t in range(len(xs)):
+        x = <cnp.ndarray?>xs[t]
+        y = <cnp.ndarray?>ys[t]
+        na, nb = x.shape[0] if x.ndim else 0, y.shape[0] if y.ndim else 0
+        for j in range(nsel):
+            if sp[j] < 0 or sp[j] >= na + nb:
+                raise ValueError("sel holds a position outside the concatenation")
+        inner = (<object>x).shape[1:]
+        # EquivTypes: the same type, size and byte order; native, as concatenate returns.
+        if not (_plain_rows(x, &xrow) and _plain_rows(y, &yrow) and xrow == yrow
+                and inner == (<object>y).shape[1:] and cnp.PyArray_ISNOTSWAPPED(x)
+                and cnp.PyArray_EquivTypes(x.descr, y.descr)):
+            result.append(np.concatenate([x, y])[sel])
+            continue
+        out = np.empty((nsel,) + inner, dtype=x.descr)
+        xp = <const char *>cnp.PyArray_DATA(x)
+        yp = <const char *>cnp.PyArray_DATA(y)
+        dst = <char *>cnp.PyArray_DATA(out)
+        for j in range(nsel):
+            if sp[j] < na:
+                memcpy(dst + j * xrow, xp + sp[j] * cnp.PyArray_STRIDES(x)[0], <size_t>xrow)
+            else:
+                memcpy(dst + j * xrow, yp + (sp[j] - na) * cnp.PyArray_STRIDES(y)[0],
+                       <size_t>xrow)
+        result.append(out)
+    return result
 
 
 def gather_rows(cnp.ndarray a not None, cnp.ndarray positions not None):

@@ -448,10 +448,8 @@ class AggregationProcess:
         return self._finish(st, keys, indices, samples, measurements)
 
     def _round_sample(self, st, offset, n):
-        keys, indices, positions = _sampling.round_sample(st.seed[0], st.seed[1], st.round,
-                                                          offset, n, self._k)
-        order = np.argsort(positions, kind="stable")   # best-first -> arrival order
-        return keys[order], indices[order], positions[order]
+        return _sampling.round_sample(st.seed[0], st.seed[1], st.round, offset, n, self._k,
+                                      arrival=True)
 
     # -- columnar rounds ---------------------------------------------------------------------
 
@@ -517,11 +515,9 @@ class AggregationProcess:
                     raise _sampling.with_context(e, f"metric {name!r}") from None
                 leaves_of[name] = leaves
                 measurements[name] = layout.build([count_non_finite_rows(c) for c in leaves])
-            keys, indices, positions = draw.finish()
+            keys, indices, positions = draw.finish(arrival=True)
         finally:
             draw.close()
-        order = np.argsort(positions, kind="stable")
-        keys, indices, positions = keys[order], indices[order], positions[order]
         samples = [layout.build([_sampling.gather_rows(c, positions) for c in leaves_of[name]])
                    for name, layout in zip(self._out_names, self._layouts)]
         return self._finish(st, keys, indices, samples,
@@ -572,28 +568,9 @@ class AggregationProcess:
             raise ValueError(f"{what}['seed'] must be a pair of 64-bit unsigned ints, got "
                              f"{seed!r:.80}")
         rnd = _check_int(state["round"], f"{what}['round']", 0, _INT64_MAX - 1)
-        arrays = []
-        for key, dtype in (("keys", np.uint64), ("rounds", np.int64), ("indices", np.int64)):
-            arr = state[key]
-            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != 1:
-                raise ValueError(f"{what}[{key!r}] must be a 1-d {np.dtype(dtype)} array")
-            arrays.append(np.ascontiguousarray(arr))
-        keys, rounds, indices = arrays
+        keys, rounds, indices = _sampling.check_entries(state["keys"], state["rounds"],
+                                                        state["indices"], rnd, self._k, what)
         m = len(keys)
-        if len(rounds) != m or len(indices) != m:
-            raise ValueError(f"{what}['keys'], ['rounds'] and ['indices'] differ in length")
-        if m > self._k:
-            raise ValueError(f"{what} holds {m} clients, more than sample_size={self._k}")
-        if m:
-            if rounds.min() < 0 or rounds.max() >= rnd:
-                raise ValueError(f"{what}['rounds'] must lie in [0, {what}['round'] = {rnd})")
-            if indices.min() < 0:
-                raise ValueError(f"{what}['indices'] must be non-negative")
-            later = (rounds[1:] > rounds[:-1]) | ((rounds[1:] == rounds[:-1])
-                                                  & (indices[1:] > indices[:-1]))
-            if not later.all():
-                raise ValueError(f"{what}'s clients must be distinct and in arrival order "
-                                 f"(round, then index)")
         samples = state["samples"]
         if not isinstance(samples, dict) or set(samples) != set(self._out_names):
             raise ValueError(f"{what}['samples'] must be a dict with the finalized metrics "
@@ -617,9 +594,8 @@ class AggregationProcess:
 
     def _finish(self, st, keys, indices, samples, measurements):
         names = self._out_names
-        rounds = np.full(len(keys), st.round, np.int64)
         leaves = {name: lay.flatten(s) for name, lay, s in zip(names, self._layouts, samples)}
-        new_state = _union(st, keys, rounds, indices, leaves, self._k, self._layout_of)
+        new_state = _union(st, keys, st.round, indices, leaves, self._k, self._layout_of)
         new_state["round"] = st.round + 1
         current = dict(zip(names, samples))
         total = dict(new_state["samples"])
@@ -650,18 +626,14 @@ def _drop_shared_clients(a: _State, b: _State) -> _State:
 
 def _union(st: _State, keys, rounds, indices, leaves, k, layout_of):
     """New state (round copied from ``st``) holding the best k of st's entries and the
-    others, in arrival order; equal keys keep st's entries (then earlier positions) first."""
-    all_keys = np.concatenate([st.keys, keys])
-    all_rounds = np.concatenate([st.rounds, rounds])
-    all_indices = np.concatenate([st.indices, indices])
-    sel = _sampling.select_top(all_keys, k)
-    sel = sel[np.lexsort((sel, all_indices[sel], all_rounds[sel]))]
-    samples = {}
-    for name, layout in layout_of.items():
-        samples[name] = layout.build([np.concatenate([x, y])[sel]
-                                      for x, y in zip(st.leaves[name], leaves[name])])
-    return {"seed": st.seed, "round": st.round, "keys": all_keys[sel],
-            "rounds": all_rounds[sel], "indices": all_indices[sel], "samples": samples}
+    others (``rounds``: an array, or one round for all), in arrival order; equal keys keep
+    st's entries (then earlier positions) first."""
+    sel, keys, rounds, indices = _sampling.union_entries(st.keys, st.rounds, st.indices, keys,
+                                                         rounds, indices, k)
+    samples = {name: layout.build(_sampling.gather_union(st.leaves[name], leaves[name], sel))
+               for name, layout in layout_of.items()}
+    return {"seed": st.seed, "round": st.round, "keys": keys, "rounds": rounds,
+            "indices": indices, "samples": samples}
 
 
 def _column(spec, value, path, sizes, depth):
