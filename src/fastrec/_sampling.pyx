@@ -1106,7 +1106,8 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     if functional is None and (type(finalizers) is not tuple or len(finalizers) != m
                                or out_names != names):
         raise ValueError(f"finalizers must be a tuple of {m} callables, one per name")
-    if positions.dtype != np.int64 or not positions.flags.c_contiguous or nsample < 0:
+    if cnp.PyArray_TYPE(positions) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(positions) \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(positions) or nsample < 0:
         raise ValueError("positions must be a contiguous 1-d int64 array")
     cdef Py_ssize_t i, j, r
     cdef int64_t gi
@@ -1114,15 +1115,15 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     # _Acc allocates nsample rows per leaf (MemoryError): before the malloc that only the
     # finally below frees.
     cdef list accs = [_Acc(<Layout>lay, nsample) for lay in layouts]
-    cdef int64_t *slot = <int64_t *>malloc((n if n > 0 else 1) * sizeof(int64_t))
-    if slot == NULL:
-        raise MemoryError()
+    # The sample slot of the client at hand: -1, or its row among the sampled clients
+    # (positions ascend, so the next sampled position is the only one to look for).
+    cdef int64_t sl
+    cdef Py_ssize_t next_r = 0
     # Python functions' vectorcall entry points (NULL: call through PyObject_Vectorcall).
     # fins holds the functions for the whole round.
     cdef vectorcallfunc *vcalls = <vectorcallfunc *>calloc(m if m > 0 else 1,
                                                            sizeof(vectorcallfunc))
     if vcalls == NULL:
-        free(slot)
         raise MemoryError()
     cdef PyObject *p
     cdef PyObject *namep  # the metric at hand (borrowed from names or out_names)
@@ -1155,12 +1156,9 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 fast &= _fill_step(&steps[j], <CompiledSpec>PyTuple_GET_ITEM(specs, j),
                                    PyTuple_GET_ITEM(names, j), PyTuple_GET_ITEM(fins, j),
                                    vcalls[j], <_Acc>PyList_GET_ITEM(accs, j))
-        for i in range(n):
-            slot[i] = -1
         for r in range(nsample):
             if pos[r] < 0 or pos[r] >= n or (r and pos[r] <= pos[r - 1]):
                 raise ValueError("sample positions must be ascending and inside the batch")
-            slot[pos[r]] = r
         # One try for the whole loop, not per client or value: `stage` and `namep` say
         # what failed.
         try:
@@ -1169,6 +1167,10 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 namep = NULL
                 cv = <object>PyTuple_GET_ITEM(cl, i)
                 gi = offset + i
+                sl = -1
+                if next_r < nsample and pos[next_r] == i:
+                    sl = next_r
+                    next_r += 1
                 # Exact dict and OrderedDict (no __getitem__ override) are read with the C API,
                 # so are the dicts inside fastrec's and Flower's records; other mappings are
                 # copied through items() once, one call instead of one per metric.
@@ -1182,7 +1184,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                     cv = _read_client(cv, reader)
                 if PyDict_Size(cv) != m:
                     raise _key_error(gi, cv, names)
-                if fast and fc_client(<PyObject *>cv, m, steps, vals, slot[i], _acc_add,
+                if fast and fc_client(<PyObject *>cv, m, steps, vals, sl, _acc_add,
                                       &namep, &stage) == 1:
                     continue
                 if functional is not None:
@@ -1214,7 +1216,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                         f = PyObject_Vectorcall(<object>PyTuple_GET_ITEM(fins, j), &valp, 1,
                                                 NULL)
                     stage = _STAGE_MEASURE
-                    (<_Acc>PyList_GET_ITEM(accs, j)).add(f, slot[i])
+                    (<_Acc>PyList_GET_ITEM(accs, j)).add(f, sl)
                 if functional is not None:
                     namep = NULL
                     stage = _STAGE_FINALIZE
@@ -1232,7 +1234,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                     stage = _STAGE_MEASURE
                     for j in range(q):
                         namep = PyTuple_GET_ITEM(out_names, j)
-                        (<_Acc>PyList_GET_ITEM(accs, j)).add(outd[<object>namep], slot[i])
+                        (<_Acc>PyList_GET_ITEM(accs, j)).add(outd[<object>namep], sl)
         except Exception as e:
             ctx_name = <object>namep if namep != NULL else None
             if stage == _STAGE_FINALIZE:
@@ -1243,7 +1245,6 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 raise _context(e, gi, ctx_name) from None
             raise
     finally:
-        free(slot)
         free(vcalls)
         free(steps)
         free(vals)   # fc_client leaves it empty
