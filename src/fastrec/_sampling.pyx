@@ -1778,6 +1778,9 @@ def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
             result.append(np.concatenate([x, y])[sel])
             continue
         out = np.empty((nsel,) + inner, dtype=x.descr)
+        if xrow == 0:   # empty rows: nothing to copy (and no row addresses to form)
+            result.append(out)
+            continue
         xp = <const char *>cnp.PyArray_DATA(x)
         yp = <const char *>cnp.PyArray_DATA(y)
         dst = <char *>cnp.PyArray_DATA(out)
