@@ -7,7 +7,8 @@ reservoir. Each step uses the fastest of the obvious idioms (``np.isfinite(v).al
 ``np.all(np.isfinite(v))`` on scalars; ``uint64`` keys are 3x ``rng.integers(0, 2**63 - 1)``).
 It does no input validation (fastrec checks every value against the spec).
 
-    python bench/bench_sampling.py
+    python bench/bench_sampling.py            # the table
+    python bench/bench_sampling.py --pairs    # the Python-number row, finest interleaving
 
 For scale (not measured here: TensorFlow is not a dependency): TFF 0.87's
 FinalizeThenSampleFactory took about 5.7 s per round on the N=10,000 per-client workload; the
@@ -284,6 +285,35 @@ def run() -> list[dict]:
     return [r for r in rows if r is not None]
 
 
+def fine_pairs(n=10_000, turns=101) -> str:
+    """The Python-number row at the finest interleaving: single calls of the floor, the floor
+    on cast values and fastrec's next(), in turn; medians, and the median of the per-turn
+    floor/fastrec ratios (each turn's three calls run within ~10 ms of each other, so the
+    machine's slow phases hit all three alike). ``python bench/bench_sampling.py --pairs``."""
+    import statistics
+    import time
+
+    py = make_clients(n)
+    cast_clients = as_numpy_clients(py)
+    proc = fastrec.FinalizeThenSampleFactory(SAMPLE, seed=0).create(FINALIZERS, SPEC)
+    state = proc.next(proc.initialize(), py).state
+    calls = {"floor": lambda: bare_loop(py), "floor on cast values": lambda: bare_loop(cast_clients),
+             "fastrec next()": lambda: proc.next(state, py)}
+    times = {k: [] for k in calls}
+    for _ in range(turns):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    pair = statistics.median(f / r for f, r in zip(times["floor"], times["fastrec next()"]))
+    return (", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+            + f"; floor/fastrec {med['floor'] / med['fastrec next()']:.2f} (median of per-turn "
+              f"ratios {pair:.2f}); cast/floor {med['floor on cast values'] / med['floor']:.2f}")
+
+
 if __name__ == "__main__":
-    if not child_main({"columnar": case_columnar}):
+    if sys.argv[1:2] == ["--pairs"]:
+        print(fine_pairs())
+    elif not child_main({"columnar": case_columnar}):
         print(table(run()))
