@@ -226,16 +226,28 @@ def test_round_sample_is_top_k_of_keys(n, k, offset, round_):
     assert np.array_equal(got_keys, keys[got_pos])
 
 
-def test_select_top_ties_keep_the_first_position():
+def test_union_ties_keep_the_first_position():
+    # Larger key first; equal keys in position order (TFF's top_k keeps the first of ties):
+    # the top 3 of these keys are positions 1 and 4 (the 9s) and 0 (the first 5), returned in
+    # arrival order. Across the two sides, a tie goes to a (its positions come first).
     keys = np.array([5, 9, 5, 5, 9], np.uint64)
-    # Larger key first; equal keys in position order (TFF's top_k keeps the first of ties).
-    assert _sampling.select_top(keys, 10).tolist() == [1, 4, 0, 2, 3]
-    assert _sampling.select_top(keys, 3).tolist() == [1, 4, 0]
-    assert _sampling.select_top(keys, 0).tolist() == []
+    rounds, indices = np.zeros(5, np.int64), np.arange(5, dtype=np.int64)
+    def union(k):   # all on b's side
+        return _sampling.union_entries(keys[:0], rounds[:0], indices[:0], keys, rounds, indices,
+                                       k)[0].tolist()
+    assert union(10) == [0, 1, 2, 3, 4]
+    assert union(3) == [0, 1, 4]
+    assert union(0) == []
+    # a: key 5 at index 2; b: key 9 at index 0 and key 5 at index 1.
+    two = np.array([5, 9, 5], np.uint64)
+    sel = _sampling.union_entries(two[:1], rounds[:1], indices[2:3], two[1:], rounds[1:3],
+                                  indices[:2], 2)[0].tolist()
+    assert sel == [1, 0]   # b's 9, then a's 5 (index 2): b's 5 (position 2) lost the tie
+    for bad in (keys.reshape(5, 1), keys[0]):
+        with pytest.raises(ValueError):
+            _sampling.union_entries(bad, rounds, indices, keys[:0], 0, indices[:0], 2)
     with pytest.raises(ValueError):
-        _sampling.select_top(keys.reshape(5, 1), 2)
-    with pytest.raises(ValueError):
-        _sampling.select_top(keys, -1)
+        union(-1)
 
 
 def test_gather_rows():
@@ -249,8 +261,6 @@ def test_gather_rows():
         _sampling.gather_rows(a, np.array([-1]))
     with pytest.raises(ValueError):
         _sampling.gather_rows(a, np.array([[1, 2]]))
-    with pytest.raises(ValueError):
-        _sampling.select_top(np.array(1, np.uint64), 1)
 
 
 @settings(max_examples=60, deadline=None)
@@ -1416,7 +1426,7 @@ def test_finalize_clients_rejects_inconsistent_internal_arguments():
 
 
 @pytest.mark.parametrize("call", [
-    lambda: _sampling.select_top(None, 1),
+    lambda: _sampling.union_entries(None, [], [], [], 0, [], 1),
     lambda: _sampling.gather_rows(None, np.zeros(1, np.int64)),
     lambda: _sampling.gather_rows(np.zeros(3), None),
 ])

@@ -1280,10 +1280,10 @@ cdef cnp.ndarray _c1d(object a, int typenum):
             and cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISNOTSWAPPED(a) \
             and cnp.PyArray_IS_C_CONTIGUOUS(a):
         return a
-    a = np.ascontiguousarray(a, dtype=cnp.PyArray_DescrFromType(typenum))
-    if cnp.PyArray_NDIM(a) != 1:
+    a = np.asarray(a, dtype=cnp.PyArray_DescrFromType(typenum))
+    if cnp.PyArray_NDIM(a) != 1:   # before ascontiguousarray, which makes a 0-d array 1-d
         raise ValueError("expected a 1-d array")
-    return a
+    return np.ascontiguousarray(a)
 
 
 cdef tuple _entry_arrays(const fr_entry *buf, int64_t count):
@@ -1588,57 +1588,23 @@ cdef class RoundDraw:
         self._close()
 
 
-def select_top(cnp.ndarray keys not None, int64_t k):
-    """Positions of the best ``k`` entries of the 1-d ``keys``, best first: larger key first,
-    equal keys in position order (TFF's top-k keeps the first of tied values)."""
-    if keys.ndim != 1:
-        raise ValueError("keys must be a 1-d array")
-    keys = np.ascontiguousarray(keys, dtype=np.uint64)
-    cdef int64_t n = keys.shape[0], i, count = 0
-    cdef int64_t *op
-    if k < 0:
-        raise ValueError("k must be non-negative")
-    cdef fr_entry *buf = <fr_entry *>malloc((n if n > 0 else 1) * sizeof(fr_entry))
-    if buf == NULL:
-        raise MemoryError()
-    cdef const uint64_t *kp = <const uint64_t *>cnp.PyArray_DATA(keys)
-    cdef fr_status st
-    try:
-        for i in range(n):
-            buf[i].key = kp[i]
-            buf[i].round = 0
-            buf[i].index = i
-            buf[i].src = i
-        with nogil:
-            st = fr_select_top(buf, n, k, &count)
-        _check(st, "select_top")
-        out = np.empty(count, dtype=np.int64)
-        op = <int64_t *>cnp.PyArray_DATA(out)
-        for i in range(count):
-            op[i] = buf[i].src
-    finally:
-        free(buf)
-    return out
-
-
-cdef cnp.ndarray _entry_array(object a, object dtype, int typenum, str what, str key):
-    """``a`` as a contiguous 1-d array of ``dtype``: ValueError unless it is an ndarray of
-    exactly that dtype and one dimension."""
+cdef cnp.ndarray _entry_array(object a, int typenum, str what, str key):
+    """A state's array ``a`` as a contiguous 1-d array of ``typenum``: ValueError unless it
+    is an ndarray of exactly that (native) dtype and one dimension."""
     if not cnp.PyArray_Check(a) or cnp.PyArray_NDIM(a) != 1 \
             or cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_ISNOTSWAPPED(a):
-        raise ValueError(f"{what}[{key!r}] must be a 1-d {np.dtype(dtype)} array")
-    if cnp.PyArray_IS_C_CONTIGUOUS(a) and type(a) is np.ndarray:
-        return a
-    return np.ascontiguousarray(a)
+        raise ValueError(f"{what}[{key!r}] must be a 1-d "
+                         f"{cnp.PyArray_DescrFromType(typenum)} array")
+    return _c1d(a, typenum)
 
 
 def check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):
     """A state's ``keys``, ``rounds`` and ``indices`` checked (1-d uint64/int64/int64 arrays
     of one length, at most ``k``; rounds in [0, ``rnd``), indices non-negative, clients
     distinct and in arrival order) in one pass; returns them as contiguous ndarrays."""
-    cdef cnp.ndarray ka = _entry_array(keys, np.uint64, cnp.NPY_UINT64, what, "keys")
-    cdef cnp.ndarray ra = _entry_array(rounds, np.int64, cnp.NPY_INT64, what, "rounds")
-    cdef cnp.ndarray ia = _entry_array(indices, np.int64, cnp.NPY_INT64, what, "indices")
+    cdef cnp.ndarray ka = _entry_array(keys, cnp.NPY_UINT64, what, "keys")
+    cdef cnp.ndarray ra = _entry_array(rounds, cnp.NPY_INT64, what, "rounds")
+    cdef cnp.ndarray ia = _entry_array(indices, cnp.NPY_INT64, what, "indices")
     cdef int64_t m = ka.shape[0], i
     if ra.shape[0] != m or ia.shape[0] != m:
         raise ValueError(f"{what}['keys'], ['rounds'] and ['indices'] differ in length")
@@ -1646,28 +1612,17 @@ def check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):
         raise ValueError(f"{what} holds {m} clients, more than sample_size={k}")
     cdef const int64_t *r = <const int64_t *>cnp.PyArray_DATA(ra)
     cdef const int64_t *ix = <const int64_t *>cnp.PyArray_DATA(ia)
-    cdef int bad = 0   # the first failed rule, checked in the order of the messages below
+    # One rule at a time over the whole state: the first rule broken is the one reported.
     for i in range(m):
         if r[i] < 0 or r[i] >= rnd:
-            bad = 1
-            break
-    if bad == 0:
-        for i in range(m):
-            if ix[i] < 0:
-                bad = 2
-                break
-    if bad == 0:
-        for i in range(1, m):
-            if not (r[i] > r[i - 1] or (r[i] == r[i - 1] and ix[i] > ix[i - 1])):
-                bad = 3
-                break
-    if bad == 1:
-        raise ValueError(f"{what}['rounds'] must lie in [0, {what}['round'] = {rnd})")
-    if bad == 2:
-        raise ValueError(f"{what}['indices'] must be non-negative")
-    if bad == 3:
-        raise ValueError(f"{what}'s clients must be distinct and in arrival order "
-                         f"(round, then index)")
+            raise ValueError(f"{what}['rounds'] must lie in [0, {what}['round'] = {rnd})")
+    for i in range(m):
+        if ix[i] < 0:
+            raise ValueError(f"{what}['indices'] must be non-negative")
+    for i in range(1, m):
+        if not (r[i] > r[i - 1] or (r[i] == r[i - 1] and ix[i] > ix[i - 1])):
+            raise ValueError(f"{what}'s clients must be distinct and in arrival order "
+                             f"(round, then index)")
     return ka, ra, ia
 
 
@@ -1689,9 +1644,8 @@ def union_entries(a_keys, a_rounds, a_indices, b_keys, b_rounds, b_indices, int6
         b_round = b_rounds
     else:
         br = _c1d(b_rounds, cnp.NPY_INT64)
-        if br.shape[0] != nb:
-            raise ValueError("each side's keys, rounds and indices must be of one length")
-    if ar.shape[0] != na or ai.shape[0] != na or bi.shape[0] != nb:
+    if ar.shape[0] != na or ai.shape[0] != na or bi.shape[0] != nb \
+            or (br is not None and br.shape[0] != nb):
         raise ValueError("each side's keys, rounds and indices must be of one length")
     n = na + nb
     cdef fr_entry *buf = <fr_entry *>malloc((n if n > 0 else 1) * sizeof(fr_entry))
@@ -1756,7 +1710,14 @@ def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
         raise ValueError("sel must be a 1-d int64 array")
     sel = np.ascontiguousarray(sel)
     cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sel)
-    cdef int64_t nsel = sel.shape[0], j, na, nb, xrow, yrow
+    cdef int64_t nsel = sel.shape[0], j, na, nb, xrow, yrow, lo = 0, hi = -1
+    if nsel:   # sel's range, checked against each leaf's length below
+        lo = hi = sp[0]
+        for j in range(1, nsel):
+            if sp[j] < lo:
+                lo = sp[j]
+            elif sp[j] > hi:
+                hi = sp[j]
     cdef cnp.ndarray x, y, out
     cdef const char *xp
     cdef const char *yp
@@ -1767,9 +1728,8 @@ def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
         x = <cnp.ndarray?>xs[t]
         y = <cnp.ndarray?>ys[t]
         na, nb = x.shape[0] if x.ndim else 0, y.shape[0] if y.ndim else 0
-        for j in range(nsel):
-            if sp[j] < 0 or sp[j] >= na + nb:
-                raise ValueError("sel holds a position outside the concatenation")
+        if nsel and (lo < 0 or hi >= na + nb):
+            raise ValueError("sel holds a position outside the concatenation")
         inner = (<object>x).shape[1:]
         # EquivTypes: the same type, size and byte order; native, as concatenate returns.
         if not (_plain_rows(x, &xrow) and _plain_rows(y, &yrow) and xrow == yrow
@@ -1807,18 +1767,12 @@ def gather_rows(cnp.ndarray a not None, cnp.ndarray positions not None):
     # subclass can override the Python attributes). The kernel copies whole rows as bytes;
     # rows that are not C-contiguous (or object rows, which hold references) go through
     # numpy instead.
+    cdef int64_t row_bytes
+    if not _plain_rows(a, &row_bytes):
+        return np.asarray(a)[positions]
     cdef object dt = a.descr   # numpy.pxd: PyArray_DESCR, not the Python attribute
     cdef int d, ndim = cnp.PyArray_NDIM(a)
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
-    cdef cnp.npy_intp *astrides = cnp.PyArray_STRIDES(a)
-    cdef int64_t row_bytes = cnp.PyArray_ITEMSIZE(a)
-    cdef bint rows_contiguous = True
-    for d in range(ndim - 1, 0, -1):
-        if dims[d] != 1 and astrides[d] != row_bytes:
-            rows_contiguous = False
-        row_bytes *= dims[d]
-    if dt.hasobject or not rows_contiguous:
-        return np.asarray(a)[positions]
     inner = tuple([dims[d] for d in range(1, ndim)])
     out = np.empty((npos,) + inner, dtype=dt)
     cdef fr_status st
