@@ -18,7 +18,9 @@ aim is at most 5.7 ms.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -290,14 +292,12 @@ def fine_pairs(n=10_000, turns=101) -> str:
     on cast values and fastrec's next(), in turn; medians, and the median of the per-turn
     floor/fastrec ratios (each turn's three calls run within ~10 ms of each other, so the
     machine's slow phases hit all three alike). ``python bench/bench_sampling.py --pairs``."""
-    import statistics
-    import time
-
     py = make_clients(n)
     cast_clients = as_numpy_clients(py)
     proc = fastrec.FinalizeThenSampleFactory(SAMPLE, seed=0).create(FINALIZERS, SPEC)
     state = proc.next(proc.initialize(), py).state
-    calls = {"floor": lambda: bare_loop(py), "floor on cast values": lambda: bare_loop(cast_clients),
+    calls = {"floor": lambda: bare_loop(py),
+             "floor on cast values": lambda: bare_loop(cast_clients),
              "fastrec next()": lambda: proc.next(state, py)}
     times = {k: [] for k in calls}
     for _ in range(turns):
@@ -306,7 +306,8 @@ def fine_pairs(n=10_000, turns=101) -> str:
             fn()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    pair = statistics.median(f / r for f, r in zip(times["floor"], times["fastrec next()"]))
+    pair = statistics.median(floor / ours
+                             for floor, ours in zip(times["floor"], times["fastrec next()"]))
     return (", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
             + f"; floor/fastrec {med['floor'] / med['fastrec next()']:.2f} (median of per-turn "
               f"ratios {pair:.2f}); cast/floor {med['floor on cast values'] / med['floor']:.2f}")

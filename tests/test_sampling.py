@@ -309,7 +309,8 @@ def test_gather_union():
     b = -np.arange(12.0).reshape(2, 3, 2)
     sel = np.array([5, 0, 4, 3, 3], np.int64)
     pairs = [(a, b), (a[::-1], b), (a[:, :, 0], b[:, :, 0]),
-             (a.transpose(0, 2, 1), b.transpose(0, 2, 1)), (a.astype(np.float32), b), (a.astype(object), b), (a[:, 0, 0], b[:, 0, 0]),
+             (a.transpose(0, 2, 1), b.transpose(0, 2, 1)), (a.astype(np.float32), b),
+             (a.astype(object), b), (a[:, 0, 0], b[:, 0, 0]),
              (a.astype(">f8"), b.astype(">f8")), (a[:, :0], b[:, :0])]
     got = _sampling.gather_union([x for x, _ in pairs], [y for _, y in pairs], sel)
     for g, (x, y) in zip(got, pairs):
