@@ -957,23 +957,43 @@ def test_context_survives_exception_types_without_message_constructor():
 # under AddressSanitizer, before its fix).
 # ----------------------------------------------------------------------------------------------
 
-def test_finalizer_shrinking_the_client_list_sees_the_round_as_passed():
+@pytest.mark.parametrize("change", ["clear", "append", "replace a later client",
+                                    "replace a read client"])
+def test_finalizer_changing_the_client_list(change):
+    # A list is read in place: a change before a client is read is a RuntimeError naming it;
+    # a change to clients already read leaves the round as given.
     spec = {"x": TensorSpec("float64")}
     clients = [{"x": float(i)} for i in range(50)]
     ref = FinalizeThenSampleFactory(5, seed=3).create({"x": lambda v: v}, spec)
     expected = ref.next(ref.initialize(), list(clients))
-
     armed = []
 
-    def shrink(v):
-        if armed:
-            clients.clear()
+    def change_once(v):
+        if armed and armed.pop():
+            if change == "clear":
+                clients.clear()
+            elif change == "append":
+                clients.append({"x": 1.0})
+            elif change == "replace a later client":
+                clients[7] = {"x": -1.0}
+            else:
+                clients[0] = {"x": -1.0}
         return v
 
-    p = FinalizeThenSampleFactory(5, seed=3).create({"x": shrink}, spec)
+    p = FinalizeThenSampleFactory(5, seed=3).create({"x": change_once}, spec)
     armed.append(True)
-    out = p.next(p.initialize(), clients)
-    assert_tree_equal(out.result[0], expected.result[0])
+    if change == "replace a read client":
+        out = p.next(p.initialize(), clients)
+        assert_tree_equal(out.result[0], expected.result[0])
+        assert out.state["indices"].tolist() == expected.state["indices"].tolist()
+        return
+    first_unread = 7 if change == "replace a later client" else 1
+    with pytest.raises(RuntimeError, match=f"before client {first_unread} was read"):
+        p.next(p.initialize(), clients)
+    # A tuple cannot change: the same finalizer changing the list it came from is harmless.
+    clients[:] = [{"x": float(i)} for i in range(50)]
+    armed.append(True)
+    out = p.next(p.initialize(), tuple(clients))
     assert out.state["indices"].tolist() == expected.state["indices"].tolist()
 
 
@@ -1617,7 +1637,8 @@ def test_fuzz_hostile_client_values_never_crash(desc, k, as_tuple):
     except (TypeError, ValueError):
         return
     except RuntimeError as e:
-        assert str(e) == "trap"   # the trap's own error propagates unchanged
+        # the trap's own error propagates unchanged; a list the traps changed is refused
+        assert str(e) == "trap" or (not as_tuple and "client_values changed" in str(e))
         return
     # Accepted: the round had its n clients, at most k sampled, each sample checked.
     assert len(out.state["indices"]) == min(n, k)
@@ -1642,7 +1663,9 @@ def test_fuzz_hostile_round_builder_reaches_accepted_rounds():
     with pytest.raises(TypeError):
         p.next(p.initialize(), clients)   # a float impostor is not a float
     desc = [(("plain", 10), ("keep",), ("trap", np.ndarray, "clear clients"))] * 3
-    out = p.next(p.initialize(), _build_hostile_round(desc))
+    with pytest.raises(RuntimeError, match="client_values changed"):
+        p.next(p.initialize(), _build_hostile_round(desc))
+    out = p.next(p.initialize(), tuple(_build_hostile_round(desc)))
     assert len(out.state["indices"]) == 2 and out.measurements == {"a": 0, "b": [0, 3]}
 
 

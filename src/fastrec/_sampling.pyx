@@ -1088,10 +1088,16 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     + batch position: clients run in batch order, so the first failing client (the lowest
     index) is the one reported.
     """
-    # The round was sampled over the clients as they are now; finalizers and value
-    # conversions run Python code that may mutate the caller's list, so read a snapshot.
-    cdef tuple cl = clients if type(clients) is tuple else tuple(clients)
+    # The round was sampled over the clients as they are now, and finalizers and value
+    # conversions run Python code that may change the caller's list. A tuple copy would touch
+    # every client twice more (~5% of a round), so a list is read in place against a copy of
+    # its item pointers (compared, never followed): a change of its length, or of the object
+    # at a position, before that client is read is a RuntimeError, as changing a dict while
+    # iterating over it is.
+    cdef bint in_place = type(clients) is list
+    cdef object cl = clients if in_place or type(clients) is tuple else tuple(clients)
     cdef Py_ssize_t n = len(cl)
+    cdef PyObject **items = NULL
     cdef Py_ssize_t m = len(names)
     cdef Py_ssize_t q = len(out_names)
     cdef Py_ssize_t nsample = positions.shape[0] if positions.ndim == 1 else -1
@@ -1159,14 +1165,27 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         for r in range(nsample):
             if pos[r] < 0 or pos[r] >= n or (r and pos[r] <= pos[r - 1]):
                 raise ValueError("sample positions must be ascending and inside the batch")
+        if in_place:
+            items = <PyObject **>malloc(<size_t>n * sizeof(PyObject *) if n > 0 else 1)
+            if items == NULL:
+                raise MemoryError()
+            for i in range(n):
+                items[i] = PyList_GET_ITEM(cl, i)
         # One try for the whole loop, not per client or value: `stage` and `namep` say
         # what failed.
         try:
             for i in range(n):
                 stage = _STAGE_KEYS
                 namep = NULL
-                cv = <object>PyTuple_GET_ITEM(cl, i)
                 gi = offset + i
+                if not in_place:
+                    cv = <object>PyTuple_GET_ITEM(cl, i)
+                elif PyList_GET_SIZE(cl) == n and PyList_GET_ITEM(cl, i) == items[i]:
+                    cv = <object>items[i]
+                else:
+                    raise RuntimeError(f"client_values changed during next(), before client "
+                                       f"{gi} was read: finalizers and value conversions must "
+                                       f"not modify it")
                 sl = -1
                 if next_r < nsample and pos[next_r] == i:
                     sl = next_r
@@ -1248,6 +1267,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         free(vcalls)
         free(steps)
         free(vals)   # fc_client leaves it empty
+        free(items)
     return ([(<_Acc>a).samples() for a in accs], [(<_Acc>a).measurement() for a in accs])
 
 

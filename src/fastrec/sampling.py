@@ -418,7 +418,8 @@ class AggregationProcess:
         """Process one round of clients' unfinalized metrics.
 
         ``client_values``: a sequence of mappings (dict, ``MetricsRecord``, ...) of metric name
-        to value. ``client_offset``: the index of the first of them in the round, for workers
+        to value; a list is read in place, so finalizers must not change it (a client added,
+        removed or replaced before it is read is a RuntimeError). ``client_offset``: the index of the first of them in the round, for workers
         that each process a slice of the round (see :meth:`round_start`); errors name a
         client by that global index, the lowest failing one. Returns
         ``MeasuredProcessOutput(state, (current_round_samples, total_rounds_samples),
