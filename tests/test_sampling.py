@@ -311,12 +311,17 @@ def test_gather_union():
     pairs = [(a, b), (a[::-1], b), (a[:, :, 0], b[:, :, 0]),
              (a.transpose(0, 2, 1), b.transpose(0, 2, 1)), (a.astype(np.float32), b),
              (a.astype(object), b), (a[:, 0, 0], b[:, 0, 0]),
-             (a.astype(">f8"), b.astype(">f8")), (a[:, :0], b[:, :0])]
-    got = _sampling.gather_union([x for x, _ in pairs], [y for _, y in pairs], sel)
-    for g, (x, y) in zip(got, pairs):
-        want = np.concatenate([x, y])[sel]
-        np.testing.assert_array_equal(g, want)
-        assert g.dtype == want.dtype
+             (a.astype(">f8"), b.astype(">f8")), (a[:, :0], b[:, :0]), (a > 3, b > -3),
+             (a.astype(np.int64), b.astype(np.longlong)), (a.astype("M8[s]"), b.astype("M8[s]")),
+             (a.astype(np.float16), b.astype(np.float16)), (a.astype(np.complex64), b + 1j)]
+    for s in (sel, sel.astype(">i8"), np.repeat(sel, 2)[::2]):
+        got = _sampling.gather_union([x for x, _ in pairs], [y for _, y in pairs], s)
+        for g, (x, y) in zip(got, pairs):
+            want = np.concatenate([x, y])[sel]
+            np.testing.assert_array_equal(g, want)
+            assert g.dtype == want.dtype
+    with pytest.raises(ValueError):   # rows of other shapes do not concatenate
+        _sampling.gather_union([a[:, :2]], [b], sel)
     for bad in (np.array([6], np.int64), np.array([-1], np.int64)):
         with pytest.raises(ValueError):
             _sampling.gather_union([a], [b], bad)

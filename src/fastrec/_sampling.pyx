@@ -831,13 +831,28 @@ cdef class Layout:
         cdef list flat = self.flatten(value)
         for j in range(len(flat)):
             a = flat[j]
-            want = (m,) + self.shapes[j]
-            if not cnp.PyArray_Check(a) or a.dtype != self.dtypes[j] or a.shape != want:
+            if not _is_sample_leaf(a, self.dtypes[j], self.shapes[j], m):
+                want = (m,) + self.shapes[j]
                 got = (f"dtype {a.dtype}, shape {a.shape}" if cnp.PyArray_Check(a)
                        else type(a).__name__)
                 raise ValueError(f"expected a {self.dtypes[j]} array of shape {want}, got {got}")
-            flat[j] = np.asarray(a)
+            if not cnp.PyArray_CheckExact(a):
+                flat[j] = np.asarray(a)
         return flat
+
+
+cdef bint _is_sample_leaf(object a, cnp.dtype dtype, tuple shape, Py_ssize_t m) except -1:
+    """``a`` is an ndarray of ``dtype`` (as ``==`` compares dtypes) and shape ``(m,) + shape``,
+    checked on its struct: the round's first step, on cold caches."""
+    if not cnp.PyArray_Check(a) or not cnp.PyArray_EquivTypes((<cnp.ndarray>a).descr, dtype):
+        return False
+    cdef Py_ssize_t nd = len(shape), j
+    if cnp.PyArray_NDIM(a) != nd + 1 or cnp.PyArray_DIMS(a)[0] != m:
+        return False
+    for j in range(nd):
+        if cnp.PyArray_DIMS(a)[j + 1] != <cnp.npy_intp>shape[j]:
+            return False
+    return True
 
 
 cdef int _scalar_bad(_DType d, object x) except -1:
@@ -1084,7 +1099,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set;
     ``layouts`` (parallel to ``out_names``) are the finalized layouts from the probe.
     Returns (per-metric samples, per-metric measurements), parallel to ``out_names``, each
-    in its layout's structure. Errors name the client by its index in the round, ``offset``
+    in its layout's structure, and the samples' leaves (name: list in layout order). Errors name the client by its index in the round, ``offset``
     + batch position: clients run in batch order, so the first failing client (the lowest
     index) is the one reported.
     """
@@ -1268,7 +1283,8 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         free(steps)
         free(vals)   # fc_client leaves it empty
         free(items)
-    return ([(<_Acc>a).samples() for a in accs], [(<_Acc>a).measurement() for a in accs])
+    return ([(<_Acc>a).samples() for a in accs], [(<_Acc>a).measurement() for a in accs],
+            {name: (<_Acc>a).outs for name, a in zip(out_names, accs)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1618,7 +1634,64 @@ cdef cnp.ndarray _entry_array(object a, int typenum, str what, str key):
     return _c1d(a, typenum)
 
 
-def check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):
+def check_int(value, what, minimum, maximum=None):
+    """``value`` as an int, checked: TypeError unless an int or numpy integer (not a bool),
+    ValueError outside [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{what} must be {'positive' if minimum == 1 else 'non-negative'}, "
+                         f"got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{what} must be at most {maximum}, got {value}")
+    return int(value)
+
+
+cdef bint _seed_word(object w) except -1:
+    return (isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_))
+            and 0 <= w < _TWO_64)
+
+
+_TWO_64 = 1 << 64
+STATE_KEYS = ("seed", "round", "keys", "rounds", "indices", "samples")
+
+
+def check_state(state, int64_t k, tuple out_names, tuple layouts, str what):
+    """Every field of an (untrusted) state checked, in one call (a round starts with it, on
+    caches its client loop left cold): ``((seed0, seed1), round, keys, rounds, indices,
+    {name: leaves})``, the leaves per finalized metric parallel to ``layouts``."""
+    if not isinstance(state, dict) or len(state) != len(STATE_KEYS) \
+            or not all([key in state for key in STATE_KEYS]):
+        raise TypeError(f"{what} must be a dict with keys {list(STATE_KEYS)} (from "
+                        f"initialize() or next()), got {type(state).__name__}"
+                        + (f" with keys {sorted(map(str, state))}"
+                           if isinstance(state, dict) else ""))
+    seed = state["seed"]
+    if not isinstance(seed, (tuple, list)) or len(seed) != 2 or not _seed_word(seed[0]) \
+            or not _seed_word(seed[1]):
+        raise ValueError(f"{what}['seed'] must be a pair of 64-bit unsigned ints, got "
+                         f"{seed!r:.80}")
+    rnd = check_int(state["round"], f"{what}['round']", 0, INT64_MAX - 1)
+    keys, rounds, indices = check_entries(state["keys"], state["rounds"], state["indices"],
+                                          rnd, k, what)
+    cdef Py_ssize_t m = len(keys)
+    samples = state["samples"]
+    if not isinstance(samples, dict) or len(samples) != len(out_names) \
+            or not all([name in samples for name in out_names]):
+        raise ValueError(f"{what}['samples'] must be a dict with the finalized metrics "
+                         f"{list(out_names)}, got "
+                         + (f"keys {list(samples)!r:.200}" if isinstance(samples, dict)
+                            else type(samples).__name__))
+    cdef dict leaves = {}
+    for name, layout in zip(out_names, layouts):
+        try:
+            leaves[name] = (<Layout>layout).check_samples(samples[name], m)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}['samples'][{name!r}]: {e}") from None
+    return (int(seed[0]), int(seed[1])), rnd, keys, rounds, indices, leaves
+
+
+cpdef tuple check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):
     """A state's ``keys``, ``rounds`` and ``indices`` checked (1-d uint64/int64/int64 arrays
     of one length, at most ``k``; rounds in [0, ``rnd``), indices non-negative, clients
     distinct and in arrival order) in one pass; returns them as contiguous ndarrays."""
@@ -1646,7 +1719,8 @@ def check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):
     return ka, ra, ia
 
 
-def union_entries(a_keys, a_rounds, a_indices, b_keys, b_rounds, b_indices, int64_t k):
+cpdef tuple union_entries(a_keys, a_rounds, a_indices, b_keys, b_rounds, b_indices,
+                          int64_t k):
     """The best ``k`` entries of a's then b's (keys, rounds, indices), in arrival order:
     ``(sel, keys, rounds, indices)``, ``sel`` their positions in the concatenation of a and
     b. Larger keys win; equal keys keep the earlier position (a's entries first).
@@ -1704,6 +1778,20 @@ def union_entries(a_keys, a_rounds, a_indices, b_keys, b_rounds, b_indices, int6
     return sel, keys, rounds, indices
 
 
+def union_state(a_keys, a_rounds, a_indices, dict a_leaves, b_keys, b_rounds, b_indices,
+                dict b_leaves, int64_t k, tuple out_names, tuple layouts):
+    """The best ``k`` of a's and b's entries, ordered as union_entries orders them, with their
+    samples: ``(keys, rounds, indices, {name: samples})``. ``a_leaves`` and ``b_leaves`` map
+    each finalized metric of ``out_names`` (parallel to ``layouts``) to its leaves."""
+    sel, keys, rounds, indices = union_entries(a_keys, a_rounds, a_indices, b_keys, b_rounds,
+                                               b_indices, k)
+    cdef dict samples = {}
+    for name, layout in zip(out_names, layouts):
+        samples[name] = _rebuild((<Layout?>layout).root,
+                                 _gather_union(<list?>a_leaves[name], <list?>b_leaves[name], sel))
+    return keys, rounds, indices, samples
+
+
 cdef bint _plain_rows(cnp.ndarray a, int64_t *row_bytes):
     """Whether a's rows (along the first axis) are contiguous bytes, with no object
     references; their size in *row_bytes."""
@@ -1711,8 +1799,9 @@ cdef bint _plain_rows(cnp.ndarray a, int64_t *row_bytes):
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
     cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
     cdef int64_t size = cnp.PyArray_ITEMSIZE(a)
-    cdef object dt = a.descr   # numpy.pxd: PyArray_DESCR, not the Python attribute
-    cdef bint ok = ndim >= 1 and not dt.hasobject
+    # Numbers and bools: built-in types of plain bytes (no object references, no parameters
+    # such as a datetime's unit), so a typenum remakes the dtype.
+    cdef bint ok = ndim >= 1 and (cnp.PyArray_ISNUMBER(a) or cnp.PyArray_ISBOOL(a))
     for d in range(ndim - 1, 0, -1):
         if dims[d] != 1 and strides[d] != size:
             ok = False
@@ -1724,11 +1813,15 @@ cdef bint _plain_rows(cnp.ndarray a, int64_t *row_bytes):
 def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
     """``[np.concatenate([x, y])[sel] for x, y in zip(xs, ys)]``, rows copied directly
     where both sides hold plain rows of one dtype and shape (numpy otherwise)."""
+    return _gather_union(xs, ys, sel)
+
+
+cdef list _gather_union(list xs, list ys, cnp.ndarray sel):
     if len(xs) != len(ys):
         raise ValueError("xs and ys must have the same length")
     if sel.ndim != 1 or cnp.PyArray_TYPE(sel) != cnp.NPY_INT64:
         raise ValueError("sel must be a 1-d int64 array")
-    sel = np.ascontiguousarray(sel)
+    sel = _c1d(sel, cnp.NPY_INT64)
     cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sel)
     cdef int64_t nsel = sel.shape[0], j, na, nb, xrow, yrow, lo = 0, hi = -1
     if nsel:   # sel's range, checked against each leaf's length below
@@ -1743,6 +1836,8 @@ def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
     cdef const char *yp
     cdef char *dst
     cdef Py_ssize_t t
+    cdef int d, nd
+    cdef cnp.npy_intp dims[32]   # NPY_MAXDIMS in NumPy 1.x (2.x allows 64: those go to numpy)
     cdef list result = []
     for t in range(len(xs)):
         x = <cnp.ndarray?>xs[t]
@@ -1750,14 +1845,18 @@ def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
         na, nb = x.shape[0] if x.ndim else 0, y.shape[0] if y.ndim else 0
         if nsel and (lo < 0 or hi >= na + nb):
             raise ValueError("sel holds a position outside the concatenation")
-        inner = (<object>x).shape[1:]
         # EquivTypes: the same type, size and byte order; native, as concatenate returns.
+        nd = cnp.PyArray_NDIM(x)
         if not (_plain_rows(x, &xrow) and _plain_rows(y, &yrow) and xrow == yrow
-                and inner == (<object>y).shape[1:] and cnp.PyArray_ISNOTSWAPPED(x)
-                and cnp.PyArray_EquivTypes(x.descr, y.descr)):
+                and cnp.PyArray_NDIM(y) == nd and nd <= 32 and cnp.PyArray_ISNOTSWAPPED(x)
+                and cnp.PyArray_EquivTypes(x.descr, y.descr)
+                and _same_inner_dims(x, y)):
             result.append(np.concatenate([x, y])[sel])
             continue
-        out = np.empty((nsel,) + inner, dtype=x.descr)
+        dims[0] = <cnp.npy_intp>nsel
+        for d in range(1, nd):
+            dims[d] = cnp.PyArray_DIMS(x)[d]
+        out = cnp.PyArray_EMPTY(nd, dims, cnp.PyArray_TYPE(x), 0)
         if xrow == 0:   # empty rows: nothing to copy (and no row addresses to form)
             result.append(out)
             continue
@@ -1772,6 +1871,15 @@ def gather_union(list xs not None, list ys not None, cnp.ndarray sel not None):
                        <size_t>xrow)
         result.append(out)
     return result
+
+
+cdef bint _same_inner_dims(cnp.ndarray x, cnp.ndarray y):
+    """x and y (of one ndim) agree past the first axis."""
+    cdef int d
+    for d in range(1, cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(x)[d] != cnp.PyArray_DIMS(y)[d]:
+            return False
+    return True
 
 
 def gather_rows(cnp.ndarray a not None, cnp.ndarray positions not None):

@@ -77,7 +77,7 @@ from .spec import TensorSpec, compile_metrics_type, spec_of
 __all__ = ["AggregationProcess", "FinalizeThenSampleFactory", "MeasuredProcessOutput",
            "TensorSpec", "Vectorized", "count_non_finite", "spec_of", "vectorized"]
 
-_STATE_KEYS = ("seed", "round", "keys", "rounds", "indices", "samples")
+_STATE_KEYS = _sampling.STATE_KEYS
 
 
 def count_non_finite(a: np.ndarray) -> int:
@@ -170,15 +170,7 @@ _KEY_CHUNK = 1 << 14    # ~10 µs of keys: the two threads finish within that of
 _CORES = os.cpu_count() or 1   # read once: it costs tens of µs per call on some systems
 
 
-def _check_int(value, what, minimum, maximum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{what} must be {'positive' if minimum == 1 else 'non-negative'}, "
-                         f"got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{what} must be at most {maximum}, got {value}")
-    return int(value)
+_check_int = _sampling.check_int
 
 
 class FinalizeThenSampleFactory:
@@ -324,7 +316,6 @@ class AggregationProcess:
             self._vectorized = isinstance(finalizers, Vectorized)
         self._ordered_specs = tuple(specs[n] for n in self._names)
         self._out_names, self._layouts = self._probe()
-        self._layout_of = dict(zip(self._out_names, self._layouts))
 
     def __reduce__(self):
         """Pickle as what :meth:`FinalizeThenSampleFactory.create` was given.
@@ -443,10 +434,10 @@ class AggregationProcess:
         if not clients:
             return self._unchanged(state, st)
         keys, indices, positions = self._round_sample(st, offset, len(clients))
-        samples, measurements = _sampling.finalize_clients(
+        samples, measurements, leaves = _sampling.finalize_clients(
             clients, self._names, self._ordered_specs, self._fins, self._functional,
             self._out_names, self._layouts, positions, offset)
-        return self._finish(st, keys, indices, samples, measurements)
+        return self._finish(st, keys, indices, samples, measurements, leaves)
 
     def _round_sample(self, st, offset, n):
         return _sampling.round_sample(st.seed[0], st.seed[1], st.round, offset, n, self._k,
@@ -519,10 +510,11 @@ class AggregationProcess:
             keys, indices, positions = draw.finish(arrival=True)
         finally:
             draw.close()
-        samples = [layout.build([_sampling.gather_rows(c, positions) for c in leaves_of[name]])
-                   for name, layout in zip(self._out_names, self._layouts)]
+        kept = {name: [_sampling.gather_rows(c, positions) for c in leaves_of[name]]
+                for name in self._out_names}
+        samples = [layout.build(kept[name]) for name, layout in zip(self._out_names, self._layouts)]
         return self._finish(st, keys, indices, samples,
-                            [measurements[name] for name in self._out_names])
+                            [measurements[name] for name in self._out_names], kept)
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -549,42 +541,14 @@ class AggregationProcess:
             raise ValueError("cannot merge states with different seeds: their keys are not "
                              "comparable")
         b = _drop_shared_clients(a, b)
-        out = _union(a, b.keys, b.rounds, b.indices, b.leaves, self._k, self._layout_of)
-        out["round"] = max(a.round, b.round)
-        return out
+        return self._union(a, b.keys, b.rounds, b.indices, b.leaves, max(a.round, b.round))
 
     # -- state -------------------------------------------------------------------------------
 
     def _check_state(self, state, what="state") -> _State:
         """Validate every field of an (untrusted) state; return it normalised."""
-        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
-            raise TypeError(f"{what} must be a dict with keys {list(_STATE_KEYS)} (from "
-                            f"initialize() or next()), got {type(state).__name__}"
-                            + (f" with keys {sorted(map(str, state))}"
-                               if isinstance(state, dict) else ""))
-        seed = state["seed"]
-        if (not isinstance(seed, (tuple, list)) or len(seed) != 2
-                or not all(isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_))
-                           and 0 <= w < 1 << 64 for w in seed)):
-            raise ValueError(f"{what}['seed'] must be a pair of 64-bit unsigned ints, got "
-                             f"{seed!r:.80}")
-        rnd = _check_int(state["round"], f"{what}['round']", 0, _INT64_MAX - 1)
-        keys, rounds, indices = _sampling.check_entries(state["keys"], state["rounds"],
-                                                        state["indices"], rnd, self._k, what)
-        m = len(keys)
-        samples = state["samples"]
-        if not isinstance(samples, dict) or set(samples) != set(self._out_names):
-            raise ValueError(f"{what}['samples'] must be a dict with the finalized metrics "
-                             f"{list(self._out_names)}, got "
-                             + (f"keys {list(samples)!r:.200}" if isinstance(samples, dict)
-                                else type(samples).__name__))
-        leaves = {}
-        for name, layout in zip(self._out_names, self._layouts):
-            try:
-                leaves[name] = layout.check_samples(samples[name], m)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{what}['samples'][{name!r}]: {e}") from None
-        return _State((int(seed[0]), int(seed[1])), rnd, keys, rounds, indices, leaves)
+        return _State(*_sampling.check_state(state, self._k, self._out_names, self._layouts,
+                                             what))
 
     def _unchanged(self, state, st):
         current = {name: lay.empty(0) for name, lay in zip(self._out_names, self._layouts)}
@@ -593,14 +557,23 @@ class AggregationProcess:
                  for name, lay in zip(self._out_names, self._layouts)}
         return MeasuredProcessOutput(state, (current, total), zero)
 
-    def _finish(self, st, keys, indices, samples, measurements):
+    def _finish(self, st, keys, indices, samples, measurements, leaves):
         names = self._out_names
-        leaves = {name: lay.flatten(s) for name, lay, s in zip(names, self._layouts, samples)}
-        new_state = _union(st, keys, st.round, indices, leaves, self._k, self._layout_of)
-        new_state["round"] = st.round + 1
-        current = dict(zip(names, samples))
+        new_state = self._union(st, keys, st.round, indices, leaves, st.round + 1)
         total = dict(new_state["samples"])
-        return MeasuredProcessOutput(new_state, (current, total), dict(zip(names, measurements)))
+        return MeasuredProcessOutput(new_state, (dict(zip(names, samples)), total),
+                                     dict(zip(names, measurements)))
+
+    def _union(self, st, keys, rounds, indices, leaves, rnd):
+        """The state of round ``rnd`` holding the best k of st's entries and the others
+        (``rounds``: an array, or one round for all; ``leaves``: their samples' leaves per
+        metric), in arrival order; equal keys keep st's entries (then earlier positions)
+        first."""
+        keys, rounds, indices, samples = _sampling.union_state(
+            st.keys, st.rounds, st.indices, st.leaves, keys, rounds, indices, leaves, self._k,
+            self._out_names, self._layouts)
+        return {"seed": st.seed, "round": rnd, "keys": keys, "rounds": rounds,
+                "indices": indices, "samples": samples}
 
 
 def _drop_shared_clients(a: _State, b: _State) -> _State:
@@ -623,18 +596,6 @@ def _drop_shared_clients(a: _State, b: _State) -> _State:
     keep[pos_b] = False
     return _State(b.seed, b.round, b.keys[keep], b.rounds[keep], b.indices[keep],
                   {name: [leaf[keep] for leaf in ls] for name, ls in b.leaves.items()})
-
-
-def _union(st: _State, keys, rounds, indices, leaves, k, layout_of):
-    """New state (round copied from ``st``) holding the best k of st's entries and the
-    others (``rounds``: an array, or one round for all), in arrival order; equal keys keep
-    st's entries (then earlier positions) first."""
-    sel, keys, rounds, indices = _sampling.union_entries(st.keys, st.rounds, st.indices, keys,
-                                                         rounds, indices, k)
-    samples = {name: layout.build(_sampling.gather_union(st.leaves[name], leaves[name], sel))
-               for name, layout in layout_of.items()}
-    return {"seed": st.seed, "round": st.round, "keys": keys, "rounds": rounds,
-            "indices": indices, "samples": samples}
 
 
 def _column(spec, value, path, sizes, depth):
