@@ -1099,9 +1099,9 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set;
     ``layouts`` (parallel to ``out_names``) are the finalized layouts from the probe.
     Returns (per-metric samples, per-metric measurements), parallel to ``out_names``, each
-    in its layout's structure, and the samples' leaves (name: list in layout order). Errors name the client by its index in the round, ``offset``
-    + batch position: clients run in batch order, so the first failing client (the lowest
-    index) is the one reported.
+    in its layout's structure, and the samples' leaves (name: list in layout order). Errors
+    name the client by its index in the round, ``offset`` + batch position: clients run in
+    batch order, so the first failing client (the lowest index) is the one reported.
     """
     # The round was sampled over the clients as they are now, and finalizers and value
     # conversions run Python code that may change the caller's list. A tuple copy would touch

@@ -77,9 +77,6 @@ from .spec import TensorSpec, compile_metrics_type, spec_of
 __all__ = ["AggregationProcess", "FinalizeThenSampleFactory", "MeasuredProcessOutput",
            "TensorSpec", "Vectorized", "count_non_finite", "spec_of", "vectorized"]
 
-_STATE_KEYS = _sampling.STATE_KEYS
-
-
 def count_non_finite(a: np.ndarray) -> int:
     """Number of NaN/±Inf elements of the ndarray ``a``, by IEEE bit tests in C.
 
@@ -410,9 +407,10 @@ class AggregationProcess:
 
         ``client_values``: a sequence of mappings (dict, ``MetricsRecord``, ...) of metric name
         to value; a list is read in place, so finalizers must not change it (a client added,
-        removed or replaced before it is read is a RuntimeError). ``client_offset``: the index of the first of them in the round, for workers
-        that each process a slice of the round (see :meth:`round_start`); errors name a
-        client by that global index, the lowest failing one. Returns
+        removed or replaced before it is read is a RuntimeError). ``client_offset``: the index
+        of the first of them in the round, for workers that each process a slice of the round
+        (see :meth:`round_start`); errors name a client by that global index, the lowest
+        failing one. Returns
         ``MeasuredProcessOutput(state, (current_round_samples, total_rounds_samples),
         measurements)``. An empty round returns ``state`` itself, empty ``(0,) + shape``
         arrays as the current sample and zero measurements.
@@ -512,7 +510,8 @@ class AggregationProcess:
             draw.close()
         kept = {name: [_sampling.gather_rows(c, positions) for c in leaves_of[name]]
                 for name in self._out_names}
-        samples = [layout.build(kept[name]) for name, layout in zip(self._out_names, self._layouts)]
+        samples = [layout.build(kept[name])
+                   for name, layout in zip(self._out_names, self._layouts)]
         return self._finish(st, keys, indices, samples,
                             [measurements[name] for name in self._out_names], kept)
 
