@@ -959,9 +959,6 @@ cdef class _Acc:
             self.take_leaf(j, self.flat[j], slot)
         return 0
 
-    def samples(self):
-        return self.layout.build(self.outs)
-
     def measurement(self):
         return self.layout.build([int(self.counts[j]) for j in range(self.nleaves)])
 
@@ -1098,10 +1095,10 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     ``positions`` (ascending) are the batch positions of the round's sampled clients.
     Exactly one of ``finalizers`` (a tuple parallel to ``names``) and ``functional`` is set;
     ``layouts`` (parallel to ``out_names``) are the finalized layouts from the probe.
-    Returns (per-metric samples, per-metric measurements), parallel to ``out_names``, each
-    in its layout's structure, and the samples' leaves (name: list in layout order). Errors
-    name the client by its index in the round, ``offset`` + batch position: clients run in
-    batch order, so the first failing client (the lowest index) is the one reported.
+    Returns the sampled clients' leaves (name: list in layout order) and the per-metric
+    measurements, parallel to ``out_names``, each in its layout's structure. Errors name the
+    client by its index in the round, ``offset`` + batch position: clients run in batch
+    order, so the first failing client (the lowest index) is the one reported.
     """
     # The round was sampled over the clients as they are now, and finalizers and value
     # conversions run Python code that may change the caller's list. A tuple copy would touch
@@ -1283,8 +1280,8 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
         free(steps)
         free(vals)   # fc_client leaves it empty
         free(items)
-    return ([(<_Acc>a).samples() for a in accs], [(<_Acc>a).measurement() for a in accs],
-            {name: (<_Acc>a).outs for name, a in zip(out_names, accs)})
+    return ({name: (<_Acc>a).outs for name, a in zip(out_names, accs)},
+            [(<_Acc>a).measurement() for a in accs])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1685,7 +1682,7 @@ def check_state(state, int64_t k, tuple out_names, tuple layouts, str what):
     cdef dict leaves = {}
     for name, layout in zip(out_names, layouts):
         try:
-            leaves[name] = (<Layout>layout).check_samples(samples[name], m)
+            leaves[name] = (<Layout?>layout).check_samples(samples[name], m)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{what}['samples'][{name!r}]: {e}") from None
     return (int(seed[0]), int(seed[1])), rnd, keys, rounds, indices, leaves
@@ -1800,7 +1797,7 @@ cdef bint _plain_rows(cnp.ndarray a, int64_t *row_bytes):
     cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
     cdef int64_t size = cnp.PyArray_ITEMSIZE(a)
     # Numbers and bools: built-in types of plain bytes (no object references, no parameters
-    # such as a datetime's unit), so a typenum remakes the dtype.
+    # such as a datetime's unit), so a typenum remakes the dtype of a native-order one.
     cdef bint ok = ndim >= 1 and (cnp.PyArray_ISNUMBER(a) or cnp.PyArray_ISBOOL(a))
     for d in range(ndim - 1, 0, -1):
         if dims[d] != 1 and strides[d] != size:

@@ -77,6 +77,7 @@ from .spec import TensorSpec, compile_metrics_type, spec_of
 __all__ = ["AggregationProcess", "FinalizeThenSampleFactory", "MeasuredProcessOutput",
            "TensorSpec", "Vectorized", "count_non_finite", "spec_of", "vectorized"]
 
+
 def count_non_finite(a: np.ndarray) -> int:
     """Number of NaN/±Inf elements of the ndarray ``a``, by IEEE bit tests in C.
 
@@ -432,10 +433,10 @@ class AggregationProcess:
         if not clients:
             return self._unchanged(state, st)
         keys, indices, positions = self._round_sample(st, offset, len(clients))
-        samples, measurements, leaves = _sampling.finalize_clients(
+        leaves, measurements = _sampling.finalize_clients(
             clients, self._names, self._ordered_specs, self._fins, self._functional,
             self._out_names, self._layouts, positions, offset)
-        return self._finish(st, keys, indices, samples, measurements, leaves)
+        return self._finish(st, keys, indices, leaves, measurements)
 
     def _round_sample(self, st, offset, n):
         return _sampling.round_sample(st.seed[0], st.seed[1], st.round, offset, n, self._k,
@@ -510,10 +511,8 @@ class AggregationProcess:
             draw.close()
         kept = {name: [_sampling.gather_rows(c, positions) for c in leaves_of[name]]
                 for name in self._out_names}
-        samples = [layout.build(kept[name])
-                   for name, layout in zip(self._out_names, self._layouts)]
-        return self._finish(st, keys, indices, samples,
-                            [measurements[name] for name in self._out_names], kept)
+        return self._finish(st, keys, indices, kept,
+                            [measurements[name] for name in self._out_names])
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -556,11 +555,11 @@ class AggregationProcess:
                  for name, lay in zip(self._out_names, self._layouts)}
         return MeasuredProcessOutput(state, (current, total), zero)
 
-    def _finish(self, st, keys, indices, samples, measurements, leaves):
+    def _finish(self, st, keys, indices, leaves, measurements):
         names = self._out_names
         new_state = self._union(st, keys, st.round, indices, leaves, st.round + 1)
-        total = dict(new_state["samples"])
-        return MeasuredProcessOutput(new_state, (dict(zip(names, samples)), total),
+        current = {name: lay.build(leaves[name]) for name, lay in zip(names, self._layouts)}
+        return MeasuredProcessOutput(new_state, (current, dict(new_state["samples"])),
                                      dict(zip(names, measurements)))
 
     def _union(self, st, keys, rounds, indices, leaves, rnd):
