@@ -13,7 +13,7 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastrec
@@ -202,7 +202,7 @@ def test_hostile_content_is_a_value_error(content):
 
 
 @given(st.binary(max_size=64))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 def test_random_bodies_only_value_or_type_errors(body):
     for name, cls in (("MetricRecord", app.MetricRecord), ("ConfigRecord", app.ConfigRecord)):
         content = b"%s  %d\x00" % (name.encode(), len(body)) + body
@@ -240,7 +240,7 @@ def _same_values(a, b):
 
 @needs_next
 @given(st.dictionaries(keys, metric_vals, max_size=5))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 def test_metric_deflate_inflate_equal_flower(d):
     ours, theirs = app.MetricRecord(d), fa.MetricRecord(d)
     assert ours.deflate() == theirs.deflate()
@@ -251,7 +251,7 @@ def test_metric_deflate_inflate_equal_flower(d):
 
 @needs_next
 @given(st.dictionaries(keys, config_vals, max_size=5))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 def test_config_deflate_inflate_equal_flower(d):
     ours, theirs = app.ConfigRecord(d), fa.ConfigRecord(d)
     assert ours.deflate() == theirs.deflate()
@@ -329,7 +329,7 @@ def test_value_table(value, names):
                                                "clear", "set", "del", "copy"]),
                               keys, st.one_of(metric_vals, st.just("s"), st.just(None))),
                     max_size=12))
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 def test_mapping_methods_match(name, ops):
     ours, theirs = getattr(app, name)({"a": 1}), getattr(fa, name)({"a": 1})
     for op, k, v in ops:
@@ -538,7 +538,7 @@ def test_hostile_mutations_rejected_like_flower():
 
 @needs_next
 @given(st.binary(max_size=48))
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400)
 def test_random_bodies_like_flower(body):
     for name, ours, theirs in (("MetricRecord", app.MetricRecord, fa.MetricRecord),
                                ("ConfigRecord", app.ConfigRecord, fa.ConfigRecord)):
@@ -557,7 +557,7 @@ def test_random_bodies_like_flower(body):
 
 @needs_next
 @given(st.text(alphabet="0123456789abcdefABCDEF, x_+-\t", max_size=140), st.text(max_size=4))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 def test_header_checks_like_flower(children, length):
     content = f"ArrayChunk {children} {length}".encode() + b"\x00ab"
     t = _flower_accepts(FArrayChunk, content, None)
@@ -655,7 +655,7 @@ column_vals = {"acc": st.one_of(finite, ints), "n": st.integers(-(2**63), 2**63 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float32
 @given(st.lists(st.fixed_dictionaries(column_vals, optional={"x": metric_vals, "": metric_vals}),
                 max_size=6))
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, derandomize=True)
 def test_metrics_columns_on_flower_objects(records):
     contents = [fa.MetricRecord(d).deflate() for d in records]
     assert contents == [app.MetricRecord(d).deflate() for d in records]
@@ -665,7 +665,7 @@ def test_metrics_columns_on_flower_objects(records):
 @needs_next
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @given(st.fixed_dictionaries(column_vals), st.sampled_from(sorted(column_vals)), metric_vals)
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, derandomize=True)
 def test_metrics_columns_refuse_what_flower_cannot_read(d, name, value):
     d[name] = value  # often of the wrong kind, length or range for its column
     content = fa.MetricRecord(d).deflate()

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastrec import Array, array_from_numpy
@@ -87,7 +87,7 @@ def mutated_npy(draw):
     return bytes(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300)
 @given(mutated_npy(), st.booleans(), st.sampled_from([bytes, bytearray, memoryview]))
 def test_mutated_npy_bytes_either_load_like_numpy_or_raise_valueerror(data, copy, wrap):
     try:

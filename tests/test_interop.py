@@ -22,7 +22,7 @@ fc = OptionalModule("flwr.common")
 def _needs_flwr():
     pytest.importorskip("flwr", reason="fastrec.to_flwr/from_flwr convert to flwr 1.15.2")
 
-HYP = settings(max_examples=60, deadline=None)
+HYP = settings(max_examples=60)
 
 
 def _fields(a):

@@ -23,7 +23,7 @@ from fastrec.records import TypedDict
 fc = OptionalModule("flwr.common")
 flwr_typeddict = OptionalModule("flwr.common.record.typeddict")
 
-HYP = settings(max_examples=150, deadline=None)
+HYP = settings(max_examples=150)
 
 # --------------------------------------------------------------------------
 # Helpers: run the same thing on both implementations.
@@ -1053,7 +1053,7 @@ def _snapshot(v):
     return ("plain", v)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(kind=st.sampled_from(["metrics", "configs"]), spec=element_specs(),
        how=st.sampled_from(["init", "setitem", "update"]))
 def test_fuzz_hostile_list_elements_match_flower(kind, spec, how):
@@ -1107,7 +1107,7 @@ class HostileKey:
         return self is other
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(kind=st.sampled_from(KINDS),
        mode=st.sampled_from(["class-deletes", "class-raises", "hash-raises", "eq-raises",
                              "eq-mutates"]),

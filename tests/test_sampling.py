@@ -126,7 +126,7 @@ def test_count_non_finite_rows():
         _sampling.count_non_finite_rows(np.array(1.0))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
                   elements=st.sampled_from(SPECIALS)),
        st.sampled_from(FLOAT_DTYPES), st.booleans(), st.data())
@@ -216,7 +216,7 @@ def test_round_sample_with_empty_reservoir_does_not_walk_the_round():
         _sampling.round_sample(7, 9, 0, 2**63 - 1, 2, 0)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.integers(0, 300), st.integers(0, 40), st.integers(0, 1000), st.integers(0, 10))
 def test_round_sample_is_top_k_of_keys(n, k, offset, round_):
     expected, keys = brute_force_top((7, 9), round_, n, k, offset)
@@ -263,7 +263,7 @@ def test_gather_rows():
         _sampling.gather_rows(a, np.array([[1, 2]]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.integers(0, 300), st.integers(0, 40), st.integers(0, 10))
 def test_round_sample_in_arrival_order(n, k, round_):
     best = _sampling.round_sample(7, 9, round_, 3, n, k)
@@ -281,7 +281,7 @@ _entries = st.integers(0, 12).flatmap(lambda m: st.tuples(
     st.lists(st.integers(0, 5), min_size=m, max_size=m)))         # indices
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(_entries, _entries, st.integers(0, 30), st.booleans())
 def test_union_entries_is_top_k_then_arrival_order(a, b, k, one_round):
     """union_entries against its definition in NumPy: top k of the concatenation (larger key,
@@ -564,7 +564,7 @@ def test_partitioned_workers_merge_to_one_machine_state():
     assert np.array_equal(p.merge(merged, merged)["indices"], merged["indices"])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=4), st.integers(1, 12), st.data())
 def test_merge_property(round_sizes, k, data):
     p = make_process(k=k, seed=1)
@@ -919,7 +919,7 @@ def test_client_offset_validation_and_ordered_dict_clients():
     assert np.array_equal(got.state["keys"], ref.state["keys"])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(st.lists(st.tuples(st.sampled_from([0.5, -2.0, np.nan, np.inf, -np.inf, 1e308]),
                           st.lists(st.sampled_from([1.0, np.nan, -np.inf]), min_size=2,
                                    max_size=2)),
@@ -1182,7 +1182,7 @@ _FAST_DTYPES = ["float32", "float64", "int64", "int32", "int16", "int8", "uint32
                 "uint8"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(dtype=st.sampled_from(_FAST_DTYPES),
        values=st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
                                  st.integers(-2**70, 2**70), st.integers(-300, 300),
@@ -1278,7 +1278,7 @@ def _round_of_clients(draw):
     return clients
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(clients=_round_of_clients(),
        kinds=st.lists(st.sampled_from(["same", "same", "keep", "sum", "float", "pair",
                                        "raise"]), min_size=5, max_size=5),
@@ -1630,7 +1630,7 @@ def _build_hostile_round(desc):
     return clients
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(hostile_round, st.integers(1, 4), st.booleans())
 def test_fuzz_hostile_client_values_never_crash(desc, k, as_tuple):
     spec = {"a": TensorSpec("float64"), "b": [TensorSpec("float64"), TensorSpec("float64", (2,))]}
@@ -1727,7 +1727,7 @@ def test_columnar_finalizer_error_with_keys_on_a_helper_thread(monkeypatch):
     assert _helpers_end() == 0   # the helper thread let go and ended
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.integers(0, 3000), st.integers(0, 60), st.integers(1, 500), st.integers(0, 10**6),
        st.integers(0, 10), st.booleans())
 def test_round_draw_on_two_threads_is_round_sample(n, k, chunk, offset, round_, helper):

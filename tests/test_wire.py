@@ -16,7 +16,7 @@ import weakref
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from _optional import OptionalModule
 
@@ -41,7 +41,7 @@ fc = _Flower115("flwr.common")
 serde = _Flower115("flwr.common.serde")
 message_pb2 = _Flower115("flwr.proto.message_pb2")
 
-HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=150)
 
 # ---------------------------------------------------------------- strategies
 
@@ -213,7 +213,7 @@ def test_parameters_record_bytes_match_flower(rec):
     check_decode("parameters", data)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80)
 @given(recordsets)
 def test_recordset_bytes_match_flower(rs):
     data = check_encode("recordset", rs)
@@ -643,7 +643,7 @@ def _mutations(data: bytes, rng: random.Random):
         yield bytes(b)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(recordsets, st.randoms(use_true_random=False))
 def test_mutation_fuzz_recordset(rs, rng):
     data = check_encode("recordset", rs)
@@ -653,7 +653,7 @@ def test_mutation_fuzz_recordset(rs, rng):
         check_decode("recordset", m)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(st.sampled_from(["metrics", "configs", "array", "parameters"]),
        st.data(), st.randoms(use_true_random=False))
 def test_mutation_fuzz_records(kind, data, rng):
@@ -793,7 +793,7 @@ def check_message(data):
         assert ours[2] == theirs[2]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(recordsets, st.booleans(), st.randoms(use_true_random=False))
 def test_message_matches_flower(rs, as_error, rng):
     error = {"code": -3, "reason": "boom"} if as_error else None
@@ -1033,7 +1033,7 @@ def test_metrics_columns_reads_the_spec_once():
     _assert_batch_equal(got, _expected([_reply(i) for i in range(3)], {"a": TensorSpec("float64")}))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(st.randoms(use_true_random=False), st.booleans())
 def test_metrics_columns_fast_path_agrees_with_general_path(rng, as_message):
     # Mutated replies: the C fast path and the full decoder must agree row by row,
@@ -1215,8 +1215,7 @@ def object_batches(draw):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float16
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, derandomize=True)
 @given(object_batches(), st.integers(0, 2))
 def test_object_columns_match_the_inflate_route(batch, offset):
     spec, bufs = batch
@@ -1363,8 +1362,7 @@ def test_object_empty_input_gives_empty_columns():
     assert wire.metrics_columns(iter([]), None, {}, wire=OBJ) == {}
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, derandomize=True)
 @given(st.randoms(use_true_random=False))
 def test_object_mutation_fuzz(rng):
     # Mutated objects: success iff inflate + read succeeds, with equal columns (the C fast path
