@@ -6,6 +6,7 @@ import doctest
 import math
 import os
 import pickle
+import sys
 import threading
 import time
 import types
@@ -1176,6 +1177,64 @@ def test_number_scalars_reused_only_when_nobody_kept_them(dtype, keep):
     if keep == "list":
         assert [v.item() for v in kept] == want
         assert len({id(v) for v in kept}) == len(kept)
+
+
+def test_one_process_on_several_threads_at_once():
+    """A process holds no round's state, so threads may run it at once: the values it reuses
+    from client to client (scalars, list arrays) are shared by the process's calls. Finalizers
+    that give up the GIL between a client's values make the threads' rounds interleave; each
+    thread must still get the rounds one thread alone gets, and each finalizer its own
+    client's values."""
+    seen = threading.local()
+    seen.values = []   # the probe's call at create()
+
+    def ratio(v):
+        seen.values.append(v.tolist())
+        time.sleep(0)   # let another thread run while this client's values are held
+        return v[0] / v[1]
+
+    def count(v):
+        seen.values.append(int(v))
+        return v
+
+    spec = {"accuracy": TensorSpec("float32"), "loss": TensorSpec("float32", (2,)),
+            "num_examples": TensorSpec("int64")}
+    proc = FinalizeThenSampleFactory(20, seed=3).create(
+        {"accuracy": lambda v: v, "loss": ratio, "num_examples": count}, spec)
+    rng = np.random.default_rng(5)
+    rounds = [[{"accuracy": float(rng.random()),
+                "loss": [float(rng.random() * 9), float(rng.integers(1, 50))],
+                "num_examples": int(rng.integers(1, 500))} for _ in range(400)]
+              for _ in range(5)]
+
+    def run_rounds():
+        seen.values = []
+        state, outs = proc.initialize(), []
+        for clients in rounds:
+            out = proc.next(state, clients)
+            state = out.state
+            outs.append(out)
+        return outs, seen.values
+
+    want, want_seen = run_rounds()
+    got = [None] * 4
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, run_rounds()))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    for outs, values in got:
+        assert values == want_seen
+        for a, b in zip(outs, want):
+            assert a.measurements == b.measurements
+            assert_tree_equal(a.result, b.result)
+            assert_tree_equal(a.state["samples"], b.state["samples"])
 
 
 _FAST_DTYPES = ["float32", "float64", "int64", "int32", "int16", "int8", "uint32", "uint16",
