@@ -287,6 +287,8 @@ class AggregationProcess:
     """A finalize-then-sample process: ``initialize()``, ``next(...)``, ``merge(...)``.
 
     Built by :meth:`FinalizeThenSampleFactory.create`; see the module docstring for the state.
+    A process keeps no round's state (that is the ``state`` argument), so several threads
+    may run one process at once, as ``fastrec.dask.next(..., scheduler="threads")`` does.
 
     >>> p = FinalizeThenSampleFactory(3, seed=0).create({"x": lambda v: v},
     ...                                                 {"x": TensorSpec("float64")})
