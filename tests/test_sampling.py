@@ -2718,6 +2718,85 @@ def test_merge_of_a_client_held_by_both_states_with_different_keys_is_rejected()
     assert_tree_equal(p.merge(a, a)["samples"], a["samples"])
 
 
+def _fill_entries(s, samples=True):
+    s["keys"].fill(2**64 - 1)     # every old client would beat the round's,
+    s["rounds"].fill(0)           # all of them the same client of round 0
+    s["indices"].fill(0)
+    if samples:
+        s["samples"]["a"].fill(-1.0)
+
+
+def _resize_entries(s):
+    for name in ("keys", "rounds", "indices"):
+        s[name].resize(0, refcheck=False)   # frees the buffer the check saw
+    s["samples"]["b"].resize((1000, 2), refcheck=False)
+
+
+def _replace_entries(s):
+    s.update(seed=(1, 2), round=50, keys=np.zeros(0, np.uint64))
+
+
+STATE_CHANGES = {"filled": _fill_entries, "resized": _resize_entries,
+                 "replaced": _replace_entries}
+
+
+@pytest.mark.parametrize("columnar", [False, True], ids=["next", "next_columnar"])
+@pytest.mark.parametrize("change", sorted(STATE_CHANGES))
+def test_a_finalizer_changing_the_state_handed_in_does_not_change_the_round(change, columnar):
+    # The state is checked when the round starts, and what was checked is what the round
+    # uses: a finalizer that then changes the caller's arrays in place changes nothing.
+    p, state = _valid_state()
+    clients = clients_ab(5, 200)
+    cols = {"a": np.array([c["a"] for c in clients], np.float32),
+            "b": np.array([c["b"] for c in clients], np.float32)}
+    pending = []
+
+    def a(v):
+        if pending:
+            STATE_CHANGES[change](pending.pop())
+        return v
+
+    fins = {"a": vectorized(a), "b": vectorized(lambda v: v)} if columnar else \
+        {"a": a, "b": lambda v: v}
+    q = make_process(k=4, seed=3, finalizers=fins)
+    run = (lambda s: q.next_columnar(s, cols)) if columnar else (lambda s: q.next(s, clients))
+    expected = run(pickle.loads(pickle.dumps(state)))
+    handed = pickle.loads(pickle.dumps(state))
+    pending.append(handed)
+    out = run(handed)
+    assert not pending
+    assert_tree_equal(out.state, expected.state)
+    assert_tree_equal(out.result, expected.result)
+    q.next(out.state, clients_ab(2))   # and the state it returns is a valid one
+
+
+def test_a_state_read_through_a_dict_subclass_is_used_as_checked():
+    # A dict subclass runs Python code on each read of a field, after the fields read before
+    # it were checked (here: the entries, changed when the samples are read); in merge,
+    # reading one state's fields can change the other's, all read and checked before.
+    p, state = _valid_state()
+    expected_next = p.next(pickle.loads(pickle.dumps(state)), clients_ab(3, 300))
+    expected_merge = p.merge(state, state)
+
+    class Sneaky(dict):
+        victim = None
+
+        def __getitem__(self, key):
+            victim = self.victim
+            if key == "samples" and victim is not None:
+                self.victim = None
+                _fill_entries(victim, samples=victim is not self)
+            return super().__getitem__(key)
+
+    one = Sneaky(pickle.loads(pickle.dumps(state)))
+    one.victim = one
+    out = p.next(one, clients_ab(3, 300))
+    assert_tree_equal(out.state, expected_next.state)
+    a, b = pickle.loads(pickle.dumps(state)), Sneaky(pickle.loads(pickle.dumps(state)))
+    b.victim = a
+    assert_tree_equal(p.merge(a, b), expected_merge)
+
+
 def test_record_clients_read_directly_unless_a_subclass_overrides_reading():
     FlwrMetricsRecord = pytest.importorskip("flwr.common").MetricsRecord
 

@@ -827,17 +827,19 @@ cdef class Layout:
     def check_samples(self, value, Py_ssize_t m):
         """``value`` (a state's samples of this metric) checked: the layout's structure with an
         ndarray of exactly the leaf's dtype and shape ``(m,) + shape`` per leaf. Returns the
-        leaves."""
+        leaves as private copies (``_private_copy``)."""
         cdef list flat = self.flatten(value)
         for j in range(len(flat)):
             a = flat[j]
-            if not _is_sample_leaf(a, self.dtypes[j], self.shapes[j], m):
-                want = (m,) + self.shapes[j]
-                got = (f"dtype {a.dtype}, shape {a.shape}" if cnp.PyArray_Check(a)
-                       else type(a).__name__)
-                raise ValueError(f"expected a {self.dtypes[j]} array of shape {want}, got {got}")
-            if not cnp.PyArray_CheckExact(a):
-                flat[j] = np.asarray(a)
+            for attempt in range(2):   # checked before the copy and again on it
+                if not _is_sample_leaf(a, self.dtypes[j], self.shapes[j], m):
+                    want = (m,) + self.shapes[j]
+                    got = (f"dtype {a.dtype}, shape {a.shape}" if cnp.PyArray_Check(a)
+                           else type(a).__name__)
+                    raise ValueError(f"expected a {self.dtypes[j]} array of shape {want}, "
+                                     f"got {got}")
+                if attempt == 0:
+                    a = flat[j] = _private_copy(a)
         return flat
 
 
@@ -1621,14 +1623,21 @@ cdef class RoundDraw:
         self._close()
 
 
-cdef cnp.ndarray _entry_array(object a, int typenum, str what, str key):
-    """A state's array ``a`` as a contiguous 1-d array of ``typenum``: ValueError unless it
-    is an ndarray of exactly that (native) dtype and one dimension."""
+cdef cnp.ndarray _private_copy(object a):
+    """A fresh C-contiguous ndarray (not a subclass) with ``a``'s dtype, shape and values,
+    held by no one else. A state's arrays are checked and used as such copies: the caller
+    keeps its own, and Python code that runs during the round (a finalizer, a dict
+    subclass's ``__getitem__``, a ``__del__``) may change those in place after the check."""
+    return np.array(a, copy=True, order="C", subok=False)
+
+
+cdef _check_entry_array(object a, int typenum, str what, str key):
+    """ValueError unless a state's array ``a`` is an ndarray of exactly ``typenum`` (native)
+    and one dimension."""
     if not cnp.PyArray_Check(a) or cnp.PyArray_NDIM(a) != 1 \
             or cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_ISNOTSWAPPED(a):
         raise ValueError(f"{what}[{key!r}] must be a 1-d "
                          f"{cnp.PyArray_DescrFromType(typenum)} array")
-    return _c1d(a, typenum)
 
 
 def check_int(value, what, minimum, maximum=None):
@@ -1691,15 +1700,24 @@ def check_state(state, int64_t k, tuple out_names, tuple layouts, str what):
 cpdef tuple check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):
     """A state's ``keys``, ``rounds`` and ``indices`` checked (1-d uint64/int64/int64 arrays
     of one length, at most ``k``; rounds in [0, ``rnd``), indices non-negative, clients
-    distinct and in arrival order) in one pass; returns them as contiguous ndarrays."""
-    cdef cnp.ndarray ka = _entry_array(keys, cnp.NPY_UINT64, what, "keys")
-    cdef cnp.ndarray ra = _entry_array(rounds, cnp.NPY_INT64, what, "rounds")
-    cdef cnp.ndarray ia = _entry_array(indices, cnp.NPY_INT64, what, "indices")
-    cdef int64_t m = ka.shape[0], i
-    if ra.shape[0] != m or ia.shape[0] != m:
-        raise ValueError(f"{what}['keys'], ['rounds'] and ['indices'] differ in length")
-    if m > k:
-        raise ValueError(f"{what} holds {m} clients, more than sample_size={k}")
+    distinct and in arrival order) in one pass; returns them as private copies
+    (``_private_copy``), checked before they are copied (nothing refused is copied) and
+    again as copied."""
+    cdef tuple arrays = (keys, rounds, indices)
+    cdef int attempt
+    cdef int64_t m = 0, i
+    for attempt in range(2):
+        _check_entry_array(arrays[0], cnp.NPY_UINT64, what, "keys")
+        _check_entry_array(arrays[1], cnp.NPY_INT64, what, "rounds")
+        _check_entry_array(arrays[2], cnp.NPY_INT64, what, "indices")
+        m = cnp.PyArray_DIMS(arrays[0])[0]
+        if cnp.PyArray_DIMS(arrays[1])[0] != m or cnp.PyArray_DIMS(arrays[2])[0] != m:
+            raise ValueError(f"{what}['keys'], ['rounds'] and ['indices'] differ in length")
+        if m > k:
+            raise ValueError(f"{what} holds {m} clients, more than sample_size={k}")
+        if attempt == 0:
+            arrays = tuple([_private_copy(a) for a in arrays])
+    cdef cnp.ndarray ka = arrays[0], ra = arrays[1], ia = arrays[2]
     cdef const int64_t *r = <const int64_t *>cnp.PyArray_DATA(ra)
     cdef const int64_t *ix = <const int64_t *>cnp.PyArray_DATA(ia)
     # One rule at a time over the whole state: the first rule broken is the one reported.

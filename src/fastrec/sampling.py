@@ -23,7 +23,9 @@ workers that each process a slice of a round from :meth:`AggregationProcess.roun
 draw the keys one machine would, and :meth:`AggregationProcess.merge` of their states is
 exactly the one-machine state.
 
-State (a plain, picklable ``dict``, validated field by field whenever it comes back):
+State (a plain, picklable ``dict``, validated field by field whenever it comes back; its
+arrays are checked and used as private copies, so Python code that runs during the round, a
+finalizer say, cannot change what was checked):
 
 - ``"seed"``: ``(s0, s1)``, the generator's two 64-bit key words (Python ints). With a factory
   ``seed`` they derive from it; without one, every :meth:`~AggregationProcess.initialize`
