@@ -2626,6 +2626,150 @@ def test_small_numpy_integer_round_is_normalised():
             p.next(dict(state, round=bad), [{"x": 2}])
 
 
+class _LyingInt(int):
+    """An int whose methods give another value than the one it holds."""
+
+    def __int__(self):
+        return -7
+
+    def __index__(self):
+        return 2**70
+
+    def __lt__(self, other):
+        return False
+
+    def __gt__(self, other):
+        return False
+
+    __le__ = __ge__ = __lt__
+
+
+class _LyingInt64(np.int64):
+    def __int__(self):
+        return -7
+
+    def __index__(self):
+        return 2**70
+
+    def item(self):
+        return -7
+
+
+class _LyingUInt64(np.uint64):
+    def __int__(self):
+        return 7
+
+    def __index__(self):
+        return 2**70
+
+
+def test_state_integers_are_read_as_stored_not_through_their_methods():
+    """A state's round and seed words, and client_offset, are checked and used as the value
+    the object holds: a subclass whose __int__, __index__ or comparisons lie passed the check
+    with one value and was used with another (round -7 or a seed word of 2**70)."""
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v}, {"x": TensorSpec("int64")})
+    start = p.initialize()
+    ref = p.next(dict(start, round=3), [{"x": 1}, {"x": 2}, {"x": 3}], client_offset=5)
+    for cls, word in ((_LyingInt, _LyingInt), (_LyingInt64, _LyingUInt64)):
+        state = dict(start, round=cls(3), seed=tuple(word(w) for w in start["seed"]))
+        out = p.next(state, [{"x": 1}, {"x": 2}, {"x": 3}], client_offset=cls(5))
+        assert out.state["round"] == 4 and type(out.state["round"]) is int
+        assert out.state["seed"] == ref.state["seed"]
+        assert all(type(w) is int for w in out.state["seed"])
+        assert np.array_equal(out.state["keys"], ref.state["keys"])
+        assert np.array_equal(out.state["indices"], ref.state["indices"])
+        merged = p.merge(state, ref.state)
+        assert merged["seed"] == ref.state["seed"] and merged["round"] == 4
+    with pytest.raises(ValueError, match="non-negative"):
+        p.next(dict(start, round=_LyingInt(-1)), [{"x": 1}])
+    with pytest.raises(ValueError, match="seed"):
+        p.next(dict(start, seed=(_LyingInt(2**64), 1)), [{"x": 1}])
+
+
+def test_client_offset_past_the_last_index_is_a_clear_value_error():
+    vec = FinalizeThenSampleFactory(2, seed=0).create({"x": vectorized(lambda c: c)},
+                                                      {"x": TensorSpec("float64")})
+    per = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v},
+                                                      {"x": TensorSpec("float64")})
+    for offset in (2**63 - 1, 2**63 - 3):
+        with pytest.raises(ValueError, match="client_offset .* exceeds the largest client"):
+            per.next(per.initialize(), [{"x": 1.0}] * 3, client_offset=offset)
+        for p in (vec, per):
+            with pytest.raises(ValueError, match="client_offset .* exceeds the largest client"):
+                p.next_columnar(p.initialize(), {"x": np.ones(3)}, client_offset=offset)
+    for p in (vec, per):   # the last clients that fit
+        out = p.next_columnar(p.initialize(), {"x": np.ones(3)}, client_offset=2**63 - 4)
+        assert out.state["indices"].max() == 2**63 - 2
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_python_ints_under_a_float_spec_are_cast_as_numpy_casts_int64(fast):
+    """A Python int is cast to float32 once, as NumPy casts an int64 (uint64) array: through
+    a double, 2**60 + 2**36 + 1 rounded twice (to 2**60) where the cast gives 2**60 + 2**37.
+    The scalar and list paths agree."""
+    values = [2**60 + 2**36 + 1, -(2**60 + 2**36 + 1), 2**63 + 2**39 + 1, 2**24 + 1, -2**63, 7]
+    was = _sampling.set_client_fast_path(fast)
+    try:
+        for dtype in ("float32", "float64"):
+            p = FinalizeThenSampleFactory(len(values), seed=0).create(
+                {"s": lambda v: v, "l": lambda v: v},
+                {"s": TensorSpec(dtype), "l": TensorSpec(dtype, (1,))})
+            out = p.next(p.initialize(), [{"s": v, "l": [v]} for v in values])
+            current, _ = out.result
+            want = np.array([np.asarray([v]).astype(dtype)[0] for v in values])
+            assert current["s"].tobytes() == want.tobytes()
+            assert current["l"][:, 0].tobytes() == want.tobytes()
+    finally:
+        _sampling.set_client_fast_path(was)
+
+
+def test_a_timedelta_is_not_a_number_under_any_spec():
+    """np.timedelta64 is a numpy signedinteger, but a duration: refused like datetime64."""
+    for dtype in ("float32", "float64", "int64"):
+        p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v},
+                                                        {"x": TensorSpec(dtype)})
+        for value in (np.timedelta64(3), np.timedelta64(3, "s"), [np.timedelta64(3)]):
+            with pytest.raises(TypeError, match="client 0, metric 'x'"):
+                p.next(p.initialize(), [{"x": value}])
+
+
+def test_a_metric_name_of_a_str_subclass_cannot_free_a_value_being_read():
+    """Clients are read in order with PyDict_Next, whose value is borrowed: a name of a str
+    subclass whose __hash__ replaced the client's value freed it while it was read
+    (SIGSEGV). Such names are looked up."""
+    clients = []
+
+    class Name(str):
+        def __hash__(self):
+            for c in clients:
+                c["a"] = np.float32(-1.0) * np.float32(len(c))   # a new object; the old freed
+            return str.__hash__(self)
+
+        __eq__ = str.__eq__
+
+    name = Name("a")
+    p = FinalizeThenSampleFactory(3, seed=0).create({name: lambda v: v},
+                                                    {name: TensorSpec("float32")})
+    clients[:] = [{"a": np.float32(i) + np.float32(0.5)} for i in range(20)]
+    out = p.next(p.initialize(), clients)
+    current, _ = out.result
+    assert current["a"].dtype == np.float32 and len(current["a"]) == 3
+    assert set(current["a"].tolist()) <= {-1.0} | {i + 0.5 for i in range(20)}
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize == 8, reason="long double is double here")
+def test_python_float_results_under_a_long_double_leaf_are_counted_as_long_double():
+    """A finalizer whose probe result was a long double, returning Python floats: 2e300 is
+    finite in a long double (it was narrowed to float32 to be counted: inf)."""
+    p = FinalizeThenSampleFactory(2, seed=0).create(
+        {"x": lambda v: np.longdouble(v) if v == 1.0 else float(v) * 1e300},
+        {"x": TensorSpec("float64")})
+    out = p.next(p.initialize(), [{"x": 2.0}, {"x": float("inf")}, {"x": 3.0}])
+    assert out.measurements == {"x": 1}
+    current, _ = out.result
+    assert current["x"].dtype == np.longdouble
+
+
 def test_a_process_without_finalized_metrics_accepts_its_own_states():
     p = FinalizeThenSampleFactory(2, seed=0).create(lambda m: {}, {"x": TensorSpec("float64")})
     state = p.next(p.initialize(), [{"x": 1.0}]).state

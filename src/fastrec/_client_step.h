@@ -210,11 +210,21 @@ FC_INLINE int fc_convert(fc_conv *s, PyObject *v, PyObject **out) {
         if (t == &PyFloat_Type) {
             x = PyFloat_AS_DOUBLE(v);
         } else if (t == &PyLong_Type) {
-            x = PyLong_AsDouble(v);
-            if (x == -1.0 && PyErr_Occurred()) {   /* too large for a double */
-                PyErr_Clear();                       /* the general path says so */
-                return 0;
+            /* An int of 64 bits is cast as NumPy casts an int64 or uint64 array: straight to
+               float32, rounded once (through a double it could round twice). */
+            int overflow = 0;
+            long long i = PyLong_AsLongLongAndOverflow(v, &overflow);
+            if (overflow)
+                return 0;   /* past int64: the general path */
+            if (s->store == FC_STORE_F32) {
+                PyObject *o = fc_scalar(s);
+                if (o == NULL)
+                    return -1;
+                ((PyFloatScalarObject *)o)->obval = (float)i;
+                *out = o;
+                return 1;
             }
+            x = (double)i;
         } else {
             return 0;
         }

@@ -403,6 +403,8 @@ cdef object _number_kind(type t):
         return "i"
     if t is bool or issubclass(t, (bool, np.bool_)):
         return "b"
+    if issubclass(t, np.timedelta64):   # a numpy signedinteger, but a duration, not a number
+        return None
     if issubclass(t, (int, np.integer)):
         return "i"
     if issubclass(t, (float, np.floating)):
@@ -500,7 +502,14 @@ cdef object _to_scalar(_DType d, object v):
     # dtypes it does not store into, and the errors.)
     if d.kind == K_INT:
         return d.scalar_type(_check_int_range(d, v))
-    if d.kind == K_FLOAT and t is int:
+    if d.kind == K_FLOAT and isinstance(v, int):
+        v = int.__index__(v)   # the stored value (a subclass's __float__ is not asked)
+        # Cast as NumPy casts an int64 or uint64 array, rounded once; past 64 bits through
+        # a double, as NumPy casts a Python int.
+        if -_TWO_63 <= v < _TWO_63:
+            return d.scalar_type(np.int64(v))
+        if 0 <= v < _TWO_64:
+            return d.scalar_type(np.uint64(v))
         try:
             x = v   # int -> double: OverflowError past 1.8e308
         except OverflowError:
@@ -916,7 +925,8 @@ cdef class _Acc:
         t = type(x)
         if t is d.scalar_type and not shape:
             bad = _scalar_bad(d, x) if d.kind >= K_FLOAT else 0
-        elif t is float and not shape and d.kind == K_FLOAT and d.itemsize >= 4:
+        elif t is float and not shape and d.kind == K_FLOAT \
+                and (d.itemsize == 4 or d.itemsize == 8):   # not half, not long double
             g = PyFloat_AS_DOUBLE(x)
             if d.itemsize == 8:
                 bad = _double_bad(g)
@@ -1021,14 +1031,15 @@ cdef inline bint _next_is(object d, Py_ssize_t *it, PyObject *name, PyObject **v
     its value in ``*value`` (borrowed). Clients built alike hold their metrics in the same
     order, so reading them in order replaces a hash lookup per metric; the first key out of
     order sends the rest to lookups. A key matches as a lookup would: the same object, or
-    an exact str with the same hash and characters."""
+    an exact str with the same hash and characters (a name of a str subclass is looked up)."""
     cdef PyObject *key
     if not PyDict_Next(d, it, &key, value):
         value[0] = NULL
         return False
     if key == name:
         return True
-    if _TYPE(key) == &PyUnicode_Type \
+    # Both exact str, so hashing runs no Python code that could free *value (borrowed).
+    if _TYPE(key) == &PyUnicode_Type and _TYPE(name) == &PyUnicode_Type \
             and PyObject_Hash(<object>key) == PyObject_Hash(<object>name) \
             and PyUnicode_Compare(<object>key, <object>name) == 0:
         return True
@@ -1640,25 +1651,55 @@ cdef _check_entry_array(object a, int typenum, str what, str key):
                          f"{cnp.PyArray_DescrFromType(typenum)} array")
 
 
+cdef object _exact_int(object value):
+    """``value``'s integer as an exact int, or None unless an int or numpy integer (not a
+    bool). Read from the object itself, not through its methods: a subclass's ``__int__``,
+    ``__index__`` or comparisons could otherwise pass a check with one value and give
+    another."""
+    if type(value) is int:
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, int):
+        return int.__index__(value)        # int's own slot: a copy of the stored value
+    if isinstance(value, np.integer):
+        return _stored_integer(value)
+    return None
+
+
+cdef object _stored_integer(object value):
+    """A numpy integer scalar's stored value as an int (None for a timedelta64): its bytes
+    copied into an exact scalar of its dtype, so no method of a subclass is asked."""
+    cdef cnp.dtype descr = cnp.PyArray_DescrFromScalar(value)
+    cdef uint64_t buf[2]
+    if (descr.kind != b"i" and descr.kind != b"u") or descr.itemsize > 8:
+        return None
+    cnp.PyArray_ScalarAsCtype(value, buf)
+    return int(PyArray_Scalar(buf, descr, None))
+
+
 def check_int(value, what, minimum, maximum=None):
-    """``value`` as an int, checked: TypeError unless an int or numpy integer (not a bool),
-    ValueError outside [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    """``value`` as an exact int, checked: TypeError unless an int or numpy integer (not a
+    bool), ValueError outside [minimum, maximum]."""
+    v = _exact_int(value)
+    if v is None:
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if v < minimum:
         raise ValueError(f"{what} must be {'positive' if minimum == 1 else 'non-negative'}, "
-                         f"got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{what} must be at most {maximum}, got {value}")
-    return int(value)
+                         f"got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{what} must be at most {maximum}, got {v}")
+    return v
 
 
-cdef bint _seed_word(object w) except -1:
-    return (isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_))
-            and 0 <= w < _TWO_64)
+cdef object _seed_word(object w):
+    """A seed word as an exact int, or None unless an integer in [0, 2**64)."""
+    v = _exact_int(w)
+    return v if v is not None and 0 <= v < _TWO_64 else None
 
 
 _TWO_64 = 1 << 64
+_TWO_63 = 1 << 63
 STATE_KEYS = ("seed", "round", "keys", "rounds", "indices", "samples")
 
 
@@ -1673,8 +1714,11 @@ def check_state(state, int64_t k, tuple out_names, tuple layouts, str what):
                         + (f" with keys {sorted(map(str, state))}"
                            if isinstance(state, dict) else ""))
     seed = state["seed"]
-    if not isinstance(seed, (tuple, list)) or len(seed) != 2 or not _seed_word(seed[0]) \
-            or not _seed_word(seed[1]):
+    s0 = s1 = None
+    if type(seed) is tuple or type(seed) is list:
+        if len(seed) == 2:
+            s0, s1 = _seed_word(seed[0]), _seed_word(seed[1])
+    if s0 is None or s1 is None:
         raise ValueError(f"{what}['seed'] must be a pair of 64-bit unsigned ints, got "
                          f"{seed!r:.80}")
     rnd = check_int(state["round"], f"{what}['round']", 0, INT64_MAX - 1)
@@ -1694,7 +1738,7 @@ def check_state(state, int64_t k, tuple out_names, tuple layouts, str what):
             leaves[name] = (<Layout?>layout).check_samples(samples[name], m)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{what}['samples'][{name!r}]: {e}") from None
-    return (int(seed[0]), int(seed[1])), rnd, keys, rounds, indices, leaves
+    return (s0, s1), rnd, keys, rounds, indices, leaves
 
 
 cpdef tuple check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str what):

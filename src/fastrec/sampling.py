@@ -254,6 +254,13 @@ def _seed_pair(words) -> tuple:
     return words
 
 
+def _check_span(offset: int, n: int) -> None:
+    """ValueError unless clients offset .. offset+n-1 all have int64 indices."""
+    if offset > _INT64_MAX - n:
+        raise ValueError(f"client_offset {offset} + {n} clients exceeds the largest client "
+                         f"index, 2**63 - 1")
+
+
 def _seed_words(seq) -> tuple:
     words = seq.generate_state(2, np.uint64)
     return (int(words[0]), int(words[1]))
@@ -436,6 +443,7 @@ class AggregationProcess:
         clients = client_values if type(client_values) in (list, tuple) else list(client_values)
         if not clients:
             return self._unchanged(state, st)
+        _check_span(offset, len(clients))
         keys, indices, positions = self._round_sample(st, offset, len(clients))
         leaves, measurements = _sampling.finalize_clients(
             clients, self._names, self._ordered_specs, self._fins, self._functional,
@@ -480,6 +488,7 @@ class AggregationProcess:
         n = next(iter(sizes.values()), 0)
         if n == 0:
             return self._unchanged(state, st)
+        _check_span(offset, n)
         if not self._vectorized:
             rows = [{name: _row(cols[name], i) for name in self._spec_names} for i in range(n)]
             return self.next(state, rows, client_offset=offset)
