@@ -2723,6 +2723,34 @@ def test_python_ints_under_a_float_spec_are_cast_as_numpy_casts_int64(fast):
         _sampling.set_client_fast_path(was)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("b_spec", [TensorSpec("float64"), [TensorSpec("float64")]])
+def test_a_finalizer_editing_its_client_changes_nothing_this_round(fast, b_spec):
+    """Every value of a client is read before its first finalizer runs, on the C step and
+    the general way alike (a list spec takes the general way): a finalizer that writes into
+    its client's dict does not change what the next finalizer receives."""
+    scalar = isinstance(b_spec, TensorSpec)
+    clients = []
+
+    def fin_a(v):
+        for c in clients:
+            c["b"] = -1.0 if scalar else [-1.0]
+            c.pop("a", None)
+        return v
+
+    was = _sampling.set_client_fast_path(fast)
+    try:
+        p = FinalizeThenSampleFactory(6, seed=0).create({"a": fin_a, "b": lambda v: v},
+                                                        {"a": TensorSpec("float64"), "b": b_spec})
+        clients[:] = [{"a": 1.0, "b": 2.0 if scalar else [2.0]}]
+        got, _ = p.next(p.initialize(), clients).result
+    finally:
+        _sampling.set_client_fast_path(was)
+    assert clients == [{"b": -1.0 if scalar else [-1.0]}]   # the finalizer did edit it
+    b = got["b"] if scalar else got["b"][0]
+    assert got["a"].tolist() == [1.0] and b.tolist() == [2.0]
+
+
 def test_a_timedelta_is_not_a_number_under_any_spec():
     """np.timedelta64 is a numpy signedinteger, but a duration: refused like datetime64."""
     for dtype in ("float32", "float64", "int64"):

@@ -1118,7 +1118,9 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     # every client twice more (~5% of a round), so a list is read in place against a copy of
     # its item pointers (compared, never followed): a change of its length, or of the object
     # at a position, before that client is read is a RuntimeError, as changing a dict while
-    # iterating over it is.
+    # iterating over it is. The pointers are not owned (owning them costs what the copy
+    # does): a replacement allocated where the replaced client was freed passes the check
+    # and is read, which is memory-safe (the list's own item is read), not detected.
     cdef bint in_place = type(clients) is list
     cdef object cl = clients if in_place or type(clients) is tuple else tuple(clients)
     cdef Py_ssize_t n = len(cl)
@@ -1163,6 +1165,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
     cdef PyObject *valp   # borrowed from val: the finalizer's one argument
     cdef int stage
     cdef dict unfin
+    cdef list held
     cdef dict outd
     cdef tuple fins = finalizers if functional is None else None
     if fins is not None:
@@ -1196,6 +1199,7 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                 raise MemoryError()
             for i in range(n):
                 items[i] = PyList_GET_ITEM(cl, i)
+        held = [None] * m   # a client's converted values, until its finalizers have run
         # One try for the whole loop, not per client or value: `stage` and `namep` say
         # what failed.
         try:
@@ -1247,21 +1251,29 @@ def finalize_clients(clients, tuple names, tuple specs, finalizers, functional,
                             raise _key_error(gi, cv, names)
                     raw = <object>p   # owned: converting may run code that mutates cv
                     stage = _STAGE_CONVERT
-                    val = f = None    # let go of the last values: their spares may refill
                     val = _convert(<CompiledSpec>PyTuple_GET_ITEM(specs, j), raw)
-                    valp = <PyObject *>val
                     if functional is not None:
                         unfin[<object>namep] = val
-                        continue
-                    stage = _STAGE_FINALIZE
-                    if vcalls[j] != NULL:
-                        f = _vcall1(vcalls[j], PyTuple_GET_ITEM(fins, j), valp)
                     else:
-                        f = PyObject_Vectorcall(<object>PyTuple_GET_ITEM(fins, j), &valp, 1,
-                                                NULL)
-                    stage = _STAGE_MEASURE
-                    (<_Acc>PyList_GET_ITEM(accs, j)).add(f, sl)
-                if functional is not None:
+                        held[j] = val
+                    val = None
+                # Every value is read before the first finalizer runs, as in fc_client: a
+                # finalizer that edits the client changes nothing this round.
+                if functional is None:
+                    for j in range(m):
+                        namep = PyTuple_GET_ITEM(names, j)
+                        stage = _STAGE_FINALIZE
+                        valp = PyList_GET_ITEM(held, j)   # held owns it during the call
+                        if vcalls[j] != NULL:
+                            f = _vcall1(vcalls[j], PyTuple_GET_ITEM(fins, j), valp)
+                        else:
+                            f = PyObject_Vectorcall(<object>PyTuple_GET_ITEM(fins, j), &valp,
+                                                    1, NULL)
+                        held[j] = None    # let go at once: the spare may refill next client
+                        stage = _STAGE_MEASURE
+                        (<_Acc>PyList_GET_ITEM(accs, j)).add(f, sl)
+                        f = None
+                else:
                     namep = NULL
                     stage = _STAGE_FINALIZE
                     out = functional(unfin)

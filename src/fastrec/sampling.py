@@ -419,7 +419,10 @@ class AggregationProcess:
 
         ``client_values``: a sequence of mappings (dict, ``MetricsRecord``, ...) of metric name
         to value; a list is read in place, so finalizers must not change it (a client added,
-        removed or replaced before it is read is a RuntimeError). ``client_offset``: the index
+        removed or replaced before it is read is a RuntimeError). A client's values are all
+        read before its first finalizer runs; an ndarray already in its spec's dtype and
+        shape reaches the finalizer uncopied (a finalizer must not write into it unless the
+        caller's array may change). ``client_offset``: the index
         of the first of them in the round, for workers that each process a slice of the round
         (see :meth:`round_start`); errors name a client by that global index, the lowest
         failing one. Returns
