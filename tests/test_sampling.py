@@ -11,6 +11,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -2749,6 +2750,43 @@ def test_a_finalizer_editing_its_client_changes_nothing_this_round(fast, b_spec)
     assert clients == [{"b": -1.0 if scalar else [-1.0]}]   # the finalizer did edit it
     b = got["b"] if scalar else got["b"][0]
     assert got["a"].tolist() == [1.0] and b.tolist() == [2.0]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_weak_reference_callback_cannot_free_a_list_being_read(fast):
+    """A list of floats is read into the spec's spare array; when the spare cannot be reused
+    (a finalizer made a weak reference to it) a new one replaces it, and freeing the old one
+    runs the reference's callback. That callback replaced the client's list, freeing it
+    while it was still being read (SIGSEGV); the old spare is now let go after the read."""
+    n = 300
+    clients, refs, now = [], [], {"i": -1}
+
+    def callback(_):
+        i = now["i"] + 1
+        if 0 < i < len(clients):
+            clients[i]["loss"] = [9.0, 9.0]              # frees the list being read
+            [[float(j), float(j)] for j in range(64)]    # and reuses its memory
+
+    def fin_loss(v):
+        refs.append(weakref.ref(v, callback))
+        return v[0] / v[1]
+
+    def fin_index(v):
+        now["i"] = int(v)
+        return v
+
+    was = _sampling.set_client_fast_path(fast)
+    try:
+        p = FinalizeThenSampleFactory(n, seed=0).create(
+            {"i": fin_index, "loss": fin_loss},
+            {"i": TensorSpec("int64"), "loss": TensorSpec("float32", (2,))})
+        clients[:] = [{"i": i, "loss": [i + 0.5, 2.0]} for i in range(n)]
+        want = np.array([(i + 0.5) / 2.0 for i in range(n)], np.float32)
+        got, _ = p.next(p.initialize(), clients).result
+    finally:
+        _sampling.set_client_fast_path(was)
+    assert clients[1]["loss"] == [9.0, 9.0]   # the callbacks did run mid-round
+    assert np.array_equal(got["loss"], want)
 
 
 def test_a_timedelta_is_not_a_number_under_any_spec():

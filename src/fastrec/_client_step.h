@@ -148,7 +148,7 @@ static int fc_float_list(fc_conv *s, PyObject *v, PyObject **out) {
         if (Py_TYPE(PyList_GET_ITEM(v, j)) != &PyFloat_Type)
             return 0;
     npy_intp dim = (npy_intp)n;
-    PyObject *a = s->spare;
+    PyObject *a = s->spare, *old = NULL;
     if (fc_refillable(s, a, dim)) {
         Py_INCREF(a);
     } else {
@@ -156,7 +156,8 @@ static int fc_float_list(fc_conv *s, PyObject *v, PyObject **out) {
         if (a == NULL)
             return -1;
         Py_INCREF(a);
-        Py_XSETREF(s->spare, a);  /* the old spare is a base-less array: no code runs */
+        old = s->spare;
+        s->spare = a;
     }
     char *data = PyArray_BYTES((PyArrayObject *)a);
     for (Py_ssize_t j = 0; j < n; j++) {
@@ -168,6 +169,9 @@ static int fc_float_list(fc_conv *s, PyObject *v, PyObject **out) {
             memcpy(data + j * 8, &x, 8);
         }
     }
+    /* Only now, v read: freeing the old spare runs its weak references' callbacks (a
+       finalizer may have made one), which may free v, borrowed from the client's dict. */
+    Py_XDECREF(old);
     *out = a;
     return 1;
 }
