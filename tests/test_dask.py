@@ -395,6 +395,17 @@ def test_columnar_equals_one_machine(where, vec):
          p.next_columnar(state, {"loss": [c[keep] for c in cols["loss"]], "hist": cols["hist"][keep]}))
 
 
+def test_columns_whose_paths_print_alike_are_still_checked_for_length(where):
+    spec = {"a": [TensorSpec("float64")], "a[0]": TensorSpec("float64")}
+    p = FinalizeThenSampleFactory(10, seed=0).create(
+        {"a": vectorized(lambda v: v[0]), "a[0]": vectorized(lambda v: v)}, spec)
+    for na, nb in ((40, 30), (30, 40)):
+        batch = {"a": [da.from_array(np.arange(na, dtype=float), chunks=10)],
+                 "a[0]": da.from_array(np.arange(nb, dtype=float), chunks=10)}
+        with pytest.raises(ValueError, match=rf"different numbers of clients.*: {na}.*: {nb}"):
+            fd.next_columnar(p, p.initialize(), batch)
+
+
 def test_columnar_errors_name_the_metric(where):
     p = columnar_process()
     cols = make_columns(40)

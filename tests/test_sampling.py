@@ -808,6 +808,24 @@ def test_columnar_functional_vectorized_and_offset():
     np.testing.assert_allclose(per_client.result[0]["ratio"], whole.result[0]["ratio"])
 
 
+def test_columns_whose_paths_print_alike_are_still_checked_for_length():
+    # Metric "a"'s first column and a metric named "a[0]" are both called a[0] in messages:
+    # one shorter than the other was cut to its length, or was an IndexError.
+    spec = {"a": [TensorSpec("float64")], "a[0]": TensorSpec("float64")}
+    p = FinalizeThenSampleFactory(10, seed=0).create(
+        {"a": vectorized(lambda v: v[0]), "a[0]": vectorized(lambda v: v)}, spec)
+    q = FinalizeThenSampleFactory(10, seed=0).create(
+        {"a": lambda v: v[0], "a[0]": lambda v: v}, spec)
+    for proc in (p, q):
+        for na, nb in ((5, 3), (3, 5)):
+            with pytest.raises(ValueError, match=rf"different numbers of clients.*: {na}.*: {nb}"):
+                proc.next_columnar(proc.initialize(), {"a": [np.arange(na, dtype=float)],
+                                                       "a[0]": np.arange(nb, dtype=float)})
+        out = proc.next_columnar(proc.initialize(), {"a": [np.arange(4.0)], "a[0]": -np.arange(4.0)})
+        assert out.result[0]["a"].tolist() == [0, 1, 2, 3]
+        assert out.result[0]["a[0]"].tolist() == [0, -1, -2, -3]
+
+
 def test_columnar_errors():
     p = FinalizeThenSampleFactory(4, seed=1).create(
         {k: vectorized(f) for k, f in COL_FINS.items()}, COL_SPEC)
@@ -1463,32 +1481,50 @@ def test_every_kind_of_callable_is_a_finalizer():
     assert "(while finalizing metric 'second' of client 1)" in " ".join(e.value.__notes__)
 
 
+class _SneakyMapping(collections.abc.Mapping):
+    """A mapping whose reads run ``action`` (Python code, run while its struct is read)."""
+
+    def __init__(self, items, action):
+        self.items, self.action = dict(items), action
+
+    def __getitem__(self, key):
+        self.action()
+        return self.items[key]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
 def test_struct_value_shrunk_while_its_elements_are_checked():
-    spec = {"x": [TensorSpec("int64")] * 40}
+    spec = {"x": [TensorSpec("int64"), {"k": TensorSpec("int64")}] + [TensorSpec("int64")] * 38}
     value = []
-    value.extend([_SneakyInt(1, value.clear)] + [2] * 39)
+    value.extend([1, _SneakyMapping({"k": 5}, value.clear)] + [2] * 38)
     seen = []
     p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
     p.next(p.initialize(), [{"x": value}])
     # The finalizer got the 40 checked values, not the emptied list (seen[0]: the probe).
     assert value == [] and len(seen) == 2
-    assert len(seen[1]) == 40 and seen[1][0] == 1 and seen[1][1:] == [2] * 39
+    assert len(seen[1]) == 40 and seen[1][0] == 1 and seen[1][1] == {"k": 5}
+    assert seen[1][2:] == [2] * 38
 
 
 def test_struct_value_changed_while_checked_hands_over_the_checked_values():
-    spec = {"x": [TensorSpec("int8")] * 3}
+    spec = {"x": [TensorSpec("int8"), {"k": TensorSpec("int8")}, TensorSpec("int8")]}
     value = [0, None, 0]
 
     def swap():
         value[0] = "not a number"
 
-    value[1] = _SneakyInt(1, swap)
+    value[1] = _SneakyMapping({"k": 1}, swap)
     seen = []
     p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: seen.append(v) or 0.0}, spec)
     p.next(p.initialize(), [{"x": value}])
     assert value[0] == "not a number"
-    assert seen[1] == [0, 1, 0]   # the checked elements, not the swapped-in string
-    assert all(type(x) is np.int8 for x in seen[1])   # cast to the spec's dtype
+    assert seen[1] == [0, {"k": 1}, 0]   # the checked elements, not the swapped-in string
+    assert type(seen[1][0]) is np.int8 and type(seen[1][1]["k"]) is np.int8   # the spec's dtype
 
 
 def test_finalize_clients_rejects_inconsistent_internal_arguments():
@@ -3086,3 +3122,164 @@ def test_functional_process_pickles():
     p = FinalizeThenSampleFactory(3, seed=1).create(dict, {"x": TensorSpec("float64")})
     q = pickle.loads(pickle.dumps(p))
     assert q.next(q.initialize(), [{"x": 2.0}]).result[0]["x"].tolist() == [2.0]
+
+
+def test_python_ints_in_a_longer_list_under_a_float_spec_are_cast_once():
+    """NumPy types [2**63 + 2**39 + 1, 1] as float64 (rounded twice on the way to float32);
+    each int is cast as the scalar path casts it, as NumPy casts an int64/uint64 array."""
+    big = 2**63 + 2**39 + 1
+    rows = [[big, 1], [2**60 + 2**36 + 1, 2**64], [-(2**60 + 2**36 + 1), 2**63]]
+    for dtype in ("float32", "float64"):
+        p = FinalizeThenSampleFactory(5, seed=0).create(
+            {"l": lambda v: v}, {"l": TensorSpec(dtype, (2,))})
+        got = p.next(p.initialize(), [{"l": r} for r in rows]).result[0]["l"]
+        for row, g in zip(rows, got):
+            want = [np.asarray([v], np.uint64 if v >= 2**63 else np.int64).astype(dtype)[0]
+                    if v < 2**64 else np.float64(v).astype(dtype) for v in row]
+            assert g.tobytes() == np.array(want, dtype).tobytes(), (dtype, row)
+        cols = p.next_columnar(p.initialize(), {"l": rows}).result[0]["l"]
+        assert cols.tobytes() == got.tobytes()
+
+
+@pytest.mark.parametrize("spec,value", [
+    (TensorSpec("int64", (2,)), [True, 1]), (TensorSpec("float32", (2,)), [True, 2.5]),
+    (TensorSpec("float64", (2, 2)), [[1.0, 2.0], [np.bool_(True), 3.0]]),
+    (TensorSpec("int8", (2,)), (1, False))])
+def test_a_bool_among_numbers_in_a_list_is_not_a_number(spec, value):
+    """A bool only matches a bool spec, inside lists too (NumPy's inference would type
+    [True, 1] as int64)."""
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v}, {"x": spec})
+    with pytest.raises(TypeError, match="bool"):
+        p.next(p.initialize(), [{"x": value}])
+
+
+class _LyingNumbers:
+    """Subclasses of the number types whose methods give other values than they hold."""
+
+    class Int(int):
+        def __int__(self):
+            return 5
+
+        def __index__(self):
+            return 5
+
+        def __float__(self):
+            return 5.0
+
+    class Float(float):
+        def __float__(self):
+            return 5.0
+
+        def __complex__(self):
+            return 5j
+
+    class F64(np.float64):
+        def __float__(self):
+            return 5.0
+
+    class I64(np.int64):
+        def __int__(self):
+            return 5
+
+        def __index__(self):
+            return 5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_number_subclasses_are_read_as_stored_in_scalars_and_lists(fast):
+    L = _LyingNumbers
+    cases = [("float32", L.Int(7), 7.0), ("float64", L.Float(7.5), 7.5),
+             ("complex128", L.Float(7.5), 7.5), ("int64", L.Int(7), 7),
+             ("float32", L.F64(7.5), 7.5), ("int16", L.I64(7), 7), ("float64", L.I64(7), 7.0)]
+    was = _sampling.set_client_fast_path(fast)
+    try:
+        for dtype, v, want in cases:
+            p = FinalizeThenSampleFactory(2, seed=0).create(
+                {"s": lambda x: x, "l": lambda x: x},
+                {"s": TensorSpec(dtype), "l": TensorSpec(dtype, (2,))})
+            cur = p.next(p.initialize(), [{"s": v, "l": [v, v]}]).result[0]
+            assert cur["s"].tolist() == [want], (dtype, type(v))
+            assert cur["l"].tolist() == [[want, want]], (dtype, type(v))
+        # Out of range is out of range, whatever __int__ says.
+        for dtype, bad in (("int64", L.Int(2**70)), ("int8", L.Int(300)),
+                           ("int8", L.I64(300))):
+            p = FinalizeThenSampleFactory(2, seed=0).create(
+                {"s": lambda x: x, "l": lambda x: x},
+                {"s": TensorSpec(dtype), "l": TensorSpec(dtype, (2,))})
+            with pytest.raises(ValueError, match="out of range"):
+                p.next(p.initialize(), [{"s": bad, "l": [1, 1]}])
+            with pytest.raises(ValueError, match="out of range"):
+                p.next(p.initialize(), [{"s": 1, "l": [bad, 1]}])
+    finally:
+        _sampling.set_client_fast_path(was)
+
+
+def test_a_long_double_takes_an_int_past_a_double_as_numpy_does():
+    ld = np.dtype(np.longdouble)
+    p = FinalizeThenSampleFactory(2, seed=0).create(
+        {"s": lambda x: x, "l": lambda x: x}, {"s": TensorSpec(ld), "l": TensorSpec(ld, (1,))})
+    cur = p.next(p.initialize(), [{"s": 10**300, "l": [10**300]}]).result[0]
+    assert cur["s"][0] == np.longdouble(10**300) == cur["l"][0, 0]
+    if np.finfo(ld).maxexp > 1024:   # an 80-bit or 128-bit long double (not a double)
+        cur = p.next(p.initialize(), [{"s": 10**400, "l": [10**400]}]).result[0]
+        assert cur["s"][0] == np.longdouble(10**400) == cur["l"][0, 0]
+    else:
+        for c in ({"s": 10**400, "l": [1]}, {"s": 1, "l": [10**400]}):
+            with pytest.raises(ValueError):
+                p.next(p.initialize(), [c])
+
+
+def test_the_last_round_a_state_can_reach_is_accepted_and_ends_there():
+    """A state's round is an int64: a state the process made at round 2**63 - 1 is valid
+    (merged, run with no clients), and only a round after it is refused."""
+    p = FinalizeThenSampleFactory(2, seed=0).create({"x": lambda v: v},
+                                                    {"x": TensorSpec("float64")})
+    near = dict(p.initialize(), round=2**63 - 2)
+    last = p.next(near, [{"x": 1.0}, {"x": 2.0}]).state
+    assert last["round"] == 2**63 - 1 and last["rounds"].tolist() == [2**63 - 2] * 2
+    assert p.next(last, []).state is last
+    assert p.merge(last, near)["round"] == 2**63 - 1
+    with pytest.raises(ValueError, match="no round can follow"):
+        p.next(last, [{"x": 1.0}])
+    with pytest.raises(ValueError, match="no round can follow"):
+        p.next_columnar(last, {"x": np.ones(2)})
+    with pytest.raises(ValueError, match="at most"):
+        p.next(dict(last, round=2**63), [{"x": 1.0}])
+
+
+def test_a_dimension_past_ssize_t_is_a_value_error_at_the_spec():
+    with pytest.raises(ValueError, match="exceeds"):
+        TensorSpec("float32", (2**63,))
+    with pytest.raises(ValueError, match="exceeds"):
+        TensorSpec("float32", (3, np.uint64(2**64 - 1)))
+    TensorSpec("float32", (2**63 - 1,))   # a valid shape, if no value can have it
+
+
+def test_state_arrays_of_an_equivalent_integer_type_are_accepted():
+    """ulonglong is uint64 where both are 64 bits (and longlong int64): same values, same
+    rounds; the state returned holds exactly uint64/int64 arrays."""
+    p = FinalizeThenSampleFactory(3, seed=0).create({"x": lambda v: v},
+                                                    {"x": TensorSpec("float64")})
+    s = p.next(p.initialize(), [{"x": float(i)} for i in range(6)]).state
+    alt = dict(s, keys=s["keys"].astype(np.ulonglong), rounds=s["rounds"].astype(np.longlong),
+               indices=s["indices"].astype(np.longlong))
+    clients = [{"x": 10.0 + i} for i in range(9)]
+    a, b = p.next(s, clients).state, p.next(alt, clients).state
+    for key in ("keys", "rounds", "indices"):
+        assert b[key].dtype == a[key].dtype == {"keys": np.uint64}.get(key, np.int64)
+        assert b[key].tolist() == a[key].tolist()
+    assert b["samples"]["x"].tolist() == a["samples"]["x"].tolist()
+
+
+def test_a_list_subclass_of_columns_is_read_as_stored():
+    class Short(list):
+        def __iter__(self):   # says 2 columns (len) but yields 1
+            return iter(list(self)[:1])
+
+    seen = []
+    spec = {"loss": [TensorSpec("float32"), TensorSpec("float32")]}
+    p = FinalizeThenSampleFactory(5, seed=0).create(
+        {"loss": vectorized(lambda v: seen.append(len(v)) or v[0] + v[1])}, spec)
+    cols = Short([np.ones(3, np.float32), np.full(3, 2, np.float32)])
+    out = p.next_columnar(p.initialize(), {"loss": cols})
+    assert seen[-1] == 2 and out.result[0]["loss"].tolist() == [3, 3, 3]

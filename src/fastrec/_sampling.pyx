@@ -22,7 +22,8 @@ cimport numpy as cnp
 from cpython.dict cimport PyDict_Next, PyDict_Size
 from cpython.object cimport PyObject_Hash
 from cpython.unicode cimport PyUnicode_Compare
-from cpython.list cimport PyList_AsTuple
+from cpython.list cimport PyList_AsTuple, PyList_Check
+from cpython.tuple cimport PyTuple_Check
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.complex cimport PyComplex_Check
@@ -73,6 +74,8 @@ cdef extern from *:
     PyTypeObject PyUnicode_Type
     PyTypeObject PyList_Type
     PyTypeObject *_TYPE "Py_TYPE"(PyObject *) nogil
+    # An instance check on the real type (isinstance asks a __class__ property too).
+    bint _type_check "PyObject_TypeCheck"(object o, PyTypeObject *type)
     # Borrowed pointers, compared by address only (cpython.list's versions return objects).
     Py_ssize_t PyList_GET_SIZE(object) nogil
     PyObject *PyList_GET_ITEM(object, Py_ssize_t) nogil
@@ -379,7 +382,11 @@ cdef class _DType:
 
 
 cdef object _check_int_range(_DType d, object v):
-    iv = int(v)
+    """The integer ``v`` (an int or numpy integer, maybe of a subclass) as the exact int it
+    stores, if it fits ``d``."""
+    iv = _exact_int(v)
+    if iv is None:
+        raise TypeError(f"expected {d.dtype} values, got {_describe(v)}")
     if iv < d.lo or iv > d.hi:
         raise ValueError(f"{iv} is out of range for {d.dtype}")
     return iv
@@ -414,10 +421,84 @@ cdef object _number_kind(type t):
     return None
 
 
+# Numpy's abstract scalar types, for _type_check.
+cdef PyTypeObject *_NP_GENERIC = <PyTypeObject *>np.generic
+cdef PyTypeObject *_NP_INTEGER = <PyTypeObject *>np.integer
+cdef PyTypeObject *_NP_BOOL = <PyTypeObject *>np.bool_
+
+
+cdef object _stored_scalar(object x):
+    """An exact numpy scalar holding the bytes of the numeric numpy scalar ``x`` (of a
+    subclass), so that none of the subclass's methods is asked for its value."""
+    cdef cnp.dtype descr = cnp.PyArray_DescrFromScalar(x)
+    cdef long double buf[2]   # room for the widest number, a clongdouble, and aligned for it
+    if descr.kind not in b"biufc" or descr.itemsize > <int>sizeof(buf):
+        return x
+    cnp.PyArray_ScalarAsCtype(x, buf)
+    return PyArray_Scalar(buf, descr, None)
+
+
+cdef object _stored_number(object x):
+    """``x`` as the number it stores: itself if an exact Python number or numpy scalar; for
+    a subclass an exact copy of its value, read off the object, not through the methods a
+    subclass may override (``__int__``, ``__index__``, ``__float__``, ``__complex__``)."""
+    t = type(x)
+    if t is float or t is int or t is bool or t is complex:
+        return x
+    if _type_check(x, _NP_GENERIC):
+        return x if t is cnp.PyArray_DescrFromScalar(x).type else _stored_scalar(x)
+    if isinstance(x, int):
+        return int.__index__(x)
+    if isinstance(x, float):
+        return float.__float__(x)
+    if isinstance(x, complex):
+        return complex(complex.real.__get__(x), complex.imag.__get__(x))
+    return x
+
+
+cdef object _EMPTY = object()   # _leaf_type of lists holding no numbers
+
+
+cdef object _leaf_type(object v, int depth):
+    """The one type of all the numbers in nested lists/tuples ``v`` (an exact ndarray counts
+    as its dtype's scalar type; ``_EMPTY`` if none), or None where they differ, are not all
+    exact Python numbers or numpy scalars, or nest past NumPy's 32 dimensions. Only then is
+    NumPy's own inference safe to type them: it types bools among ints as ints, ints among
+    floats through a double (rounded twice under float32) and a subclass through its
+    methods. Read off snapshots by type checks alone: no Python code runs."""
+    cdef tuple items
+    cdef object found = _EMPTY, t
+    if depth > 32:
+        return None
+    items = PyList_AsTuple(v) if PyList_Check(v) else <tuple?>v
+    for x in items:
+        t = type(x)
+        if t is float or t is int or t is bool or t is complex:
+            pass
+        elif PyList_Check(x) or PyTuple_Check(x):
+            t = _leaf_type(x, depth + 1)
+            if t is None:
+                return None
+            if t is _EMPTY:
+                continue
+        elif cnp.PyArray_CheckExact(x):
+            t = (<cnp.ndarray>x).dtype.type
+        elif _type_check(x, _NP_GENERIC) and t is cnp.PyArray_DescrFromScalar(x).type:
+            pass
+        else:
+            return None
+        if found is _EMPTY:
+            found = t
+        elif t is not found:
+            return None
+    return found
+
+
 cdef object _from_elements(_DType d, object v):
-    """``v`` (nested lists of numbers) as a ``d`` array, typed element by element: NumPy's
-    own inference types ``[2**63, 1]`` as float64 and ``[2**64]`` as object, although under
-    a uint64 or float64 spec each element fits."""
+    """``v`` (nested lists of numbers) as a ``d`` array, cast element by element as a
+    number of the spec is (``_to_scalar``): NumPy's own inference types ``[2**63, 1]`` as
+    float64 and ``[2**64]`` as object, although under a uint64 or float64 spec each element
+    fits, and ``[True, 1]`` as int64, although a bool is not a number here."""
     try:
         obj = np.array(v, dtype=object)
     except (ValueError, TypeError, RuntimeError) as e:   # RuntimeError: > 32 dimensions
@@ -433,20 +514,22 @@ cdef object _from_elements(_DType d, object v):
             raise TypeError(f"expected {d.dtype} values, got non-numeric {_describe(x)}")
         if k not in d.accepts:
             raise TypeError(f"expected {d.dtype} values, got {_describe(x)}")
-        if d.kind == K_INT:
-            _check_int_range(d, x)
-    try:
-        return np.asarray(obj, dtype=d.dtype)
-    except (OverflowError, ValueError, TypeError) as e:
-        raise ValueError(f"values do not fit {d.dtype} ({e})") from None
+    out = np.empty(obj.shape, d.dtype)
+    cast = out.reshape(-1)   # a view
+    for i, x in enumerate(obj.reshape(-1)):
+        cast[i] = _to_scalar(d, x)
+    return out
 
 
 cdef object _as_array(_DType d, object v, tuple shape, bint lists):
     """``v`` as an ndarray of ``d``'s dtype, checked against ``shape`` (None: any size)."""
     if isinstance(v, (str, bytes)):
         raise TypeError(f"expected a {d.dtype} array, got non-numeric {_describe(v)}")
+    leaf = _leaf_type(v, 0) if lists and (PyList_Check(v) or PyTuple_Check(v)) else _EMPTY
     if cnp.PyArray_CheckExact(v):
         a = v
+    elif leaf is None:
+        a = _from_elements(d, v)
     else:
         try:
             # ndarray subclasses become plain views: their Python attributes (dtype, shape,
@@ -458,7 +541,9 @@ cdef object _as_array(_DType d, object v, tuple shape, bint lists):
                                  f"numpy cannot convert ({e})") from None
             a = _from_elements(d, v)
     k = a.dtype.kind
-    if lists and not cnp.PyArray_Check(v) and (k == "O" or (k == "f" and d.kind == K_INT)):
+    # Ints NumPy typed as float64 ([2**63, 1]) would be rounded twice under float32.
+    if lists and not cnp.PyArray_Check(v) and (k == "O" or (k == "f" and (d.kind == K_INT
+                                                                         or leaf is int))):
         a = _from_elements(d, v)
         k = a.dtype.kind
     if k not in "biufc":
@@ -498,22 +583,23 @@ cdef object _to_scalar(_DType d, object v):
             raise TypeError(f"expected a {d.dtype} scalar, got non-numeric {_describe(v)}")
         if k not in d.accepts:
             raise TypeError(f"expected a {d.dtype} scalar, got {_describe(v)}")
+        v = _stored_number(v)   # a subclass's value, not what its methods say
     # (fc_convert stored the exact floats and ints it could; here: other numeric types,
     # dtypes it does not store into, and the errors.)
     if d.kind == K_INT:
         return d.scalar_type(_check_int_range(d, v))
-    if d.kind == K_FLOAT and isinstance(v, int):
-        v = int.__index__(v)   # the stored value (a subclass's __float__ is not asked)
-        # Cast as NumPy casts an int64 or uint64 array, rounded once; past 64 bits through
-        # a double, as NumPy casts a Python int.
+    if d.kind == K_FLOAT and type(v) is int:
+        # Cast as NumPy casts an int64 or uint64 array, rounded once; past 64 bits as NumPy
+        # casts a Python int (through a double, but exactly to a long double).
         if -_TWO_63 <= v < _TWO_63:
             return d.scalar_type(np.int64(v))
         if 0 <= v < _TWO_64:
             return d.scalar_type(np.uint64(v))
-        try:
-            x = v   # int -> double: OverflowError past 1.8e308
-        except OverflowError:
-            raise ValueError(f"{v} does not fit {d.dtype}") from None
+        if d.itemsize <= 8:
+            try:
+                x = v   # int -> double: OverflowError past 1.8e308
+            except OverflowError:
+                raise ValueError(f"{v} does not fit {d.dtype}") from None
     try:
         return d.scalar_type(v)
     except (OverflowError, ValueError, TypeError) as e:
@@ -1646,19 +1732,21 @@ cdef class RoundDraw:
         self._close()
 
 
-cdef cnp.ndarray _private_copy(object a):
-    """A fresh C-contiguous ndarray (not a subclass) with ``a``'s dtype, shape and values,
-    held by no one else. A state's arrays are checked and used as such copies: the caller
-    keeps its own, and Python code that runs during the round (a finalizer, a dict
-    subclass's ``__getitem__``, a ``__del__``) may change those in place after the check."""
-    return np.array(a, copy=True, order="C", subok=False)
+cdef cnp.ndarray _private_copy(object a, object dtype=None):
+    """A fresh C-contiguous ndarray (not a subclass) with ``a``'s dtype (or ``dtype``, an
+    equivalent one), shape and values, held by no one else. A state's arrays are checked and
+    used as such copies: the caller keeps its own, and Python code that runs during the
+    round (a finalizer, a dict subclass's ``__getitem__``, a ``__del__``) may change those in
+    place after the check."""
+    return np.array(a, dtype=dtype, copy=True, order="C", subok=False)
 
 
 cdef _check_entry_array(object a, int typenum, str what, str key):
-    """ValueError unless a state's array ``a`` is an ndarray of exactly ``typenum`` (native)
-    and one dimension."""
+    """ValueError unless a state's array ``a`` is a 1-d ndarray of ``typenum`` (native) or
+    an equivalent type (``ulonglong`` is ``uint64`` where both are 64 bits)."""
     if not cnp.PyArray_Check(a) or cnp.PyArray_NDIM(a) != 1 \
-            or cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_ISNOTSWAPPED(a):
+            or not cnp.PyArray_EquivTypenums(cnp.PyArray_TYPE(a), typenum) \
+            or not cnp.PyArray_ISNOTSWAPPED(a):
         raise ValueError(f"{what}[{key!r}] must be a 1-d "
                          f"{cnp.PyArray_DescrFromType(typenum)} array")
 
@@ -1670,11 +1758,11 @@ cdef object _exact_int(object value):
     another."""
     if type(value) is int:
         return value
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, bool) or _type_check(value, _NP_BOOL):
         return None
     if isinstance(value, int):
         return int.__index__(value)        # int's own slot: a copy of the stored value
-    if isinstance(value, np.integer):
+    if _type_check(value, _NP_INTEGER):
         return _stored_integer(value)
     return None
 
@@ -1733,7 +1821,7 @@ def check_state(state, int64_t k, tuple out_names, tuple layouts, str what):
     if s0 is None or s1 is None:
         raise ValueError(f"{what}['seed'] must be a pair of 64-bit unsigned ints, got "
                          f"{seed!r:.80}")
-    rnd = check_int(state["round"], f"{what}['round']", 0, INT64_MAX - 1)
+    rnd = check_int(state["round"], f"{what}['round']", 0, INT64_MAX)
     keys, rounds, indices = check_entries(state["keys"], state["rounds"], state["indices"],
                                           rnd, k, what)
     cdef Py_ssize_t m = len(keys)
@@ -1771,8 +1859,9 @@ cpdef tuple check_entries(keys, rounds, indices, int64_t rnd, int64_t k, str wha
             raise ValueError(f"{what}['keys'], ['rounds'] and ['indices'] differ in length")
         if m > k:
             raise ValueError(f"{what} holds {m} clients, more than sample_size={k}")
-        if attempt == 0:
-            arrays = tuple([_private_copy(a) for a in arrays])
+        if attempt == 0:   # copied as exactly uint64, int64, int64
+            arrays = (_private_copy(arrays[0], np.uint64), _private_copy(arrays[1], np.int64),
+                      _private_copy(arrays[2], np.int64))
     cdef cnp.ndarray ka = arrays[0], ra = arrays[1], ia = arrays[2]
     cdef const int64_t *r = <const int64_t *>cnp.PyArray_DATA(ra)
     cdef const int64_t *ix = <const int64_t *>cnp.PyArray_DATA(ia)

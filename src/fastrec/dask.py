@@ -60,7 +60,7 @@ import dask.threaded
 import numpy as np
 from dask.base import get_scheduler
 
-from .sampling import AggregationProcess, MeasuredProcessOutput
+from .sampling import AggregationProcess, MeasuredProcessOutput, _clients_of_columns
 
 __all__ = ["next", "next_columnar", "next_from_wire"]
 
@@ -125,9 +125,7 @@ def next_columnar(process: AggregationProcess, state: dict, batch: Mapping, *,
     process.next_columnar(start, _unflatten(template, [_no_rows(c) for c in leaves]))
     if not leaves:  # no metrics: the core has accepted an empty batch
         return process.next_columnar(state, batch)
-    sizes = {path: leaf.shape[0] for path, leaf in zip(paths, leaves)}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"columns have different numbers of clients: {sizes}")
+    _clients_of_columns([(path, leaf.shape[0]) for path, leaf in zip(paths, leaves)])
     chunks = leaves[0].chunks[0]
     blocks = [_blocks(leaf, chunks) for leaf in leaves]
     proc, start_d = _shared(process), _shared(start)

@@ -31,7 +31,8 @@ finalizer say, cannot change what was checked):
   ``seed`` they derive from it; without one, every :meth:`~AggregationProcess.initialize`
   draws fresh OS entropy, so repeated trials differ while the state still determines all
   that follows;
-- ``"round"``: number of non-empty rounds processed (the next round's number);
+- ``"round"``: number of non-empty rounds processed (the next round's number), at most
+  2**63 - 1 (a state at that round takes no further non-empty round);
 - ``"keys"``: ``uint64`` array of the sampled clients' keys;
 - ``"rounds"``, ``"indices"``: ``int64`` arrays, the round and client index of each, in
   arrival order;
@@ -254,11 +255,14 @@ def _seed_pair(words) -> tuple:
     return words
 
 
-def _check_span(offset: int, n: int) -> None:
-    """ValueError unless clients offset .. offset+n-1 all have int64 indices."""
+def _check_span(st, offset: int, n: int) -> None:
+    """ValueError unless clients offset .. offset+n-1 all have int64 indices and a round
+    can follow state ``st`` (its round counter is an int64)."""
     if offset > _INT64_MAX - n:
         raise ValueError(f"client_offset {offset} + {n} clients exceeds the largest client "
                          f"index, 2**63 - 1")
+    if st.round == _INT64_MAX:
+        raise ValueError("state['round'] is 2**63 - 1, the last round: no round can follow it")
 
 
 def _seed_words(seq) -> tuple:
@@ -446,7 +450,7 @@ class AggregationProcess:
         clients = client_values if type(client_values) in (list, tuple) else list(client_values)
         if not clients:
             return self._unchanged(state, st)
-        _check_span(offset, len(clients))
+        _check_span(st, offset, len(clients))
         keys, indices, positions = self._round_sample(st, offset, len(clients))
         leaves, measurements = _sampling.finalize_clients(
             clients, self._names, self._ordered_specs, self._fins, self._functional,
@@ -483,15 +487,13 @@ class AggregationProcess:
         if set(batch) != set(self._spec_names):
             raise ValueError(f"batch has metrics {sorted(batch)}, expected "
                              f"{sorted(self._spec_names)}")
-        sizes: dict[str, int] = {}
+        sizes: list[tuple[str, int]] = []
         cols = {name: _column(self._specs[name], batch[name], name, sizes, 0)
                 for name in self._spec_names}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"columns have different numbers of clients: {sizes}")
-        n = next(iter(sizes.values()), 0)
+        n = _clients_of_columns(sizes)
         if n == 0:
             return self._unchanged(state, st)
-        _check_span(offset, n)
+        _check_span(st, offset, n)
         if not self._vectorized:
             rows = [{name: _row(cols[name], i) for name in self._spec_names} for i in range(n)]
             return self.next(state, rows, client_offset=offset)
@@ -622,19 +624,33 @@ def _column(spec, value, path, sizes, depth):
                 for k, c in zip(spec.keys, spec.children)}
     if spec.children is not None:  # a list/tuple spec
         n = len(spec.children)
-        if not isinstance(value, (list, tuple)) or len(value) != n:
+        # The items as stored, as next() reads them: a subclass's __len__ or __iter__ could
+        # disagree with them (and with each other).
+        items = (list.copy(value) if isinstance(value, list)
+                 else tuple.__getitem__(value, slice(None)) if isinstance(value, tuple) else None)
+        if items is None or len(items) != n:
             raise TypeError(f"metric {path}: expected a list or tuple of {n} columns, got "
                             f"{type(value).__name__}")
         return [_column(c, v, f"{path}[{i}]", sizes, depth + 1)
-                for i, (c, v) in enumerate(zip(spec.children, value))]
+                for i, (c, v) in enumerate(zip(spec.children, items))]
     # A column is checked like one client's value with a leading axis of any length.
     try:
         col = _sampling.convert_value(
             _sampling.CompiledSpec.leaf(spec.dtype, (None,) + spec.shape), value)
     except (TypeError, ValueError) as e:
         raise _sampling.with_context(e, f"metric {path!r}") from None
-    sizes[path] = col.shape[0]
+    sizes.append((path, col.shape[0]))
     return col
+
+
+def _clients_of_columns(sizes: list[tuple[str, int]]) -> int:
+    """The number of clients that columns of (path, length) all have (0 for none), else a
+    ValueError naming each column's length. A list, not a dict keyed by path: two columns
+    may print alike (metric "a"'s first column and a metric named "a[0]")."""
+    if len({size for _, size in sizes}) > 1:
+        listed = ", ".join(f"{path!r}: {size}" for path, size in sizes)
+        raise ValueError(f"columns have different numbers of clients: {{{listed}}}")
+    return sizes[0][1] if sizes else 0
 
 
 def _row(col, i):

@@ -21,6 +21,8 @@ from ._sampling import MAX_DEPTH, CompiledSpec
 
 __all__ = ["TensorSpec", "compile_metrics_type", "spec_of"]
 
+_MAX_DIM = (1 << 63) - 1
+
 
 class TensorSpec:
     """Dtype and shape of one unfinalized metric value (TFF's ``tff.TensorType``).
@@ -53,7 +55,9 @@ class TensorSpec:
         for d in shape:
             if d is None:
                 dims.append(None)
-            elif isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0:
+            elif isinstance(d, (int, np.integer)) and not isinstance(d, bool) and int(d) >= 0:
+                if int(d) > _MAX_DIM:   # an array dimension is a C ssize_t
+                    raise ValueError(f"TensorSpec: shape entry {int(d)} exceeds 2**63 - 1")
                 dims.append(int(d))
             else:
                 raise TypeError(f"TensorSpec: shape entries must be non-negative ints or None, "
