@@ -33,7 +33,9 @@ finalizer say, cannot change what was checked):
   that follows;
 - ``"round"``: number of non-empty rounds processed (the next round's number), at most
   2**63 - 1 (a state at that round takes no further non-empty round);
-- ``"keys"``: ``uint64`` array of the sampled clients' keys;
+- ``"keys"``: ``uint64`` array of the sampled clients' keys, taken as given when a state comes
+  back (not recomputed from seed, round and index): :meth:`~AggregationProcess.merge` keeps
+  TFF's semantics for any keys, so hand-edited keys change which entries win;
 - ``"rounds"``, ``"indices"``: ``int64`` arrays, the round and client index of each, in
   arrival order;
 - ``"samples"``: ``{metric name: finalized structure of (m,) + shape arrays}``.
